@@ -1,0 +1,3 @@
+//! The `busway` command.
+
+fn main() {}

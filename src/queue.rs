@@ -1,0 +1,270 @@
+//! The bounded per-subscription queue with its overflow policy.
+//!
+//! Every transport feeds its subscriptions through one of these, so the four policies behave
+//! the same everywhere. The producer side is a [`QueueSender`]; the consumer side lives inside
+//! a [`Subscription`](crate::Subscription).
+//!
+//! The consumer takes the whole backlog in one lock (swapping buffers), so a busy queue costs
+//! one lock per batch on the consumer side, not one per message.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use futures::task::AtomicWaker;
+use parking_lot::Mutex;
+use tokio::sync::Notify;
+
+use crate::options::Overflow;
+use crate::stats::Counters;
+use crate::subscription::Delivery;
+use crate::topic::Topic;
+
+/// What happened to a message offered with [`QueueSender::try_send`].
+#[derive(Debug)]
+pub enum TrySend {
+    /// Queued (possibly after dropping an older one, which was counted).
+    Queued,
+    /// Dropped by the policy (counted).
+    Dropped,
+    /// The queue is full and the policy is `block`: the delivery is handed back.
+    Full(Delivery),
+    /// The subscription is gone: the delivery is handed back.
+    Closed(Delivery),
+}
+
+struct State {
+    items: VecDeque<Delivery>,
+    /// For `latest`: topic -> sequence number of its queued item. Sequence `head_seq` is at
+    /// the front of `items`.
+    latest: HashMap<Topic, u64>,
+    head_seq: u64,
+    closed: bool,
+}
+
+struct Shared {
+    state: Mutex<State>,
+    capacity: usize,
+    overflow: Overflow,
+    rx_waker: AtomicWaker,
+    /// Wakes producers waiting for room under `block`.
+    room: Notify,
+    rx_gone: AtomicBool,
+    sub_stats: Arc<Counters>,
+    bus_stats: Arc<Counters>,
+}
+
+/// The producer side of a subscription queue. Cheap to clone.
+#[derive(Clone)]
+pub struct QueueSender {
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for QueueSender {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("QueueSender")
+            .field("capacity", &self.shared.capacity)
+            .field("overflow", &self.shared.overflow)
+            .field("closed", &self.is_closed())
+            .finish()
+    }
+}
+
+/// The consumer side, owned by a subscription.
+pub(crate) struct QueueReceiver {
+    shared: Arc<Shared>,
+    local: VecDeque<Delivery>,
+}
+
+/// Makes a queue of `capacity` with `overflow`. Drops are counted in the subscription's
+/// `sub_stats` and in the bus's `bus_stats`; deliveries are counted when the consumer takes
+/// them.
+pub(crate) fn queue(
+    capacity: usize,
+    overflow: Overflow,
+    sub_stats: Arc<Counters>,
+    bus_stats: Arc<Counters>,
+) -> (QueueSender, QueueReceiver) {
+    let shared = Arc::new(Shared {
+        state: Mutex::new(State {
+            items: VecDeque::with_capacity(capacity.min(4096)),
+            latest: HashMap::new(),
+            head_seq: 0,
+            closed: false,
+        }),
+        capacity: capacity.max(1),
+        overflow,
+        rx_waker: AtomicWaker::new(),
+        room: Notify::new(),
+        rx_gone: AtomicBool::new(false),
+        sub_stats,
+        bus_stats,
+    });
+    (
+        QueueSender {
+            shared: shared.clone(),
+        },
+        QueueReceiver {
+            shared,
+            local: VecDeque::new(),
+        },
+    )
+}
+
+impl QueueSender {
+    fn dropped(&self) {
+        Counters::incr(&self.shared.sub_stats.dropped);
+        Counters::incr(&self.shared.bus_stats.dropped);
+    }
+
+    /// Offers a delivery without waiting; see [`TrySend`].
+    pub fn try_send(&self, delivery: Delivery) -> TrySend {
+        let shared = &*self.shared;
+        let mut st = shared.state.lock();
+        if st.closed || shared.rx_gone.load(Ordering::Relaxed) {
+            return TrySend::Closed(delivery);
+        }
+        if shared.overflow == Overflow::Latest {
+            if let Some(&seq) = st.latest.get(&delivery.message().topic) {
+                let at = (seq - st.head_seq) as usize;
+                st.items[at] = delivery;
+                drop(st);
+                self.dropped();
+                return TrySend::Queued;
+            }
+        }
+        let mut outcome = TrySend::Queued;
+        if st.items.len() >= shared.capacity {
+            match shared.overflow {
+                Overflow::Block => return TrySend::Full(delivery),
+                Overflow::DropNewest => {
+                    drop(st);
+                    self.dropped();
+                    return TrySend::Dropped;
+                }
+                Overflow::DropOldest | Overflow::Latest => {
+                    if let Some(old) = st.items.pop_front() {
+                        let seq = st.head_seq;
+                        st.head_seq += 1;
+                        if shared.overflow == Overflow::Latest
+                            && st.latest.get(&old.message().topic) == Some(&seq)
+                        {
+                            st.latest.remove(&old.message().topic);
+                        }
+                    }
+                    self.dropped();
+                    outcome = TrySend::Queued;
+                }
+            }
+        }
+        if shared.overflow == Overflow::Latest {
+            let seq = st.head_seq + st.items.len() as u64;
+            st.latest.insert(delivery.message().topic.clone(), seq);
+        }
+        st.items.push_back(delivery);
+        drop(st);
+        shared.rx_waker.wake();
+        outcome
+    }
+
+    /// Queues a delivery, waiting for room under `block`; other policies never wait.
+    /// Returns `false` when the subscription is gone (the delivery is dropped, uncounted:
+    /// nobody is listening any more).
+    pub async fn send(&self, mut delivery: Delivery) -> bool {
+        loop {
+            let room = self.shared.room.notified();
+            tokio::pin!(room);
+            room.as_mut().enable();
+            match self.try_send(delivery) {
+                TrySend::Queued | TrySend::Dropped => return true,
+                TrySend::Closed(_) => return false,
+                TrySend::Full(d) => {
+                    delivery = d;
+                    room.await;
+                }
+            }
+        }
+    }
+
+    /// Whether the subscription was dropped or the queue closed.
+    pub fn is_closed(&self) -> bool {
+        self.shared.rx_gone.load(Ordering::Relaxed) || self.shared.state.lock().closed
+    }
+
+    /// Ends the subscription once the consumer has drained what is queued.
+    pub fn close(&self) {
+        self.shared.state.lock().closed = true;
+        self.shared.rx_waker.wake();
+        self.shared.room.notify_waiters();
+    }
+
+    /// Messages waiting in the queue.
+    pub fn len(&self) -> usize {
+        self.shared.state.lock().items.len()
+    }
+
+    /// Whether nothing is waiting in the queue.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The subscription's counters (shared with the consumer side).
+    pub fn stats(&self) -> &Arc<Counters> {
+        &self.shared.sub_stats
+    }
+}
+
+impl QueueReceiver {
+    pub(crate) fn poll_recv(&mut self, cx: &mut Context<'_>) -> Poll<Option<Delivery>> {
+        if let Some(d) = self.take_local() {
+            return Poll::Ready(Some(d));
+        }
+        if self.refill() {
+            return Poll::Ready(self.take_local());
+        }
+        self.shared.rx_waker.register(cx.waker());
+        if self.refill() {
+            return Poll::Ready(self.take_local());
+        }
+        if self.shared.state.lock().closed {
+            return Poll::Ready(None);
+        }
+        Poll::Pending
+    }
+
+    fn take_local(&mut self) -> Option<Delivery> {
+        let d = self.local.pop_front()?;
+        Counters::incr(&self.shared.sub_stats.delivered);
+        Counters::incr(&self.shared.bus_stats.delivered);
+        Some(d)
+    }
+
+    /// Moves the shared backlog into the local buffer; true when something came.
+    fn refill(&mut self) -> bool {
+        let mut st = self.shared.state.lock();
+        if st.items.is_empty() {
+            return false;
+        }
+        std::mem::swap(&mut st.items, &mut self.local);
+        st.head_seq += self.local.len() as u64;
+        st.latest.clear();
+        drop(st);
+        if self.shared.overflow == Overflow::Block {
+            self.shared.room.notify_waiters();
+        }
+        true
+    }
+
+    /// Messages waiting (shared backlog plus the local buffer).
+    pub(crate) fn len(&self) -> usize {
+        self.local.len() + self.shared.state.lock().items.len()
+    }
+}
+
+impl Drop for QueueReceiver {
+    fn drop(&mut self) {
+        self.shared.rx_gone.store(true, Ordering::Relaxed);
+        self.shared.room.notify_waiters();
+    }
+}

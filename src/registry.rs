@@ -1,0 +1,119 @@
+//! Transport factories keyed by kind (`memory`, `redis`, `nats`), so config picks the transport.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use serde::de::DeserializeOwned;
+
+use crate::bus::Bus;
+use crate::config::{options_from_table, BusConfig};
+use crate::error::{Error, ErrorKind, Result};
+
+/// What a factory gets to build one bus.
+#[derive(Debug, Clone, Copy)]
+pub struct BuildContext<'a> {
+    /// The app name (`[app] name`); broker client names are `busway:<app>:<bus>`.
+    pub app: &'a str,
+    /// The bus's name.
+    pub bus: &'a str,
+    /// The bus's config.
+    pub config: &'a BusConfig,
+    /// Where the config came from, for error messages.
+    pub source: &'a str,
+}
+
+impl BuildContext<'_> {
+    /// The client name for connections of this bus: `busway:<app>:<bus>`.
+    pub fn client_name(&self) -> String {
+        format!("busway:{}:{}", self.app, self.bus)
+    }
+
+    /// Reads the transport-specific keys of the bus into `T` (use
+    /// `#[serde(deny_unknown_fields)]`, so a misspelt key is an error).
+    ///
+    /// # Errors
+    /// [`ErrorKind::InvalidConfig`] naming the file, `buses.<bus>` and the reason.
+    pub fn options<T: DeserializeOwned>(&self) -> Result<T> {
+        options_from_table(
+            &self.config.options,
+            self.source,
+            &format!("buses.{}", self.bus),
+        )
+    }
+
+    /// An [`ErrorKind::InvalidConfig`] error naming the file and `buses.<bus>.<key>`.
+    pub fn config_error(&self, key: &str, why: impl fmt::Display) -> Error {
+        Error::config(format!("{}: buses.{}.{key}: {why}", self.source, self.bus))
+    }
+}
+
+/// Builds buses of one transport kind.
+#[async_trait]
+pub trait TransportFactory: Send + Sync + fmt::Debug + 'static {
+    /// The kind name used in config (`transport = "<kind>"`).
+    fn kind(&self) -> &'static str;
+
+    /// Builds (and connects) a bus.
+    ///
+    /// # Errors
+    /// [`ErrorKind::InvalidConfig`] for bad keys or values (naming them);
+    /// [`ErrorKind::Connection`] when the broker cannot be reached.
+    async fn build(&self, ctx: BuildContext<'_>) -> Result<Arc<dyn Bus>>;
+}
+
+/// The known transport kinds. [`Registry::new`] knows `memory`; transport crates add theirs
+/// with their `register` function.
+#[derive(Debug, Clone)]
+pub struct Registry {
+    factories: BTreeMap<&'static str, Arc<dyn TransportFactory>>,
+}
+
+impl Default for Registry {
+    fn default() -> Self {
+        Registry::new()
+    }
+}
+
+impl Registry {
+    /// A registry that knows the built-in `memory` transport.
+    pub fn new() -> Registry {
+        let mut r = Registry {
+            factories: BTreeMap::new(),
+        };
+        r.register(crate::memory::MemoryFactory);
+        r
+    }
+
+    /// Adds (or replaces) the factory for its kind.
+    pub fn register(&mut self, factory: impl TransportFactory) {
+        self.factories.insert(factory.kind(), Arc::new(factory));
+    }
+
+    /// The registered kinds, sorted.
+    pub fn kinds(&self) -> Vec<&'static str> {
+        self.factories.keys().copied().collect()
+    }
+
+    /// Builds one bus with the factory its config names.
+    ///
+    /// # Errors
+    /// [`ErrorKind::UnknownTransport`] naming the file, the key and the known kinds; or
+    /// whatever the factory returns.
+    pub async fn build(&self, ctx: BuildContext<'_>) -> Result<Arc<dyn Bus>> {
+        let kind = ctx.config.transport.as_str();
+        let factory = self.factories.get(kind).ok_or_else(|| {
+            Error::new(
+                ErrorKind::UnknownTransport,
+                format!(
+                    "{}: buses.{}.transport: unknown transport {kind:?}; known transports: {}",
+                    ctx.source,
+                    ctx.bus,
+                    self.kinds().join(", ")
+                ),
+            )
+        })?;
+        factory.build(ctx).await
+    }
+}

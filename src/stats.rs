@@ -1,0 +1,157 @@
+//! Counters kept per bus and per subscription, and the snapshots read from them.
+
+use std::fmt;
+use std::sync::atomic::{AtomicI64, AtomicU64, AtomicU8, Ordering::Relaxed};
+
+/// Whether a bus can currently reach its broker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Health {
+    /// Connected (or in-process) and working.
+    Up,
+    /// Not connected yet, or reconnecting after a failure.
+    Connecting,
+    /// Closed by `close()`.
+    Closed,
+}
+
+impl fmt::Display for Health {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Health::Up => "up",
+            Health::Connecting => "connecting",
+            Health::Closed => "closed",
+        })
+    }
+}
+
+/// Live counters, updated with relaxed atomics on the hot path. Transports own one per bus
+/// and one per subscription; readers take a [`StatsSnapshot`].
+#[derive(Debug, Default)]
+pub struct Counters {
+    /// Messages accepted by `publish`.
+    pub published: AtomicU64,
+    /// Messages handed to a subscriber.
+    pub delivered: AtomicU64,
+    /// Messages dropped by an overflow policy (or by the client library for a slow consumer).
+    pub dropped: AtomicU64,
+    /// Messages delivered again (nack, ack timeout, reclaimed from a dead consumer).
+    pub redelivered: AtomicU64,
+    /// Operations that failed (publish, ack, broker errors).
+    pub errors: AtomicU64,
+    /// Incoming bytes that did not decode and were skipped.
+    pub decode_errors: AtomicU64,
+    /// Connections to the broker currently open.
+    pub connections: AtomicI64,
+    /// Times a connection was re-established after a failure.
+    pub reconnects: AtomicU64,
+    /// Entries moved to a dead-letter topic after too many deliveries.
+    pub dead_lettered: AtomicU64,
+    health: AtomicU8,
+}
+
+impl Counters {
+    /// Adds one to a counter.
+    #[inline]
+    pub fn incr(counter: &AtomicU64) {
+        counter.fetch_add(1, Relaxed);
+    }
+
+    /// Sets the health.
+    pub fn set_health(&self, health: Health) {
+        self.health.store(health as u8, Relaxed);
+    }
+
+    /// The current health.
+    pub fn health(&self) -> Health {
+        match self.health.load(Relaxed) {
+            0 => Health::Up,
+            1 => Health::Connecting,
+            _ => Health::Closed,
+        }
+    }
+
+    /// A consistent-enough copy of every counter.
+    pub fn snapshot(&self) -> StatsSnapshot {
+        StatsSnapshot {
+            published: self.published.load(Relaxed),
+            delivered: self.delivered.load(Relaxed),
+            dropped: self.dropped.load(Relaxed),
+            redelivered: self.redelivered.load(Relaxed),
+            errors: self.errors.load(Relaxed),
+            decode_errors: self.decode_errors.load(Relaxed),
+            connections: self.connections.load(Relaxed).max(0) as u64,
+            reconnects: self.reconnects.load(Relaxed),
+            dead_lettered: self.dead_lettered.load(Relaxed),
+            health: self.health(),
+        }
+    }
+}
+
+/// A copy of a bus's or a subscription's counters at one moment.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct StatsSnapshot {
+    /// Messages accepted by `publish`.
+    pub published: u64,
+    /// Messages handed to a subscriber.
+    pub delivered: u64,
+    /// Messages dropped by an overflow policy or by the client for a slow consumer.
+    pub dropped: u64,
+    /// Messages delivered again.
+    pub redelivered: u64,
+    /// Failed operations.
+    pub errors: u64,
+    /// Incoming bytes that did not decode and were skipped.
+    pub decode_errors: u64,
+    /// Connections to the broker currently open.
+    pub connections: u64,
+    /// Reconnections after failures.
+    pub reconnects: u64,
+    /// Entries moved to a dead-letter topic.
+    pub dead_lettered: u64,
+    /// Health at the time of the snapshot.
+    pub health: Health,
+}
+
+impl Default for StatsSnapshot {
+    fn default() -> Self {
+        Counters::default().snapshot()
+    }
+}
+
+impl StatsSnapshot {
+    /// Adds another snapshot's counters to this one (health keeps the worse of the two).
+    pub fn merge(&mut self, other: &StatsSnapshot) {
+        self.published += other.published;
+        self.delivered += other.delivered;
+        self.dropped += other.dropped;
+        self.redelivered += other.redelivered;
+        self.errors += other.errors;
+        self.decode_errors += other.decode_errors;
+        self.connections += other.connections;
+        self.reconnects += other.reconnects;
+        self.dead_lettered += other.dead_lettered;
+        if other.health != Health::Up {
+            self.health = other.health;
+        }
+    }
+}
+
+impl fmt::Display for StatsSnapshot {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "health={} published={} delivered={} dropped={} redelivered={} errors={} decode_errors={} connections={} reconnects={} dead_lettered={}",
+            self.health,
+            self.published,
+            self.delivered,
+            self.dropped,
+            self.redelivered,
+            self.errors,
+            self.decode_errors,
+            self.connections,
+            self.reconnects,
+            self.dead_lettered
+        )
+    }
+}

@@ -1,0 +1,7 @@
+//! Test support for busway: the conformance suite every [`Bus`](busway::Bus) must pass, and
+//! harnesses that start real `redis-server` / `nats-server` processes on free loopback ports.
+
+pub mod conformance;
+mod server;
+
+pub use server::{broker_binary, free_port, ServerProcess};

@@ -1,0 +1,1 @@
+//! The nats transport for busway.
