@@ -683,6 +683,16 @@ async fn dropping_a_subscription_unsubscribes_on_every_bus() {
         router.publish(msg(t, "x")).await.unwrap();
     }
     assert_eq!(router.stats().dropped, 2, "no queue left to overflow");
+
+    // A subscription on one bus shows its queue's drops at once, before anything is taken.
+    let quotes = router
+        .subscribe(pattern("marketdata.>"), opts())
+        .await
+        .unwrap();
+    for t in ["marketdata.a", "marketdata.b", "marketdata.c"] {
+        router.publish(msg(t, "x")).await.unwrap();
+    }
+    assert_eq!(quotes.stats().dropped, 2);
 }
 
 #[tokio::test]
