@@ -238,9 +238,16 @@ impl RoutingTable {
 }
 
 impl fmt::Display for RoutingTable {
-    /// One line per rule (`routes[0]  marketdata.>  -> marketdata`), then the default.
+    /// One line per rule (`routes[0]  marketdata.>  -> marketdata`), then the default,
+    /// in aligned columns.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let width = self
+        let label = |i: usize| format!("routes[{i}]");
+        let lw = (0..self.rules.len())
+            .map(|i| label(i).len())
+            .chain(["default".len()])
+            .max()
+            .unwrap_or(0);
+        let pw = self
             .rules
             .iter()
             .map(|r| r.pattern.as_str().len())
@@ -249,16 +256,18 @@ impl fmt::Display for RoutingTable {
         for (i, r) in self.rules.iter().enumerate() {
             writeln!(
                 f,
-                "routes[{i}]  {:width$}  -> {}",
+                "{:lw$}  {:pw$}  -> {}",
+                label(i),
                 r.pattern.as_str(),
                 r.to.join(", ")
             )?;
         }
         match &self.default {
-            Some(d) => writeln!(f, "default     -> {}", d.join(", ")),
+            Some(d) => writeln!(f, "{:lw$}  {:pw$}  -> {}", "default", "", d.join(", ")),
             None => writeln!(
                 f,
-                "default     (none: unmatched topics are a NoRoute error)"
+                "{:lw$}  (none: a topic no rule matches is a NoRoute error)",
+                "default"
             ),
         }
     }

@@ -833,3 +833,15 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn the_table_prints_one_line_per_rule() {
+    let (router, ..) = platform();
+    assert_eq!(
+        router.table().to_string(),
+        "routes[0]  marketdata.>  -> md\n\
+         routes[1]  engine.>      -> engine\n\
+         routes[2]  mirror.>      -> md, engine\n\
+         default                  -> main\n"
+    );
+}
