@@ -27,7 +27,7 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use async_trait::async_trait;
-use futures::future::{join_all, try_join_all};
+use futures::future::{join_all, try_join_all, BoxFuture};
 use futures::StreamExt;
 use parking_lot::RwLock;
 
@@ -768,6 +768,16 @@ fn filtered(
     .boxed()
 }
 
+/// Publishes to every bus of a mirror, all copies with one message id.
+async fn publish_mirror(targets: &Targets, mut message: Message) -> Result<()> {
+    // One id for every copy, so a subscriber on several mirror buses can de-duplicate.
+    if message.headers.id.is_none() {
+        message.headers.id = Some(new_message_id());
+    }
+    let results = join_all(targets.buses.iter().map(|b| b.publish(message.clone()))).await;
+    first_error(&targets.names, results)
+}
+
 /// The first error of `results`, with the bus it came from.
 fn first_error(names: &[Arc<str>], results: Vec<Result<()>>) -> Result<()> {
     match names.iter().zip(results).find(|(_, r)| r.is_err()) {
@@ -808,18 +818,28 @@ impl Bus for Router {
         caps
     }
 
-    async fn publish(&self, mut message: Message) -> Result<()> {
-        self.check_open()?;
-        let targets = self.resolve(&message.topic)?;
-        if let [bus] = &*targets.buses {
-            return bus.publish(message).await;
-        }
-        // One id for every copy, so a subscriber on several mirror buses can de-duplicate.
-        if message.headers.id.is_none() {
-            message.headers.id = Some(new_message_id());
-        }
-        let results = join_all(targets.buses.iter().map(|b| b.publish(message.clone()))).await;
-        first_error(&targets.names, results)
+    // Written out rather than `async fn`: the sugar keeps the message twice in the future
+    // (argument and rebinding), and every publish moves that future into a box. Here the
+    // routing happens before the box, and the boxed future holds the message once.
+    fn publish<'s, 'f>(&'s self, message: Message) -> BoxFuture<'f, Result<()>>
+    where
+        's: 'f,
+        Self: 'f,
+    {
+        let targets = match self
+            .check_open()
+            .and_then(|()| self.resolve(&message.topic))
+        {
+            Ok(targets) => targets,
+            Err(e) => return Box::pin(std::future::ready(Err(e))),
+        };
+        Box::pin(async move {
+            match &*targets.buses {
+                [bus] => bus.publish(message).await,
+                // Boxed: inline, the mirror's state would grow every publish's future.
+                _ => Box::pin(publish_mirror(&targets, message)).await,
+            }
+        })
     }
 
     async fn subscribe(&self, pattern: Pattern, options: SubscribeOptions) -> Result<Subscription> {
