@@ -22,7 +22,7 @@ use std::collections::HashMap;
 use std::fmt;
 use std::hash::BuildHasher;
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
@@ -336,6 +336,57 @@ fn intersection(a: &Pattern, b: &Pattern) -> Option<Option<Pattern>> {
 struct Targets {
     names: Arc<[Arc<str>]>,
     buses: Box<[Arc<dyn Bus>]>,
+    /// The bus's place in [`BusSlots`] when there is exactly one bus.
+    slot: Option<u32>,
+}
+
+const SLOT_CHUNK: usize = 64;
+
+type SlotChunk = Box<[OnceLock<Arc<dyn Bus>>]>;
+const SLOT_CHUNKS: usize = 64;
+
+/// Every bus a router has held, at addresses stable for the router's life, so a publish can
+/// borrow its bus from `&self` and return the bus's own future: no `Arc` clone and no second
+/// boxed future on the hot path. Append-only: a reload will add its new buses, and a
+/// retired bus stays here, closed (at most `SLOT_CHUNK * SLOT_CHUNKS` buses over a router's
+/// life).
+struct BusSlots {
+    chunks: Box<[OnceLock<SlotChunk>]>,
+    len: parking_lot::Mutex<usize>,
+}
+
+impl BusSlots {
+    fn new() -> BusSlots {
+        BusSlots {
+            chunks: (0..SLOT_CHUNKS).map(|_| OnceLock::new()).collect(),
+            len: parking_lot::Mutex::new(0),
+        }
+    }
+
+    fn push(&self, bus: Arc<dyn Bus>) -> Result<u32> {
+        let mut len = self.len.lock();
+        let chunk = self.chunks.get(*len / SLOT_CHUNK).ok_or_else(|| {
+            Error::new(
+                ErrorKind::Other,
+                format!(
+                    "a router holds at most {} buses over its life",
+                    SLOT_CHUNK * SLOT_CHUNKS
+                ),
+            )
+        })?;
+        let slots = chunk.get_or_init(|| (0..SLOT_CHUNK).map(|_| OnceLock::new()).collect());
+        // Only this function sets slots, under `len`'s lock, each slot once.
+        let _ = slots[*len % SLOT_CHUNK].set(bus);
+        let slot = *len as u32;
+        *len += 1;
+        Ok(slot)
+    }
+
+    #[inline]
+    fn get(&self, slot: u32) -> Option<&Arc<dyn Bus>> {
+        let slot = slot as usize;
+        self.chunks.get(slot / SLOT_CHUNK)?.get()?[slot % SLOT_CHUNK].get()
+    }
 }
 
 const CACHE_SHARDS: usize = 16;
@@ -376,6 +427,15 @@ impl RouteCache {
         self.shard(topic).read().get(topic.as_str()).cloned()
     }
 
+    /// The slot of a cached topic's only bus; `None` when not cached or a mirror.
+    #[inline]
+    fn single(&self, topic: &Topic) -> Option<u32> {
+        if self.per_shard == 0 {
+            return None;
+        }
+        self.shard(topic).read().get(topic.as_str())?.slot
+    }
+
     fn insert(&self, topic: &Topic, targets: &Arc<Targets>) {
         if self.per_shard == 0 {
             return;
@@ -402,13 +462,18 @@ struct RouterState {
 }
 
 impl RouterState {
-    fn new(table: RoutingTable, mut buses: NamedBuses, cache_capacity: usize) -> RouterState {
-        buses.sort_by(|a, b| a.0.cmp(&b.0));
-        let find = |name: &Arc<str>| -> Arc<dyn Bus> {
+    /// `buses` sorted by name, with each bus's place in the router's [`BusSlots`].
+    fn new(
+        table: RoutingTable,
+        buses: NamedBuses,
+        slots: &[u32],
+        cache_capacity: usize,
+    ) -> RouterState {
+        let find = |name: &Arc<str>| -> (Arc<dyn Bus>, u32) {
             let i = buses
                 .binary_search_by(|(n, _)| (**n).cmp(&**name))
                 .expect("the table was validated against these buses");
-            buses[i].1.clone()
+            (buses[i].1.clone(), slots[i])
         };
         let targets = table
             .rules
@@ -416,9 +481,11 @@ impl RouterState {
             .map(|r| &r.to)
             .chain(table.default.as_ref())
             .map(|names| {
+                let (buses, slots): (Vec<_>, Vec<_>) = names.iter().map(find).unzip();
                 Arc::new(Targets {
                     names: names.clone(),
-                    buses: names.iter().map(find).collect(),
+                    buses: buses.into(),
+                    slot: (slots.len() == 1).then(|| slots[0]),
                 })
             })
             .collect();
@@ -572,7 +639,7 @@ impl RouterBuilder {
             buses.iter().map(|(n, _)| &**n),
             None,
         )?;
-        Ok(Router::assemble(table, buses, self.cache_capacity))
+        Router::assemble(table, buses, self.cache_capacity)
     }
 }
 
@@ -598,6 +665,7 @@ impl RouterBuilder {
 ///   `max_payload`).
 pub struct Router {
     state: ArcSwap<RouterState>,
+    slots: BusSlots,
     closed: AtomicBool,
     /// Failures the router itself decides: no route, closed.
     counters: Counters,
@@ -623,12 +691,24 @@ impl Router {
         RouterBuilder::default()
     }
 
-    fn assemble(table: RoutingTable, buses: NamedBuses, cache_capacity: usize) -> Router {
-        Router {
-            state: ArcSwap::from_pointee(RouterState::new(table, buses, cache_capacity)),
+    fn assemble(
+        table: RoutingTable,
+        mut buses: NamedBuses,
+        cache_capacity: usize,
+    ) -> Result<Router> {
+        buses.sort_by(|a, b| a.0.cmp(&b.0));
+        let slots = BusSlots::new();
+        let indexes = buses
+            .iter()
+            .map(|(_, bus)| slots.push(bus.clone()))
+            .collect::<Result<Vec<u32>>>()?;
+        let state = RouterState::new(table, buses, &indexes, cache_capacity);
+        Ok(Router {
+            state: ArcSwap::from_pointee(state),
+            slots,
             closed: AtomicBool::new(false),
             counters: Counters::default(),
-        }
+        })
     }
 
     /// Validates the routing table of `config`, then builds every bus through `registry`,
@@ -666,7 +746,7 @@ impl Router {
                 }
             }
         }
-        Ok(Router::assemble(table, buses, DEFAULT_ROUTE_CACHE))
+        Router::assemble(table, buses, DEFAULT_ROUTE_CACHE)
     }
 
     /// The bus names `topic` goes to (several for a mirror), from the route cache.
@@ -818,18 +898,22 @@ impl Bus for Router {
         caps
     }
 
-    // Written out rather than `async fn`: the sugar keeps the message twice in the future
-    // (argument and rebinding), and every publish moves that future into a box. Here the
-    // routing happens before the box, and the boxed future holds the message once.
+    // Written out rather than `async fn`, so the routing decision is made before any future
+    // is boxed, and a cached single-bus topic costs no box of the router's own.
     fn publish<'s, 'f>(&'s self, message: Message) -> BoxFuture<'f, Result<()>>
     where
         's: 'f,
         Self: 'f,
     {
-        let targets = match self
-            .check_open()
-            .and_then(|()| self.resolve(&message.topic))
-        {
+        if let Err(e) = self.check_open() {
+            return Box::pin(std::future::ready(Err(e)));
+        }
+        // The hot path: a cached topic with one bus hands back that bus's own future.
+        let slot = self.state.load().cache.single(&message.topic);
+        if let Some(bus) = slot.and_then(|slot| self.slots.get(slot)) {
+            return bus.publish(message);
+        }
+        let targets = match self.resolve(&message.topic) {
             Ok(targets) => targets,
             Err(e) => return Box::pin(std::future::ready(Err(e))),
         };
