@@ -196,6 +196,39 @@ impl Inner {
         .with_source(source)
     }
 
+    /// Waits until the server has processed everything this client sent so far (bounded by
+    /// `publish_timeout`). async-nats's `flush` only writes the socket; a request nobody
+    /// answers comes back as "no responders" after the server handled what preceded it.
+    pub(crate) async fn round_trip(&self) -> Result<()> {
+        use async_nats::client::RequestErrorKind;
+        let subject = format!("{}.busway-sync", self.client.new_inbox());
+        let timeout = self.config.publish_timeout();
+        let answer =
+            tokio::time::timeout(timeout, self.client.request(subject, bytes::Bytes::new())).await;
+        match answer {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(e)) if e.kind() == RequestErrorKind::NoResponders => Ok(()),
+            Ok(Err(e)) => Err(Error::new(
+                ErrorKind::Connection,
+                format!("bus {:?}: flush to {} failed", self.name, self.url),
+            )
+            .with_source(e)),
+            Err(_) => Err(Error::new(
+                ErrorKind::Timeout,
+                format!(
+                    "bus {:?}: flush to {} did not finish within {timeout:?} ({})",
+                    self.name,
+                    self.url,
+                    if self.is_connected() {
+                        "connected"
+                    } else {
+                        "disconnected"
+                    }
+                ),
+            )),
+        }
+    }
+
     fn max_payload(&self) -> usize {
         // The server's limit covers headers too; leave them room.
         self.client
@@ -513,26 +546,10 @@ impl Bus for NatsBus {
 
     async fn flush(&self) -> Result<()> {
         self.check_open()?;
-        let inner = &self.inner;
-        match tokio::time::timeout(inner.config.publish_timeout(), inner.client.flush()).await {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(e)) => Err(inner.failed(
-                Error::new(
-                    ErrorKind::Connection,
-                    format!("bus {:?}: flush to {} failed", inner.name, inner.url),
-                )
-                .with_source(e),
-            )),
-            Err(_) => Err(inner.failed(Error::new(
-                ErrorKind::Timeout,
-                format!(
-                    "bus {:?}: flush to {} did not finish within {:?}",
-                    inner.name,
-                    inner.url,
-                    inner.config.publish_timeout()
-                ),
-            ))),
-        }
+        self.inner
+            .round_trip()
+            .await
+            .map_err(|e| self.inner.failed(e))
     }
 
     async fn close(&self) -> Result<()> {
@@ -540,9 +557,9 @@ impl Bus for NatsBus {
         if inner.closed.swap(true, Ordering::AcqRel) {
             return Ok(());
         }
-        // Publishes already awaited their write (or PubAck); flush what is still buffered.
-        let flushed =
-            tokio::time::timeout(inner.config.publish_timeout(), inner.client.flush()).await;
+        // Stream publishes already awaited their PubAck; make the server take what is
+        // still buffered (broadcast) before the connection goes.
+        let flushed = inner.round_trip().await;
         let subs: Vec<SubEntry> = inner.subs.lock().drain().map(|(_, e)| e).collect();
         for sub in subs {
             sub.task.abort();
@@ -551,24 +568,10 @@ impl Bus for NatsBus {
         if let Some(stream) = &inner.stream {
             stream.close(inner).await;
         }
-        let drained = tokio::time::timeout(Duration::from_secs(5), inner.client.drain()).await;
+        // Best effort: the server may already be gone.
+        let _ = tokio::time::timeout(Duration::from_secs(5), inner.client.drain()).await;
         inner.counters.set_health(Health::Closed);
-        match (flushed, drained) {
-            (Ok(Ok(())), _) => Ok(()),
-            (Ok(Err(e)), _) => Err(Error::new(
-                ErrorKind::Connection,
-                format!("bus {:?}: closing: the final flush failed", inner.name),
-            )
-            .with_source(e)),
-            (Err(_), _) => Err(Error::new(
-                ErrorKind::Timeout,
-                format!(
-                    "bus {:?}: closing: the final flush did not finish within {:?}",
-                    inner.name,
-                    inner.config.publish_timeout()
-                ),
-            )),
-        }
+        flushed.map_err(|e| e.context("closing"))
     }
 
     fn stats(&self) -> StatsSnapshot {

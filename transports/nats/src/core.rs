@@ -65,7 +65,7 @@ pub(crate) async fn subscribe(
     // A round trip makes the server register the SUB before we return, so messages published
     // afterwards (from any connection) reach it. Bounded: a dead server must not hang here.
     if inner.is_connected() {
-        let _ = tokio::time::timeout(inner.config.publish_timeout(), inner.client.flush()).await;
+        let _ = inner.round_trip().await;
     }
     let (capacity, overflow) = options.queue(inner.queue);
     let (tx, sub) = Subscription::channel(pattern, capacity, overflow, inner.counters.clone());
