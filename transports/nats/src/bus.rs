@@ -537,7 +537,7 @@ impl Bus for NatsBus {
             return Err(inner.failed(inner.disconnected_error(&message.topic)));
         }
         match &inner.stream {
-            Some(stream) if stream.captures(&message.topic) => {
+            Some(stream) if stream.auto || stream.captures(&message.topic) => {
                 stream.request(self, message, timeout).await
             }
             _ => crate::core::request(inner, message, timeout).await,

@@ -3,6 +3,11 @@
 //!
 //! - The stream (`stream`, `subjects`, limits from config) is created at build, or updated
 //!   when its subjects or limits differ from the config.
+//! - Without `subjects` in config the stream's subjects follow use: it starts with
+//!   `<bus>.>`, and the first publish or subscribe under a new first token `t` adds `t` and
+//!   `t.>` to the stream (one stream update per new token; subjects other processes added are
+//!   kept). Topics whose first token is a wildcard cannot be derived and need `subjects`.
+//!   With `subjects` set, anything outside them is refused with `ErrorKind::Unsupported`.
 //! - A subscription with a group uses the durable pull consumer `<group>-<hash of pattern>`
 //!   (group name with characters NATS refuses in consumer names replaced by `_`): every member
 //!   of the group, in any process, shares it and the server splits the messages. It outlives
@@ -45,7 +50,11 @@ const ORPHAN_CONSUMER_TTL: Duration = Duration::from_secs(3600);
 pub(crate) struct StreamSetup {
     js: jetstream::Context,
     name: String,
-    subjects: Vec<Pattern>,
+    subjects: parking_lot::RwLock<Vec<Pattern>>,
+    /// No `subjects` in config: new first tokens are added to the stream on first use.
+    pub(crate) auto: bool,
+    /// Serialises stream updates for new subjects.
+    growing: tokio::sync::Mutex<()>,
     max_deliver: u32,
     dead_letter: Option<Topic>,
     /// Per-subscription consumers to delete on close.
@@ -77,16 +86,16 @@ impl StreamSetup {
                 format!("{name:?} is not a valid JetStream stream name (no '.', '*', '>', '/', '\\' or spaces)"),
             ));
         }
-        let subject_strings = config
+        let auto = config.subjects.is_none();
+        let mut subject_strings = config
             .subjects
             .clone()
             .unwrap_or_else(|| vec![format!("{}.>", ctx.bus)]);
         if subject_strings.is_empty() {
             return Err(ctx.config_error("subjects", "is empty"));
         }
-        let mut subjects = Vec::new();
         for s in &subject_strings {
-            subjects.push(Pattern::new(s).map_err(|e| ctx.config_error("subjects", e))?);
+            Pattern::new(s).map_err(|e| ctx.config_error("subjects", e))?;
         }
         let dead_letter = match &config.dead_letter {
             Some(t) => Some(Topic::new(t).map_err(|e| ctx.config_error("dead_letter", e))?),
@@ -115,6 +124,14 @@ impl StreamSetup {
                     .await
                     .map_err(|e| js_err(format!("{what}: reading its info"), e))?;
                 let mut cfg = info.config.clone();
+                if auto {
+                    // Keep what earlier runs and other processes added.
+                    for have in &cfg.subjects {
+                        if !subject_strings.contains(have) {
+                            subject_strings.push(have.clone());
+                        }
+                    }
+                }
                 let same = {
                     let mut have = cfg.subjects.clone();
                     let mut want = subject_strings.clone();
@@ -151,10 +168,18 @@ impl StreamSetup {
             }
             Err(e) => return Err(js_err(format!("{what}: looking it up"), e)),
         }
+        // Subjects the server holds may use NATS syntax busway patterns refuse; those are
+        // skipped here (a topic they capture is then treated as outside the stream).
+        let subjects = subject_strings
+            .iter()
+            .filter_map(|s| Pattern::new(s).ok())
+            .collect();
         Ok(StreamSetup {
             js,
             name,
-            subjects,
+            subjects: parking_lot::RwLock::new(subjects),
+            auto,
+            growing: tokio::sync::Mutex::new(()),
             max_deliver: config.max_deliver(),
             dead_letter,
             ephemeral: Mutex::new(HashSet::new()),
@@ -163,7 +188,92 @@ impl StreamSetup {
 
     /// Whether the stream stores messages published on `topic`.
     pub(crate) fn captures(&self, topic: &Topic) -> bool {
-        self.subjects.iter().any(|p| p.matches(topic))
+        self.subjects.read().iter().any(|p| p.matches(topic))
+    }
+
+    fn subject_list(&self) -> Vec<String> {
+        self.subjects
+            .read()
+            .iter()
+            .map(|p| p.as_str().to_string())
+            .collect()
+    }
+
+    /// In auto mode, adds `first` and `first.>` to the stream unless already captured.
+    async fn grow(&self, bus: &str, first: &str) -> Result<()> {
+        let probe = Topic::new(format!("{first}.x"))?;
+        let single = Topic::new(first)?;
+        if self.captures(&probe) && self.captures(&single) {
+            return Ok(());
+        }
+        let _one_at_a_time = self.growing.lock().await;
+        if self.captures(&probe) && self.captures(&single) {
+            return Ok(());
+        }
+        let what = format!(
+            "bus {bus:?}: adding {first:?} to JetStream stream {:?}",
+            self.name
+        );
+        let mut stream = self
+            .js
+            .get_stream(&self.name)
+            .await
+            .map_err(|e| js_err(what.clone(), e))?;
+        let mut cfg = stream
+            .info()
+            .await
+            .map_err(|e| js_err(what.clone(), e))?
+            .config
+            .clone();
+        for s in [first.to_string(), format!("{first}.>")] {
+            if !cfg.subjects.contains(&s) {
+                cfg.subjects.push(s);
+            }
+        }
+        let subjects = cfg.subjects.clone();
+        self.js
+            .update_stream(cfg)
+            .await
+            .map_err(|e| js_err(what, e))?;
+        *self.subjects.write() = subjects
+            .iter()
+            .filter_map(|s| Pattern::new(s).ok())
+            .collect();
+        Ok(())
+    }
+
+    /// Makes sure the stream stores `topic` (growing it in auto mode).
+    pub(crate) async fn ensure_topic(&self, bus: &str, topic: &Topic) -> Result<()> {
+        if self.captures(topic) {
+            return Ok(());
+        }
+        if !self.auto {
+            return Err(self.not_captured(bus, topic));
+        }
+        let first = topic.tokens().next().unwrap_or_default();
+        self.grow(bus, first).await
+    }
+
+    /// Makes sure the stream can hold what `pattern` matches (growing it in auto mode).
+    async fn ensure_pattern(&self, bus: &str, pattern: &Pattern) -> Result<()> {
+        use busway::PatternToken;
+        if self.subjects.read().iter().any(|s| s.covers(pattern)) {
+            return Ok(());
+        }
+        match (self.auto, pattern.tokens().first()) {
+            (true, Some(PatternToken::Literal(first))) => self.grow(bus, first).await,
+            _ if self.subjects.read().iter().any(|s| s.overlaps(pattern)) => Ok(()),
+            _ => Err(Error::new(
+                ErrorKind::Unsupported,
+                format!(
+                    "bus {bus:?}: pattern {:?} matches nothing JetStream stream {:?} stores (subjects {:?}){}",
+                    pattern.as_str(),
+                    self.name,
+                    self.subject_list(),
+                    if self.auto { "; a pattern starting with a wildcard needs `subjects` in config" } else { "" }
+                ),
+            )),
+        }
     }
 
     fn not_captured(&self, bus: &str, topic: &Topic) -> Error {
@@ -173,7 +283,7 @@ impl StreamSetup {
                 "bus {bus:?}: topic {:?} is outside JetStream stream {:?} (subjects {:?}); add it to `subjects`",
                 topic.as_str(),
                 self.name,
-                self.subjects.iter().map(|p| p.as_str()).collect::<Vec<_>>()
+                self.subject_list()
             ),
         )
     }
@@ -181,9 +291,7 @@ impl StreamSetup {
     /// Publishes and waits for the PubAck. Concurrent publishers are not serialised: each
     /// awaits its own ack while the client pipelines the writes.
     pub(crate) async fn publish(&self, inner: &Inner, message: Message) -> Result<()> {
-        if !self.captures(&message.topic) {
-            return Err(self.not_captured(&inner.name, &message.topic));
-        }
+        self.ensure_topic(&inner.name, &message.topic).await?;
         let Message {
             topic,
             payload,
@@ -348,18 +456,9 @@ impl StreamSetup {
         options: SubscribeOptions,
         via: Arc<dyn Bus>,
     ) -> Result<Subscription> {
-        if !self.subjects.iter().any(|s| s.overlaps(&pattern)) {
-            return Err(Error::new(
-                ErrorKind::Unsupported,
-                format!(
-                    "bus {:?}: pattern {:?} matches nothing JetStream stream {:?} stores (subjects {:?})",
-                    inner.name,
-                    pattern.as_str(),
-                    self.name,
-                    self.subjects.iter().map(|p| p.as_str()).collect::<Vec<_>>()
-                ),
-            ));
-        }
+        self.ensure_pattern(&inner.name, &pattern)
+            .await
+            .map_err(|e| inner.failed(e))?;
         let (name, durable) = match &options.group {
             Some(group) => (group_consumer_name(group, &pattern), true),
             None => (format!("busway-{}", &new_message_id()[..16]), false),
@@ -602,7 +701,7 @@ impl Pump {
         letter
             .headers
             .insert("dead_letter_attempts", (attempt - 1).to_string());
-        let published = if setup.captures(dl) {
+        let published = if setup.auto || setup.captures(dl) {
             setup.publish(&self.inner, letter).await
         } else {
             self.inner.publish_core(letter).await
