@@ -14,6 +14,8 @@ pub struct NatsServerOptions {
     /// `max_payload` in bytes; 8 MiB when unset (NATS's own default is 1 MiB including
     /// headers, too small for the conformance suite's 1 MiB payloads).
     pub max_payload: Option<usize>,
+    /// More config text appended as is (e.g. a `tls { ... }` block).
+    pub extra_conf: Option<String>,
 }
 
 /// A running `nats-server -js` owned by a test; killed on drop. The JetStream store lives in
@@ -56,6 +58,10 @@ impl NatsServer {
             conf.push_str(&format!(
                 "authorization {{\n  user: \"{user}\"\n  password: \"{password}\"\n}}\n"
             ));
+        }
+        if let Some(extra) = &options.extra_conf {
+            conf.push_str(extra);
+            conf.push('\n');
         }
         let conf_dir = tempfile::tempdir().expect("temp dir for nats.conf");
         let conf_path = conf_dir.path().join("nats.conf");
