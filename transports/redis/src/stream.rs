@@ -9,8 +9,8 @@
 //! - Each subscription has one reader task with its own connection that issues one blocking
 //!   `XREADGROUP ... BLOCK block_ms STREAMS k1 k2 ... > > ...` over all its keys. A wildcard
 //!   subscription takes its keys from `index_key`, rescanned every `rescan_ms`, so keys
-//!   created after it subscribed are found (their group starts at the subscription's time,
-//!   so nothing published after the subscription is missed).
+//!   created after it subscribed are found; such a key is read from its first entry (it
+//!   had no busway entries when the subscription started), so nothing is missed.
 //! - Groups are created on demand (`XGROUP CREATE ... MKSTREAM`) at `$` (start new) or `0`
 //!   (start from the beginning); an existing group keeps its position. A subscription without
 //!   a group gets a private group, destroyed when the subscription ends.
@@ -33,8 +33,8 @@ use tokio::sync::mpsc;
 
 use busway::queue::QueueSender;
 use busway::{
-    now_micros, Acker, Bus, Counters, Delivery, Error, Headers, Message, Pattern, Result,
-    StartFrom, SubscribeOptions, Subscription, Topic, DEFAULT_ACK_TIMEOUT,
+    Acker, Bus, Counters, Delivery, Error, Headers, Message, Pattern, Result, StartFrom,
+    SubscribeOptions, Subscription, Topic, DEFAULT_ACK_TIMEOUT,
 };
 
 use crate::bus::Inner;
@@ -277,11 +277,15 @@ pub(crate) async fn subscribe(
         .map(Duration::from_millis)
         .or(options.ack_timeout)
         .unwrap_or(DEFAULT_ACK_TIMEOUT);
-    let sub_ms = now_micros() / 1000;
-    let (first_start, later_start) = match options.start {
-        StartFrom::New => ("$".to_string(), format!("{sub_ms}-0")),
-        StartFrom::Beginning => ("0".to_string(), "0".to_string()),
+    // A key that enters the index after the subscription started had no busway entries
+    // when it started (the index is written with a topic's first XADD), so it is read from
+    // its first entry: nothing published after the subscription is missed, and no clock
+    // comparison between this process and the server is involved.
+    let first_start = match options.start {
+        StartFrom::New => "$",
+        StartFrom::Beginning => "0",
     };
+    let later_start = "0".to_string();
     // The reader's own connection: its XREADGROUP blocks, which would stall everything queued
     // behind it on a shared connection.
     let read_timeout = Duration::from_millis(opts.block_ms) + inner.config.response_timeout();
@@ -301,7 +305,7 @@ pub(crate) async fn subscribe(
     };
     for t in topics {
         let key = format!("{}{t}", opts.key_prefix);
-        create_group(&mut cmd, &key, &group, &first_start)
+        create_group(&mut cmd, &key, &group, first_start)
             .await
             .map_err(|e| inner.connector.error("XGROUP CREATE", e))?;
         keys.push(key);
