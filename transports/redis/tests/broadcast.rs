@@ -507,3 +507,29 @@ async fn factory_config_errors_name_file_and_key() {
     assert!(err.to_string().contains("\"main\""), "{err}");
     assert!(!format!("{err} {err:?}").contains(":pw@"), "{err}");
 }
+
+#[tokio::test]
+async fn password_right_works_wrong_is_auth_error_without_the_password() {
+    let Some(server) = RedisServer::start_with_password("password_auth", "right-pw") else {
+        return;
+    };
+    let ok = bus(&server.url(), |_| {}).await;
+    let mut sub = ok
+        .subscribe(Pattern::new("p").unwrap(), SubscribeOptions::new())
+        .await
+        .unwrap();
+    ok.publish(Message::new(topic("p"), &b"x"[..]))
+        .await
+        .unwrap();
+    sub.recv_timeout(WAIT).await.unwrap().unwrap();
+    let wrong = format!("redis://:wrong-pw@127.0.0.1:{}", server.port());
+    let err = RedisBus::connect(RedisConfig::new("main", wrong))
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Auth, "{err}");
+    let text = format!("{err} {err:?}");
+    assert!(
+        !text.contains("wrong-pw") && text.contains("\"main\""),
+        "{text}"
+    );
+}
