@@ -272,9 +272,10 @@ impl MemoryBus {
             return Ok(());
         }
         let reply = self.reply_handle(&message);
-        let make = |m: Message| match &reply {
-            Some(bus) => Delivery::new(m).with_reply_via(bus.clone()),
-            None => Delivery::new(m),
+        let message = Arc::new(message);
+        let make = |m: Arc<Message>| match &reply {
+            Some(bus) => Delivery::shared(m).with_reply_via(bus.clone()),
+            None => Delivery::shared(m),
         };
         let mut blocked: Vec<(&Arc<Sub>, Delivery)> = Vec::new();
         let mut gone: Vec<&Arc<Sub>> = Vec::new();

@@ -3,6 +3,7 @@
 
 pub mod conformance;
 pub mod nats;
+pub mod redis;
 mod server;
 
 pub use server::{broker_binary, free_port, ServerProcess};
