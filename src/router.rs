@@ -28,7 +28,6 @@ use std::time::Duration;
 use arc_swap::ArcSwap;
 use async_trait::async_trait;
 use futures::future::{join_all, try_join_all, BoxFuture};
-use futures::StreamExt;
 use parking_lot::RwLock;
 
 use crate::bus::{Bus, Capabilities, Mode};
@@ -38,7 +37,7 @@ use crate::message::{new_message_id, Message};
 use crate::options::SubscribeOptions;
 use crate::registry::{BuildContext, Registry};
 use crate::stats::{Counters, Health, StatsSnapshot};
-use crate::subscription::{Delivery, Subscription};
+use crate::subscription::Subscription;
 use crate::topic::{Pattern, PatternToken, Topic};
 
 /// The number of topics a router caches when not told otherwise.
@@ -651,10 +650,10 @@ impl RouterBuilder {
 ///   subscribers listening on several mirror buses can de-duplicate.
 /// - `subscribe`: on every bus that can carry a matching topic
 ///   ([`RoutingTable::buses_for_pattern`]), merged into one stream that keeps only the
-///   deliveries the table would have put on the bus they came from. A delivery it drops is
-///   acked first when it is ackable, so a stream bus does not redeliver it forever. The
-///   subscription's stats count what it delivers and what its queues dropped: live when it
-///   listens on one bus, as of its latest delivery when it merges several.
+///   deliveries the table would have put on the bus they came from
+///   ([`Subscription::with_filter`]: a dropped delivery is acked when ackable, so a stream
+///   bus does not redeliver it forever). Its stats and `pending` are the sums over its
+///   per-bus subscriptions, and count only what passes the filter as delivered.
 ///   A subscriber listening on two buses of one mirror gets each message from both.
 /// - `request`: sent on the first bus of the topic's route, with that bus's `request`.
 /// - `flush`, `close`: every bus. `close` is idempotent.
@@ -815,39 +814,6 @@ impl Router {
     }
 }
 
-/// The deliveries of `sub` (from bus `name`) that the table in `state` puts on that bus.
-/// `uncount`: counters whose `delivered` counted the deliveries this filter drops.
-fn filtered(
-    state: Arc<RouterState>,
-    name: Arc<str>,
-    sub: Subscription,
-    uncount: Option<Arc<Counters>>,
-) -> futures::stream::BoxStream<'static, Delivery> {
-    sub.filter_map(move |d| {
-        let keep = state.carries(&d.message().topic, &name);
-        if !keep {
-            if let Some(c) = &uncount {
-                let _ = c
-                    .delivered
-                    .fetch_update(Relaxed, Relaxed, |v| v.checked_sub(1));
-            }
-        }
-        async move {
-            if keep {
-                return Some(d);
-            }
-            // Not ours: settle it, or a stream bus would redeliver it forever.
-            if d.is_ackable() {
-                if let Err(e) = d.ack().await {
-                    tracing::debug!(error = %e, "ack of a filtered delivery failed");
-                }
-            }
-            None
-        }
-    })
-    .boxed()
-}
-
 /// Publishes to every bus of a mirror, all copies with one message id.
 async fn publish_mirror(targets: &Targets, mut message: Message) -> Result<()> {
     // One id for every copy, so a subscriber on several mirror buses can de-duplicate.
@@ -939,28 +905,19 @@ impl Bus for Router {
                 .map(|(_, bus)| bus.subscribe(pattern.clone(), options.clone())),
         )
         .await?;
-        if subs.len() == 1 {
-            // One bus (the common case): its subscription's own counters are exact and live,
-            // drops included; only the strays the filter takes out must leave `delivered`.
-            let (sub, (name, _)) = subs.into_iter().zip(plan).next().expect("one subscription");
-            let stats = sub.counters().clone();
-            let stream = filtered(state, name, sub, Some(stats.clone()));
-            return Ok(Subscription::from_stream(pattern, stream, stats));
-        }
-        let stats = Arc::new(Counters::default());
-        let inner: Vec<Arc<Counters>> = subs.iter().map(|s| s.counters().clone()).collect();
-        let streams = plan
+        let mut subs: Vec<Subscription> = plan
             .into_iter()
             .zip(subs)
-            .map(|((name, _), sub)| filtered(state.clone(), name, sub, None));
-        let counted = stats.clone();
-        let merged = futures::stream::select_all(streams).inspect(move |_| {
-            Counters::incr(&counted.delivered);
-            // The per-bus queues count their drops; mirror them here at each delivery.
-            let dropped = inner.iter().map(|c| c.dropped.load(Relaxed)).sum();
-            counted.dropped.store(dropped, Relaxed);
-        });
-        Ok(Subscription::from_stream(pattern, merged, stats))
+            .map(|((name, _), sub)| {
+                let state = state.clone();
+                sub.with_filter(move |d| state.carries(&d.message().topic, &name))
+            })
+            .collect();
+        if subs.len() == 1 {
+            // One bus, the common case: its own subscription, filtered.
+            return Ok(subs.pop().expect("one subscription"));
+        }
+        Ok(Subscription::merge(pattern, subs))
     }
 
     async fn request(&self, message: Message, timeout: Duration) -> Result<Message> {
