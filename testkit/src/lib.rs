@@ -2,6 +2,8 @@
 //! harnesses that start real `redis-server` / `nats-server` processes on free loopback ports.
 
 pub mod conformance;
+pub mod nats;
+pub mod redis;
 mod server;
 
 pub use server::{broker_binary, free_port, ServerProcess};
