@@ -108,7 +108,7 @@ pub fn route(path: &Path, topic: &str) -> Result<String> {
     let config = Config::load(path)?;
     let table = RoutingTable::from_config(&config)?;
     let topic = Topic::new(topic)?;
-    let buses = table.lookup(&topic)?;
+    let buses: Vec<&str> = table.lookup(&topic)?.iter().map(|b| &**b).collect();
     let why = config
         .routes
         .iter()
@@ -143,13 +143,13 @@ fn apply_header(message: &mut Message, key: &str, value: &str) -> Result<()> {
 pub async fn publish(
     config_path: &Path,
     topic: &str,
-    payload: &str,
+    payload: &[u8],
     headers: &[(String, String)],
     registry: &Registry,
 ) -> Result<String> {
     let config = Config::load(config_path)?;
     let topic = Topic::new(topic)?;
-    let mut message = Message::new(topic.clone(), payload.as_bytes().to_vec())
+    let mut message = Message::new(topic.clone(), payload.to_vec())
         .with_id(busway::new_message_id())
         .stamped();
     message.headers.source = Some(config.app.clone());
@@ -158,7 +158,11 @@ pub async fn publish(
     }
     let router = Router::from_config(&config, registry).await?;
     let result = async {
-        let buses = router.route(&topic)?;
+        let buses: Vec<String> = router
+            .route(&topic)?
+            .iter()
+            .map(|b| b.to_string())
+            .collect();
         router.publish(message).await?;
         router.flush().await?;
         Ok(format!(

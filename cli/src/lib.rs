@@ -16,7 +16,8 @@ use busway::Registry;
 /// `memory` is built into busway; broker transports are added here, in one place, so a
 /// config naming them works in every subcommand.
 pub fn registry() -> Registry {
-    // The Redis and NATS crates register here once they land:
-    // busway_redis::register(&mut registry); busway_nats::register(&mut registry);
-    Registry::new()
+    let mut registry = Registry::new();
+    busway_redis::register(&mut registry);
+    busway_nats::register(&mut registry);
+    registry
 }

@@ -1,6 +1,7 @@
 //! The `busway` command: check a config, show where a topic goes, publish, tail, and run the
 //! seven-engine demo.
 
+use std::ffi::OsString;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -39,8 +40,8 @@ enum Command {
     Pub {
         /// The topic.
         topic: String,
-        /// The payload (sent as UTF-8 bytes).
-        payload: String,
+        /// The payload, sent as the argument's bytes (which need not be UTF-8).
+        payload: OsString,
         /// The config file.
         #[arg(long)]
         config: PathBuf,
@@ -128,7 +129,15 @@ async fn main() -> ExitCode {
             payload,
             config,
             headers,
-        } => match commands::publish(&config, &topic, &payload, &headers, &registry).await {
+        } => match commands::publish(
+            &config,
+            &topic,
+            &payload.into_encoded_bytes(),
+            &headers,
+            &registry,
+        )
+        .await
+        {
             Ok(line) => {
                 eprint!("busway: {line}");
                 ExitCode::SUCCESS

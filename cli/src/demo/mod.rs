@@ -23,7 +23,7 @@ use crate::commands::check_transports;
 use crate::text::table;
 use engines::{Engine, ENGINES};
 use feed::Feed;
-use tracked::{RouteView, TrackedBus, Usage, UsageCounts};
+use tracked::{TrackedBus, Usage, UsageCounts};
 
 /// The built-in config: every bus in memory (also shipped as `examples/demo.toml`).
 pub const DEMO_CONFIG: &str = include_str!("../../../examples/demo.toml");
@@ -188,8 +188,7 @@ pub async fn run(options: &DemoOptions, registry: &Registry) -> Result<DemoRepor
     check_transports(&config, registry)?;
     let engines = pick_engines(options.engines.as_deref())?;
     let router = Arc::new(Router::from_config(&config, registry).await?);
-    let routes = Arc::new(RouteView::new(&config));
-    let result = run_with(options, &config, router.clone(), routes, engines).await;
+    let result = run_with(options, &config, router.clone(), engines).await;
     let closed = router.close().await;
     let report = result?;
     closed?;
@@ -200,16 +199,11 @@ async fn run_with(
     options: &DemoOptions,
     config: &Config,
     router: Arc<Router>,
-    routes: Arc<RouteView>,
     engines: Vec<Box<dyn Engine>>,
 ) -> Result<DemoReport> {
     let (stop_tx, stop_rx) = watch::channel(false);
     let tracked = |usage: &Arc<Usage>| -> Arc<dyn Bus> {
-        Arc::new(TrackedBus::new(
-            router.clone(),
-            routes.clone(),
-            usage.clone(),
-        ))
+        Arc::new(TrackedBus::new(router.clone(), usage.clone()))
     };
 
     // Every engine subscribes before the feed starts, so none misses the first ticks.

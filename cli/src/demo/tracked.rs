@@ -1,56 +1,18 @@
 //! A [`Bus`] wrapper that records, for one engine, which buses its traffic went through and
 //! how long deliveries took. The engine still holds a plain `Arc<dyn Bus>`.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::fmt;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use async_trait::async_trait;
 use busway::{
-    now_micros, Bus, Capabilities, Config, Delivery, Message, Pattern, Result, Router,
-    StatsSnapshot, SubscribeOptions, Subscription,
+    now_micros, Bus, Capabilities, Delivery, Message, Pattern, Result, Router, StatsSnapshot,
+    SubscribeOptions, Subscription,
 };
 use futures::StreamExt;
 use hdrhistogram::Histogram;
-
-/// Which buses the routing table can put a topic matching a pattern on: every rule the
-/// pattern overlaps, up to the first rule that covers it whole, and the default when no
-/// rule does. This is what a router subscription has to listen to.
-#[derive(Debug, Clone)]
-pub struct RouteView {
-    routes: Vec<(Pattern, Vec<String>)>,
-    default: Vec<String>,
-}
-
-impl RouteView {
-    /// The routing rules of `config`.
-    pub fn new(config: &Config) -> RouteView {
-        RouteView {
-            routes: config
-                .routes
-                .iter()
-                .map(|r| (r.pattern.clone(), r.to.clone()))
-                .collect(),
-            default: config.default.clone().unwrap_or_default(),
-        }
-    }
-
-    /// The buses a subscription to `pattern` listens on.
-    pub fn buses_for(&self, pattern: &Pattern) -> BTreeSet<String> {
-        let mut buses = BTreeSet::new();
-        for (rule, to) in &self.routes {
-            if rule.overlaps(pattern) {
-                buses.extend(to.iter().cloned());
-            }
-            if rule.covers(pattern) {
-                return buses;
-            }
-        }
-        buses.extend(self.default.iter().cloned());
-        buses
-    }
-}
 
 /// Latency histograms' range: 1 µs to 10 minutes, 3 significant digits.
 fn histogram() -> Histogram<u64> {
@@ -119,8 +81,9 @@ impl Usage {
 
     fn delivered(&self, router: &Router, delivery: &Delivery) {
         let m = delivery.message();
+        // A mirrored topic counts on its first bus.
         let bus = match router.route(&m.topic) {
-            Ok(buses) => buses.into_iter().next().unwrap_or_default(),
+            Ok(buses) => buses.first().map_or_else(String::new, |b| b.to_string()),
             Err(_) => "?".to_string(),
         };
         let mut u = self.lock();
@@ -140,18 +103,13 @@ impl Usage {
 #[derive(Debug)]
 pub struct TrackedBus {
     router: Arc<Router>,
-    routes: Arc<RouteView>,
     usage: Arc<Usage>,
 }
 
 impl TrackedBus {
     /// Wraps `router`, recording into `usage`.
-    pub fn new(router: Arc<Router>, routes: Arc<RouteView>, usage: Arc<Usage>) -> TrackedBus {
-        TrackedBus {
-            router,
-            routes,
-            usage,
-        }
+    pub fn new(router: Arc<Router>, usage: Arc<Usage>) -> TrackedBus {
+        TrackedBus { router, usage }
     }
 }
 
@@ -170,8 +128,8 @@ impl Bus for TrackedBus {
         let buses = self.router.route(&message.topic)?;
         self.router.publish(message).await?;
         let mut u = self.usage.lock();
-        for bus in buses {
-            *u.published.entry(bus).or_default() += 1;
+        for bus in buses.iter() {
+            *u.published.entry(bus.to_string()).or_default() += 1;
         }
         Ok(())
     }
@@ -180,8 +138,9 @@ impl Bus for TrackedBus {
         let sub = self.router.subscribe(pattern.clone(), options).await?;
         {
             let mut u = self.usage.lock();
-            for bus in self.routes.buses_for(&pattern) {
-                *u.subscriptions.entry(bus).or_default() += 1;
+            // The buses the router listens on for this pattern.
+            for bus in self.router.table().buses_for_pattern(&pattern) {
+                *u.subscriptions.entry(bus.to_string()).or_default() += 1;
             }
         }
         let counters = sub.counters().clone();
@@ -208,45 +167,5 @@ impl Bus for TrackedBus {
 
     fn stats(&self) -> StatsSnapshot {
         self.router.stats()
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_pattern_listens_where_its_topics_can_be_routed() {
-        let config = Config::from_toml(
-            r#"
-[buses.marketdata]
-transport = "memory"
-[buses.engine]
-transport = "memory"
-[buses.main]
-transport = "memory"
-[[routes]]
-match = "marketdata.>"
-to = "marketdata"
-[[routes]]
-match = "engine.>"
-to = "engine"
-[default]
-to = "main"
-"#,
-            "test.toml",
-        )
-        .unwrap();
-        let view = RouteView::new(&config);
-        let buses = |p: &str| -> Vec<String> {
-            view.buses_for(&Pattern::new(p).unwrap())
-                .into_iter()
-                .collect()
-        };
-        assert_eq!(buses("marketdata.quotes.*"), ["marketdata"]);
-        assert_eq!(buses("engine.margin"), ["engine"]);
-        assert_eq!(buses("backend.users"), ["main"]);
-        assert_eq!(buses(">"), ["engine", "main", "marketdata"]);
-        assert_eq!(buses("*.quotes.AAPL"), ["engine", "main", "marketdata"]);
     }
 }
