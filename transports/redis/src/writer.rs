@@ -122,6 +122,9 @@ impl Writer {
         let max_batch = self.inner.config.options.max_batch;
         loop {
             if *shutdown.borrow() {
+                // Closed first: a publish racing `close` then gets `Closed` instead of `Ok`
+                // for an item queued after this last drain and never sent.
+                self.rx.close();
                 self.drain_channel(usize::MAX);
                 if self.con.is_some() && !self.pending.is_empty() {
                     // Last chance for whatever is queued (a bus dropped without close).
