@@ -122,6 +122,9 @@ impl Writer {
         let max_batch = self.inner.config.options.max_batch;
         loop {
             if *shutdown.borrow() {
+                // Closed first: a publish racing `close` then gets `Closed` instead of `Ok`
+                // for an item queued after this last drain and never sent.
+                self.rx.close();
                 self.drain_channel(usize::MAX);
                 if self.con.is_some() && !self.pending.is_empty() {
                     // Last chance for whatever is queued (a bus dropped without close).
@@ -323,6 +326,23 @@ impl Writer {
                 }
             }
         };
+        // A server that just restarted answers LOADING until its AOF / RDB is read back: an
+        // outage, not a refusal. Keep the batch and resend it after the reconnect backoff,
+        // as for a broken connection (XADDs of a batch split by the end of loading are sent
+        // twice: stream entries are at least once anyway).
+        let loading = replies.iter().any(|v| {
+            matches!(v, Value::ServerError(e) if e.kind() == Some(redis::ServerErrorKind::BusyLoading))
+        });
+        if loading {
+            return Err(Error::new(
+                busway::ErrorKind::Connection,
+                format!(
+                    "bus {:?}: {} is loading its dataset",
+                    self.inner.config.bus,
+                    self.inner.config.redacted_url()
+                ),
+            ));
+        }
         let mut replies = replies.into_iter();
         for (item, count) in self.pending.drain(..n).zip(replies_per_item) {
             self.inner.queued.fetch_sub(1, Relaxed);

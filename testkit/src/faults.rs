@@ -1,0 +1,435 @@
+//! Fault-injection drivers shared by the transports' `faults` tests: a broker restarted
+//! (kill -9) twice under publishing load, condition polling, and the `RESULT` lines the
+//! figures in RELIABILITY.md are copied from.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use busway::{Bus, Health, Message, Subscription, Topic};
+
+use crate::nats::NatsServer;
+use crate::redis::RedisServer;
+
+/// A broker a fault test can kill, restart, freeze and thaw.
+pub trait Broker: Send + 'static {
+    /// SIGKILL, and wait for the process to exit.
+    fn kill(&mut self);
+    /// Start again on the same port and data dir; returns once it listens.
+    fn restart(&mut self);
+    /// SIGSTOP: connections stay open, nothing answers.
+    fn pause(&mut self);
+    /// SIGCONT.
+    fn resume(&mut self);
+}
+
+impl Broker for RedisServer {
+    fn kill(&mut self) {
+        RedisServer::kill(self);
+    }
+    fn restart(&mut self) {
+        RedisServer::restart(self);
+    }
+    fn pause(&mut self) {
+        RedisServer::pause(self);
+    }
+    fn resume(&mut self) {
+        RedisServer::resume(self);
+    }
+}
+
+impl Broker for NatsServer {
+    fn kill(&mut self) {
+        NatsServer::kill(self);
+    }
+    fn restart(&mut self) {
+        NatsServer::restart(self);
+    }
+    fn pause(&mut self) {
+        self.process().pause();
+    }
+    fn resume(&mut self) {
+        self.process().resume();
+    }
+}
+
+/// What the run promises about delivery.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Guarantee {
+    /// Stream mode: every publish that returned `Ok` must be delivered (at least once).
+    AtLeastOnce,
+    /// Broadcast mode: losses during an outage are allowed, and counted.
+    AtMostOnce,
+}
+
+/// The shape of a restart-under-load run.
+#[derive(Debug, Clone)]
+pub struct LoadPlan {
+    /// Concurrent publisher tasks.
+    pub publishers: usize,
+    /// Messages in total (split evenly).
+    pub total: usize,
+    /// Pause between two publishes of one publisher, so the run lasts a few seconds and
+    /// the kills land inside it.
+    pub pace: Duration,
+    /// Fractions of `total` (publishes started) at which the broker is killed and restarted.
+    pub kills_at: Vec<f64>,
+    /// Topic every message is published on.
+    pub topic: String,
+}
+
+impl Default for LoadPlan {
+    fn default() -> Self {
+        LoadPlan {
+            publishers: 100,
+            total: 10_000,
+            pace: Duration::from_millis(40),
+            kills_at: vec![1.0 / 3.0, 0.5],
+            topic: "load.orders".to_string(),
+        }
+    }
+}
+
+/// The figures of one restart-under-load run.
+#[derive(Debug, Clone, Default)]
+pub struct LoadReport {
+    /// The transport label (`redis-broadcast`, `nats-jetstream`...).
+    pub transport: String,
+    /// Publishes attempted.
+    pub attempted: usize,
+    /// Publishes that returned `Ok`.
+    pub ok_publishes: usize,
+    /// Failed publishes by error kind.
+    pub failures: BTreeMap<String, usize>,
+    /// Distinct `Ok`'d messages delivered.
+    pub delivered: usize,
+    /// Deliveries beyond the first of a message.
+    pub duplicates: usize,
+    /// Messages delivered whose publish had failed (the broker had them anyway).
+    pub delivered_not_ok: usize,
+    /// `Ok`'d messages never delivered.
+    pub lost: usize,
+    /// Per restart: time from the broker listening again to the bus reporting `up`.
+    pub reconnect_ms: Vec<u128>,
+    /// Wall time of the publishing phase.
+    pub publish_ms: u128,
+    /// Examples of lost message ids (at most 10).
+    pub lost_examples: Vec<String>,
+    /// The first error message of each failure kind.
+    pub failure_examples: BTreeMap<String, String>,
+}
+
+impl fmt::Display for LoadReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let failures: Vec<String> = self
+            .failures
+            .iter()
+            .map(|(k, n)| format!("{k}:{n}"))
+            .collect();
+        write!(
+            f,
+            "RESULT {} attempted={} ok_publishes={} failed={} delivered={} duplicates={} delivered_not_ok={} lost={} reconnect_ms={:?} publish_ms={}",
+            self.transport,
+            self.attempted,
+            self.ok_publishes,
+            if failures.is_empty() {
+                "0".to_string()
+            } else {
+                failures.join(",")
+            },
+            self.delivered,
+            self.duplicates,
+            self.delivered_not_ok,
+            self.lost,
+            self.reconnect_ms,
+            self.publish_ms
+        )
+    }
+}
+
+impl LoadReport {
+    /// Prints the `RESULT` line, then the first error of each failure kind and a few lost ids.
+    pub fn print(&self) {
+        println!("{self}");
+        for (kind, message) in &self.failure_examples {
+            println!("  first {kind} error: {message}");
+        }
+        if !self.lost_examples.is_empty() {
+            println!("  lost, e.g.: {:?}", self.lost_examples);
+        }
+    }
+}
+
+/// Polls `cond` every 10 ms until it holds; `Err(elapsed)` after `limit`. For blocking
+/// threads (the broker controller).
+pub fn poll_blocking(
+    limit: Duration,
+    mut cond: impl FnMut() -> bool,
+) -> Result<Duration, Duration> {
+    let start = Instant::now();
+    loop {
+        if cond() {
+            return Ok(start.elapsed());
+        }
+        if start.elapsed() > limit {
+            return Err(start.elapsed());
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Polls `cond` every 10 ms until it holds, panicking with `what` after `limit`.
+pub async fn wait_until(what: &str, limit: Duration, mut cond: impl FnMut() -> bool) -> Duration {
+    let start = Instant::now();
+    loop {
+        if cond() {
+            return start.elapsed();
+        }
+        assert!(
+            start.elapsed() < limit,
+            "timed out after {limit:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Kills the broker, waits for `bus` to notice, restarts it and measures how long `bus`
+/// takes to report `up` again (with one more reconnect) after the broker listens.
+///
+/// # Panics
+/// When the bus does not notice the outage within 10 s or does not recover within 15 s.
+pub fn kill_restart_and_time<B: Broker>(broker: &mut B, bus: &dyn Bus) -> Duration {
+    let before = bus.stats().reconnects;
+    broker.kill();
+    poll_blocking(Duration::from_secs(10), || bus.stats().health != Health::Up)
+        .unwrap_or_else(|t| panic!("bus {:?} did not notice the kill within {t:?}", bus.name()));
+    broker.restart();
+    poll_blocking(Duration::from_secs(15), || {
+        let s = bus.stats();
+        s.health == Health::Up && s.reconnects > before
+    })
+    .unwrap_or_else(|t| {
+        panic!(
+            "bus {:?} did not reconnect within {t:?} of the broker's return: {}",
+            bus.name(),
+            bus.stats()
+        )
+    })
+}
+
+#[derive(Default)]
+struct Seen {
+    counts: HashMap<String, u32>,
+}
+
+/// Reads `sub` into a shared map of payload -> deliveries, acking stream deliveries.
+fn collect(mut sub: Subscription) -> (Arc<Mutex<Seen>>, tokio::task::JoinHandle<()>) {
+    let seen = Arc::new(Mutex::new(Seen::default()));
+    let out = seen.clone();
+    let task = tokio::spawn(async move {
+        while let Some(d) = sub.recv().await {
+            let id = String::from_utf8_lossy(&d.message().payload).into_owned();
+            *out.lock().unwrap().counts.entry(id).or_default() += 1;
+            if d.is_ackable() {
+                // An ack lost in an outage only means a redelivery (counted as a duplicate).
+                let _ = d.ack().await;
+            }
+        }
+    });
+    (seen, task)
+}
+
+/// Runs `plan`: its publishers publish on `bus` while the broker is killed (-9) and
+/// restarted at each `kills_at` fraction; `sub` (already subscribed to the topic) collects.
+///
+/// At-least-once: waits (up to 60 s) until every `Ok`'d message was delivered. At-most-once:
+/// after the run, publishes probes until one arrives -- everything published before it on the
+/// bus's one connection has then arrived or is lost -- and counts the losses.
+/// Returns the report and the broker (for further checks).
+///
+/// # Panics
+/// When the broker cannot be restarted, the bus does not recover (see
+/// [`kill_restart_and_time`]), or delivery never resumes.
+pub async fn restart_under_load<B: Broker>(
+    transport: &str,
+    bus: Arc<dyn Bus>,
+    sub: Subscription,
+    broker: B,
+    plan: LoadPlan,
+    guarantee: Guarantee,
+) -> (LoadReport, B) {
+    let topic = Topic::new(&plan.topic).expect("plan topic");
+    let (seen, collector) = collect(sub);
+    let attempted = Arc::new(AtomicU64::new(0));
+    let done = Arc::new(AtomicBool::new(false));
+
+    let controller = {
+        let bus = bus.clone();
+        let attempted = attempted.clone();
+        let done = done.clone();
+        let thresholds: Vec<u64> = plan
+            .kills_at
+            .iter()
+            .map(|f| (plan.total as f64 * f) as u64)
+            .collect();
+        let mut broker = broker;
+        tokio::task::spawn_blocking(move || {
+            let mut times = Vec::new();
+            for at in thresholds {
+                let reached = poll_blocking(Duration::from_secs(60), || {
+                    attempted.load(Relaxed) >= at || done.load(Relaxed)
+                });
+                assert!(reached.is_ok(), "publishing stalled before {at}");
+                if done.load(Relaxed) {
+                    panic!("the run ended before the kill at {at}; slow the pace");
+                }
+                times.push(kill_restart_and_time(&mut broker, bus.as_ref()));
+            }
+            (broker, times)
+        })
+    };
+
+    let started = Instant::now();
+    let per = plan.total / plan.publishers;
+    let mut tasks = Vec::new();
+    for p in 0..plan.publishers {
+        let bus = bus.clone();
+        let topic = topic.clone();
+        let attempted = attempted.clone();
+        let pace = plan.pace;
+        let publishers = plan.publishers as u32;
+        tasks.push(tokio::spawn(async move {
+            let mut ok = Vec::with_capacity(per);
+            let mut failed: Vec<(String, String)> = Vec::new();
+            // Spread the publishers' phases so they do not publish in lockstep.
+            tokio::time::sleep(pace * p as u32 / publishers).await;
+            for i in 0..per {
+                let id = format!("p{p:03}-{i:04}");
+                attempted.fetch_add(1, Relaxed);
+                match bus.publish(Message::new(topic.clone(), id.clone())).await {
+                    Ok(()) => ok.push(id),
+                    Err(e) => failed.push((e.kind().as_str().to_string(), e.to_string())),
+                }
+                tokio::time::sleep(pace).await;
+            }
+            (ok, failed)
+        }));
+    }
+    let mut ok_ids = Vec::new();
+    let mut failures: BTreeMap<String, usize> = BTreeMap::new();
+    let mut failure_examples: BTreeMap<String, String> = BTreeMap::new();
+    for t in tasks {
+        let (ok, failed) = t.await.expect("publisher task");
+        ok_ids.extend(ok);
+        for (k, message) in failed {
+            *failures.entry(k.clone()).or_default() += 1;
+            failure_examples.entry(k).or_insert(message);
+        }
+    }
+    let publish_ms = started.elapsed().as_millis();
+    done.store(true, Relaxed);
+    let (broker, times) = controller.await.expect("broker controller");
+
+    match guarantee {
+        Guarantee::AtLeastOnce => {
+            let limit = Duration::from_secs(60);
+            let start = Instant::now();
+            loop {
+                let missing = {
+                    let s = seen.lock().unwrap();
+                    ok_ids
+                        .iter()
+                        .filter(|id| !s.counts.contains_key(*id))
+                        .count()
+                };
+                if missing == 0 || start.elapsed() > limit {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+        Guarantee::AtMostOnce => {
+            let limit = Duration::from_secs(15);
+            let start = Instant::now();
+            let mut n = 0;
+            loop {
+                let probe = format!("probe-{n}");
+                n += 1;
+                let _ = bus.publish(Message::new(topic.clone(), probe)).await;
+                let arrived = wait_probe(&seen, Duration::from_millis(300)).await;
+                if arrived {
+                    break;
+                }
+                assert!(
+                    start.elapsed() < limit,
+                    "{transport}: delivery did not resume within {limit:?} after the restarts"
+                );
+            }
+        }
+    }
+    collector.abort();
+
+    let s = seen.lock().unwrap();
+    let mut report = LoadReport {
+        transport: transport.to_string(),
+        attempted: attempted.load(Relaxed) as usize,
+        ok_publishes: ok_ids.len(),
+        failures,
+        failure_examples,
+        reconnect_ms: times.iter().map(|t| t.as_millis()).collect(),
+        publish_ms,
+        ..LoadReport::default()
+    };
+    let mut ok_set = std::collections::HashSet::with_capacity(ok_ids.len());
+    for id in &ok_ids {
+        ok_set.insert(id.as_str());
+        match s.counts.get(id) {
+            Some(&n) => {
+                report.delivered += 1;
+                report.duplicates += (n - 1) as usize;
+            }
+            None => {
+                report.lost += 1;
+                if report.lost_examples.len() < 10 {
+                    report.lost_examples.push(id.clone());
+                }
+            }
+        }
+    }
+    for (id, &n) in &s.counts {
+        if !id.starts_with("probe-") && !ok_set.contains(id.as_str()) {
+            report.delivered_not_ok += 1;
+            report.duplicates += (n - 1) as usize;
+        }
+    }
+    (report, broker)
+}
+
+async fn wait_probe(seen: &Arc<Mutex<Seen>>, limit: Duration) -> bool {
+    let start = Instant::now();
+    while start.elapsed() < limit {
+        if seen
+            .lock()
+            .unwrap()
+            .counts
+            .keys()
+            .any(|k| k.starts_with("probe-"))
+        {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    false
+}
+
+/// Resident set size of this process in KiB (Linux `/proc/self/status`), if readable.
+pub fn rss_kib() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+}

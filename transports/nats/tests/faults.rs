@@ -1,0 +1,599 @@
+//! Fault tests against real nats-server processes started per test (never the shared one):
+//! kill -9 and restart under load (core and JetStream), a hung (SIGSTOPped) server, slow
+//! consumers, and `close` flushing what was accepted. Each prints `RESULT ...` lines copied
+//! into RELIABILITY.md.
+
+mod common;
+
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use busway::{Bus, ErrorKind, Message, Mode, Overflow, Pattern, SubscribeOptions, Topic};
+use busway_nats::NatsBus;
+use busway_testkit::faults::{restart_under_load, wait_until, Guarantee, LoadPlan};
+use busway_testkit::nats::NatsServer;
+use common::{connect, WAIT};
+use futures::StreamExt;
+
+/// No test may take longer than this: a hang fails instead of blocking the run.
+const TEST_LIMIT: Duration = Duration::from_secs(120);
+
+fn topic(s: &str) -> Topic {
+    Topic::new(s).unwrap()
+}
+
+fn pat(s: &str) -> Pattern {
+    Pattern::new(s).unwrap()
+}
+
+async fn within<T>(what: &str, f: impl std::future::Future<Output = T>) -> T {
+    tokio::time::timeout(TEST_LIMIT, f)
+        .await
+        .unwrap_or_else(|_| panic!("{what}: the test hung for {TEST_LIMIT:?}"))
+}
+
+// ---------------------------------------------------------------------------------------
+// 1. Broker restart under load
+// ---------------------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn core_restart_under_load_reconnects_and_counts_losses() {
+    let Some(server) = NatsServer::start("faults_core_restart") else {
+        return;
+    };
+    within("core restart under load", async {
+        let bus = Arc::new(
+            connect(&server.url(), "faults", Mode::Broadcast, "")
+                .await
+                .unwrap(),
+        );
+        let sub = bus
+            .subscribe(
+                pat("load.>"),
+                SubscribeOptions::new()
+                    .capacity(20_000)
+                    .overflow(Overflow::Block),
+            )
+            .await
+            .unwrap();
+        let (report, _server) = restart_under_load(
+            "nats-core",
+            bus.clone(),
+            sub,
+            server,
+            LoadPlan::default(),
+            Guarantee::AtMostOnce,
+        )
+        .await;
+        report.print();
+        println!("{}", bus.stats());
+        for ms in &report.reconnect_ms {
+            assert!(
+                *ms <= 2_000,
+                "reconnected {ms} ms after the broker's return (limit 2 s): {report}"
+            );
+        }
+        assert!(report.delivered > 0, "{report}");
+        assert!(report.lost < report.ok_publishes / 2, "{report}");
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jetstream_restart_under_load_delivers_every_ok_publish() {
+    let Some(server) = NatsServer::start("faults_js_restart") else {
+        return;
+    };
+    within("JetStream restart under load", async {
+        let bus = Arc::new(
+            connect(&server.url(), "faults", Mode::Stream, "")
+                .await
+                .unwrap(),
+        );
+        let sub = bus
+            .subscribe(
+                pat("load.orders"),
+                SubscribeOptions::new()
+                    .group("faults")
+                    .capacity(20_000)
+                    .ack_timeout(Duration::from_secs(10)),
+            )
+            .await
+            .unwrap();
+        let (report, _server) = restart_under_load(
+            "nats-jetstream",
+            bus.clone(),
+            sub,
+            server,
+            LoadPlan::default(),
+            Guarantee::AtLeastOnce,
+        )
+        .await;
+        report.print();
+        println!("{}", bus.stats());
+        assert_eq!(
+            report.lost, 0,
+            "Ok'd publishes never delivered, e.g. {:?}: {report}",
+            report.lost_examples
+        );
+        assert!(report.ok_publishes > 0, "{report}");
+    })
+    .await;
+}
+
+// ---------------------------------------------------------------------------------------
+// 2. Hung broker (SIGSTOP)
+// ---------------------------------------------------------------------------------------
+
+const SHORT: Duration = Duration::from_millis(500);
+/// Slack on top of a configured timeout for a loaded 2-core machine.
+const SLACK: Duration = Duration::from_millis(1_500);
+
+fn check_hung_error(what: &str, err: &busway::Error, took: Duration, limit: Duration) {
+    println!(
+        "RESULT nats-hung {what} kind={:?} after_ms={} error={err}",
+        err.kind(),
+        took.as_millis()
+    );
+    assert!(
+        matches!(err.kind(), ErrorKind::Timeout | ErrorKind::Connection),
+        "{what}: {err}"
+    );
+    assert!(
+        err.to_string().contains("\"faults\""),
+        "{what}: names the bus: {err}"
+    );
+    assert!(
+        took <= limit + SLACK,
+        "{what}: took {took:?}, limit {limit:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hung_broker_times_out_clearly_and_resumes() {
+    let Some(mut server) = NatsServer::start("faults_hung") else {
+        return;
+    };
+    within("hung broker", async {
+        let short = "publish_timeout = \"500ms\"";
+        let core = connect(&server.url(), "faults", Mode::Broadcast, short)
+            .await
+            .unwrap();
+        let js = connect(&server.url(), "faults", Mode::Stream, short)
+            .await
+            .unwrap();
+        let mut csub = core
+            .subscribe(pat("hung.c"), SubscribeOptions::new())
+            .await
+            .unwrap();
+        let mut jsub = js
+            .subscribe(pat("faults.hung"), SubscribeOptions::new().group("g"))
+            .await
+            .unwrap();
+
+        server.process().pause();
+
+        let t = Instant::now();
+        let err = js
+            .publish(Message::new(topic("faults.hung"), "frozen"))
+            .await
+            .expect_err("a JetStream publish to a frozen server must fail");
+        check_hung_error("jetstream_publish", &err, t.elapsed(), SHORT);
+
+        // Core publishes are accepted into the client's buffer; flush reports the hang.
+        core.publish(Message::new(topic("hung.c"), "queued"))
+            .await
+            .unwrap();
+        let t = Instant::now();
+        let err = core.flush().await.expect_err("flush to a frozen server");
+        check_hung_error("core_flush", &err, t.elapsed(), SHORT);
+
+        let t = Instant::now();
+        let err = core
+            .request(Message::new(topic("hung.rpc"), "q"), SHORT)
+            .await
+            .expect_err("a request to a frozen server");
+        check_hung_error("core_request", &err, t.elapsed(), SHORT);
+
+        let t = Instant::now();
+        let err = js
+            .request(Message::new(topic("faults.rpc"), "q"), SHORT)
+            .await
+            .expect_err("a stream request to a frozen server");
+        // The stream request publishes (PubAck wait) and then waits for the reply.
+        check_hung_error("jetstream_request", &err, t.elapsed(), SHORT * 2);
+
+        server.process().resume();
+
+        // Everything resumes. The connection stayed up (SIGSTOP keeps sockets open), so the
+        // core message buffered during the freeze arrives first.
+        let d = csub.recv_timeout(WAIT).await.unwrap().expect("a delivery");
+        println!(
+            "RESULT nats-hung core_resumed first_delivery={:?}",
+            String::from_utf8_lossy(&d.message().payload)
+        );
+        let start = Instant::now();
+        loop {
+            match js
+                .publish(Message::new(topic("faults.hung"), "after"))
+                .await
+            {
+                Ok(()) => break,
+                Err(e) => assert!(start.elapsed() < WAIT, "stream publish never resumed: {e}"),
+            }
+        }
+        // The frozen publish may have been stored when the server thawed (the publisher was
+        // told it failed); skip it if so.
+        loop {
+            let d = jsub.recv_timeout(WAIT).await.unwrap().expect("a delivery");
+            d.ack().await.unwrap();
+            if &d.message().payload[..] == b"after" {
+                break;
+            }
+        }
+        core.flush().await.unwrap();
+    })
+    .await;
+}
+
+// ---------------------------------------------------------------------------------------
+// 3. Slow consumer
+// ---------------------------------------------------------------------------------------
+
+const N: usize = 20_000;
+/// Timed rounds per configuration (the median is printed).
+const ROUNDS: usize = 3;
+
+fn median(mut v: Vec<Duration>) -> Duration {
+    v.sort();
+    v[v.len() / 2]
+}
+
+/// Publishes `n` messages on `t` (from `publisher`) and returns how long until `fast` had all.
+async fn publish_and_drain(
+    publisher: &NatsBus,
+    fast: &mut busway::Subscription,
+    t: &str,
+    n: usize,
+) -> Duration {
+    let start = Instant::now();
+    let task = {
+        let publisher = publisher.clone();
+        let t = topic(t);
+        tokio::spawn(async move {
+            for i in 0..n {
+                publisher
+                    .publish(Message::new(t.clone(), i.to_string()))
+                    .await
+                    .unwrap();
+            }
+            publisher.flush().await.unwrap();
+        })
+    };
+    for i in 0..n {
+        let d = fast
+            .recv_timeout(WAIT)
+            .await
+            .unwrap_or_else(|e| panic!("fast subscriber got {i} of {n}: {e}"))
+            .expect("open");
+        assert_eq!(
+            d.message().payload,
+            i.to_string().as_bytes(),
+            "in order, none lost"
+        );
+    }
+    let took = start.elapsed();
+    task.await.unwrap();
+    took
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn core_slow_consumer_with_dropping_policy_does_not_hold_back_others() {
+    let Some(server) = NatsServer::start("faults_slow_drop") else {
+        return;
+    };
+    within("slow consumer (drop)", async {
+        // async-nats's per-subscription channel must hold a whole burst of N: the publisher
+        // outpaces the fast subscriber's pump on 2 cores, and what does not fit is dropped
+        // by the client for the fast subscriber too (a sizing matter, not the stalled one).
+        let bus = connect(
+            &server.url(),
+            "faults",
+            Mode::Broadcast,
+            "client_capacity = 32768",
+        )
+        .await
+        .unwrap();
+        let mut fast = bus
+            .subscribe(pat("slow.t"), SubscribeOptions::new().capacity(N))
+            .await
+            .unwrap();
+        publish_and_drain(&bus, &mut fast, "slow.t", 1_000).await;
+        let mut alone = Vec::new();
+        for _ in 0..ROUNDS {
+            alone.push(publish_and_drain(&bus, &mut fast, "slow.t", N).await);
+        }
+        // Control: a second subscriber that reads (the cost of a second subscriber alone).
+        let mut reader = bus
+            .subscribe(pat("slow.t"), SubscribeOptions::new().capacity(N))
+            .await
+            .unwrap();
+        let reading = tokio::spawn(async move {
+            let mut n = 0;
+            while reader.recv_timeout(WAIT).await.ok().flatten().is_some() {
+                n += 1;
+                if n == ROUNDS * N {
+                    break;
+                }
+            }
+            n
+        });
+        let mut with_reader = Vec::new();
+        for _ in 0..ROUNDS {
+            with_reader.push(publish_and_drain(&bus, &mut fast, "slow.t", N).await);
+        }
+        assert_eq!(reading.await.unwrap(), ROUNDS * N, "the reading subscriber got all");
+
+        let capacity = 100;
+        let stalled = bus
+            .subscribe(
+                pat("slow.t"),
+                SubscribeOptions::new()
+                    .capacity(capacity)
+                    .overflow(Overflow::DropNewest),
+            )
+            .await
+            .unwrap();
+        let mut with = Vec::new();
+        for _ in 0..ROUNDS {
+            with.push(publish_and_drain(&bus, &mut fast, "slow.t", N).await);
+        }
+        let total = (ROUNDS * N) as u64;
+        wait_until("the stalled subscriber's drops to be counted", WAIT, || {
+            stalled.stats().dropped + stalled.pending() as u64 >= total
+        })
+        .await;
+        assert_eq!(stalled.pending(), capacity, "holds at most its capacity");
+        assert_eq!(stalled.stats().dropped, total - capacity as u64);
+        let (alone, with_reader, with) = (median(alone), median(with_reader), median(with));
+        let ratio = alone.as_secs_f64() / with.as_secs_f64();
+        let reader_ratio = with_reader.as_secs_f64() / with.as_secs_f64();
+        println!(
+            "RESULT nats-core slow_consumer policy=drop_newest n={N} rounds={ROUNDS} median_alone_ms={} median_with_reading_sub_ms={} median_with_stalled_sub_ms={} ratio_vs_alone={ratio:.2} ratio_vs_reading_sub={reader_ratio:.2} stalled_dropped={} stalled_pending={}",
+            alone.as_millis(),
+            with_reader.as_millis(),
+            with.as_millis(),
+            stalled.stats().dropped,
+            stalled.pending()
+        );
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn core_slow_consumer_under_block_drops_in_the_client_and_counts_them() {
+    let Some(server) = NatsServer::start("faults_slow_block") else {
+        return;
+    };
+    within("slow consumer (block)", async {
+        // async-nats channel of 64 per subscription behind a blocking queue of 10.
+        let bus = connect(
+            &server.url(),
+            "faults",
+            Mode::Broadcast,
+            "client_capacity = 64",
+        )
+        .await
+        .unwrap();
+        let publisher = connect(&server.url(), "pub", Mode::Broadcast, "")
+            .await
+            .unwrap();
+        let n = 2_000;
+        let mut fast = bus
+            .subscribe(
+                pat("blk.t"),
+                SubscribeOptions::new()
+                    .capacity(n)
+                    .overflow(Overflow::DropNewest),
+            )
+            .await
+            .unwrap();
+        let mut slow = bus
+            .subscribe(
+                pat("blk.t"),
+                SubscribeOptions::new()
+                    .capacity(10)
+                    .overflow(Overflow::Block),
+            )
+            .await
+            .unwrap();
+        // Bursts of 20, each received by the fast subscriber before the next: its own
+        // 64-deep client channel never overflows, while the slow one's cannot drain at all.
+        for burst in 0..(n / 20) {
+            for i in 0..20 {
+                publisher
+                    .publish(Message::new(topic("blk.t"), (burst * 20 + i).to_string()))
+                    .await
+                    .unwrap();
+            }
+            // The fast subscriber on the same bus has its own client channel: it gets all.
+            for i in burst * 20..burst * 20 + 20 {
+                let d = fast
+                    .recv_timeout(WAIT)
+                    .await
+                    .unwrap_or_else(|e| panic!("fast got {i} of {n}: {e}"))
+                    .expect("open");
+                assert_eq!(d.message().payload, i.to_string().as_bytes());
+            }
+        }
+        wait_until("client-side drops to be counted", WAIT, || {
+            bus.stats().dropped > 0
+        })
+        .await;
+        let mut got = 0;
+        while let Ok(Some(_)) = slow.recv_timeout(Duration::from_millis(500)).await {
+            got += 1;
+        }
+        let dropped = bus.stats().dropped;
+        println!(
+            "RESULT nats-core slow_consumer policy=block n={n} client_capacity=64 queue=10 slow_received={got} counted_dropped={dropped} fast_received={n}"
+        );
+        assert!(got >= 10 && got < n, "got {got}");
+        // async-nats reports drops through a 128-deep event channel: it may under-count a
+        // burst, never over-count.
+        assert!(got + dropped as usize <= n, "got {got} dropped {dropped}");
+    })
+    .await;
+}
+
+// ---------------------------------------------------------------------------------------
+// 4. Graceful shutdown
+// ---------------------------------------------------------------------------------------
+
+/// Publishes on `t` from `tasks` concurrent publishers until `close` is called after
+/// `before_close` publishes returned Ok; returns the payloads that returned Ok.
+async fn publish_then_close(
+    bus: NatsBus,
+    t: &str,
+    tasks: usize,
+    before_close: usize,
+) -> HashSet<String> {
+    let ok_count = Arc::new(AtomicUsize::new(0));
+    let mut handles = Vec::new();
+    for p in 0..tasks {
+        let bus = bus.clone();
+        let ok_count = ok_count.clone();
+        let t = topic(t);
+        handles.push(tokio::spawn(async move {
+            let mut ok = Vec::new();
+            for i in 0.. {
+                let id = format!("c{p}-{i}");
+                match bus.publish(Message::new(t.clone(), id.clone())).await {
+                    Ok(()) => {
+                        ok.push(id);
+                        ok_count.fetch_add(1, Relaxed);
+                    }
+                    Err(e) => {
+                        assert_eq!(e.kind(), ErrorKind::Closed, "{e}");
+                        break;
+                    }
+                }
+                if i % 64 == 0 {
+                    tokio::task::yield_now().await;
+                }
+            }
+            ok
+        }));
+    }
+    wait_until("publishes before close", WAIT, || {
+        ok_count.load(Relaxed) >= before_close
+    })
+    .await;
+    bus.close().await.expect("close flushes");
+    let mut all = HashSet::new();
+    for h in handles {
+        all.extend(h.await.unwrap());
+    }
+    all
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn close_flushes_every_accepted_core_publish() {
+    let Some(server) = NatsServer::start("faults_close_core") else {
+        return;
+    };
+    within("close (core)", async {
+        // A raw subscriber on its own connection, registered before publishing.
+        let raw_client = async_nats::connect(server.url()).await.unwrap();
+        let mut raw = raw_client.subscribe("close.t").await.unwrap();
+        raw_client.flush().await.unwrap();
+        let bus = connect(
+            &server.url(),
+            "faults",
+            Mode::Broadcast,
+            "framing = \"raw\"",
+        )
+        .await
+        .unwrap();
+        let ok = publish_then_close(bus, "close.t", 8, 5_000).await;
+        let mut seen = HashSet::new();
+        while !ok.is_subset(&seen) {
+            match tokio::time::timeout(WAIT, raw.next()).await {
+                Ok(Some(m)) => {
+                    seen.insert(String::from_utf8(m.payload.to_vec()).unwrap());
+                }
+                _ => break,
+            }
+        }
+        let missing: Vec<_> = ok.difference(&seen).take(10).collect();
+        println!(
+            "RESULT nats-core close ok_publishes={} on_broker={} missing={}",
+            ok.len(),
+            seen.len(),
+            ok.difference(&seen).count()
+        );
+        assert!(
+            missing.is_empty(),
+            "accepted before close but never published: {missing:?}"
+        );
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn close_leaves_every_accepted_jetstream_publish_and_ack_on_the_broker() {
+    let Some(server) = NatsServer::start("faults_close_js") else {
+        return;
+    };
+    within("close (JetStream)", async {
+        let bus = connect(
+            &server.url(),
+            "faults",
+            Mode::Stream,
+            "subjects = [\"close.>\", \"acks.>\"]",
+        )
+        .await
+        .unwrap();
+        // Acks: deliver 500 messages, ack them all, close at once; none may stay pending.
+        let mut sub = bus
+            .subscribe(pat("acks.t"), SubscribeOptions::new().group("closers"))
+            .await
+            .unwrap();
+        for i in 0..500 {
+            bus.publish(Message::new(topic("acks.t"), i.to_string()))
+                .await
+                .unwrap();
+        }
+        for _ in 0..500 {
+            let d = sub.recv_timeout(WAIT).await.unwrap().expect("open");
+            d.ack().await.unwrap();
+        }
+        let ok = publish_then_close(bus, "close.t", 8, 3_000).await;
+
+        let client = async_nats::connect(server.url()).await.unwrap();
+        let js = async_nats::jetstream::new(client);
+        let mut stream = js.get_stream("BUSWAY_FAULTS").await.unwrap();
+        let stored = stream.info().await.unwrap().state.messages as usize;
+        let mut ack_pending = 0;
+        let mut consumers = stream.consumers();
+        let mut names = Vec::new();
+        while let Some(info) = consumers.next().await {
+            let info = info.unwrap();
+            ack_pending += info.num_ack_pending;
+            names.push((info.name.clone(), info.num_ack_pending, info.num_pending));
+        }
+        println!(
+            "RESULT nats-jetstream close ok_publishes={} stored={stored} acked=500 ack_pending_after_close={ack_pending}",
+            ok.len()
+        );
+        assert!(
+            stored >= 500 + ok.len(),
+            "stream holds {stored} < 500 + {} Ok'd publishes",
+            ok.len()
+        );
+        assert_eq!(ack_pending, 0, "acked but still pending after close: {names:?}");
+    })
+    .await;
+}

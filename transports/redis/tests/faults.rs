@@ -1,0 +1,588 @@
+//! Fault tests against real redis-server processes started per test (never the shared one):
+//! kill -9 and restart under load, a hung (SIGSTOPped) server, slow consumers, and `close`
+//! flushing what was accepted. Each prints `RESULT ...` lines copied into RELIABILITY.md.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use busway::{Bus, ErrorKind, Message, Mode, Overflow, Pattern, SubscribeOptions, Topic};
+use busway_redis::{RedisBus, RedisConfig, RedisOptions};
+use busway_testkit::faults::{restart_under_load, wait_until, Guarantee, LoadPlan};
+use busway_testkit::redis::RedisServer;
+use futures::StreamExt;
+
+const WAIT: Duration = Duration::from_secs(10);
+/// No test may take longer than this: a hang fails instead of blocking the run.
+const TEST_LIMIT: Duration = Duration::from_secs(120);
+
+async fn bus(url: &str, mode: Mode, f: impl FnOnce(&mut RedisOptions)) -> RedisBus {
+    let mut o = RedisOptions::default();
+    f(&mut o);
+    RedisBus::connect(
+        RedisConfig::new("faults", url)
+            .app("test")
+            .mode(mode)
+            .options(o),
+    )
+    .await
+    .expect("connect")
+}
+
+fn topic(s: &str) -> Topic {
+    Topic::new(s).unwrap()
+}
+
+fn pat(s: &str) -> Pattern {
+    Pattern::new(s).unwrap()
+}
+
+async fn within<T>(what: &str, f: impl std::future::Future<Output = T>) -> T {
+    tokio::time::timeout(TEST_LIMIT, f)
+        .await
+        .unwrap_or_else(|_| panic!("{what}: the test hung for {TEST_LIMIT:?}"))
+}
+
+// ---------------------------------------------------------------------------------------
+// 1. Broker restart under load
+// ---------------------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broadcast_restart_under_load_reconnects_and_counts_losses() {
+    let Some(server) = RedisServer::start("faults_broadcast_restart") else {
+        return;
+    };
+    within("broadcast restart under load", async {
+        let bus = Arc::new(bus(&server.url(), Mode::Broadcast, |_| {}).await);
+        // Block + a queue larger than the run: nothing is dropped in the process, so every
+        // loss counted below happened at the broker / connection.
+        let sub = bus
+            .subscribe(
+                pat("load.>"),
+                SubscribeOptions::new()
+                    .capacity(20_000)
+                    .overflow(Overflow::Block),
+            )
+            .await
+            .unwrap();
+        let (report, _server) = restart_under_load(
+            "redis-broadcast",
+            bus.clone(),
+            sub,
+            server,
+            LoadPlan::default(),
+            Guarantee::AtMostOnce,
+        )
+        .await;
+        report.print();
+        println!("{}", bus.stats());
+        for ms in &report.reconnect_ms {
+            assert!(
+                *ms <= 2_000,
+                "reconnected {ms} ms after the broker's return (limit 2 s): {report}"
+            );
+        }
+        assert!(report.delivered > 0, "{report}");
+        // Under on_disconnect = buffer the losses are bounded by what was published while
+        // the pub/sub connection was down: far below the total.
+        assert!(report.lost < report.ok_publishes / 2, "{report}");
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stream_restart_under_load_delivers_every_ok_publish() {
+    let Some(server) = RedisServer::start_with_aof("faults_stream_restart") else {
+        return;
+    };
+    within("stream restart under load", async {
+        let bus = Arc::new(bus(&server.url(), Mode::Stream, |_| {}).await);
+        // A short ack timeout: entries read by XREADGROUP just before a kill (in the group's
+        // pending list, answer lost) are reclaimed and delivered again within seconds.
+        let sub = bus
+            .subscribe(
+                pat("load.orders"),
+                SubscribeOptions::new()
+                    .group("faults")
+                    .capacity(20_000)
+                    .ack_timeout(Duration::from_secs(10)),
+            )
+            .await
+            .unwrap();
+        let (report, _server) = restart_under_load(
+            "redis-stream",
+            bus.clone(),
+            sub,
+            server,
+            LoadPlan::default(),
+            Guarantee::AtLeastOnce,
+        )
+        .await;
+        report.print();
+        println!("{}", bus.stats());
+        assert_eq!(
+            report.lost, 0,
+            "Ok'd publishes never delivered, e.g. {:?}: {report}",
+            report.lost_examples
+        );
+        assert!(report.ok_publishes > 0, "{report}");
+    })
+    .await;
+}
+
+// ---------------------------------------------------------------------------------------
+// 2. Hung broker (SIGSTOP)
+// ---------------------------------------------------------------------------------------
+
+const SHORT: Duration = Duration::from_millis(500);
+/// Slack on top of a configured timeout for a loaded 2-core machine.
+const SLACK: Duration = Duration::from_millis(1_500);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hung_broker_times_out_clearly_and_resumes() {
+    let Some(server) = RedisServer::start("faults_hung") else {
+        return;
+    };
+    within("hung broker", async {
+        let short = |o: &mut RedisOptions| o.response_timeout_ms = SHORT.as_millis() as u64;
+        let stream = bus(&server.url(), Mode::Stream, short).await;
+        let broadcast = bus(&server.url(), Mode::Broadcast, short).await;
+        let mut bsub = broadcast
+            .subscribe(pat("hung.b"), SubscribeOptions::new())
+            .await
+            .unwrap();
+        let mut ssub = stream
+            .subscribe(pat("hung.s"), SubscribeOptions::new().group("g"))
+            .await
+            .unwrap();
+        broadcast
+            .publish(Message::new(topic("hung.b"), "before"))
+            .await
+            .unwrap();
+        bsub.recv_timeout(WAIT).await.unwrap().expect("a delivery");
+
+        server.pause();
+
+        let t = Instant::now();
+        let err = stream
+            .publish(Message::new(topic("hung.s"), "frozen"))
+            .await
+            .expect_err("a stream publish to a frozen server must fail");
+        let took = t.elapsed();
+        println!(
+            "RESULT redis-hung stream_publish kind={:?} after_ms={} error={err}",
+            err.kind(),
+            took.as_millis()
+        );
+        assert!(
+            matches!(err.kind(), ErrorKind::Timeout | ErrorKind::Connection),
+            "{err}"
+        );
+        assert!(
+            err.to_string().contains("\"faults\""),
+            "names the bus: {err}"
+        );
+        assert!(
+            took <= SHORT + SLACK,
+            "took {took:?} with a {SHORT:?} timeout"
+        );
+
+        // Broadcast publishes are accepted into the writer's queue; flush reports the hang.
+        broadcast
+            .publish(Message::new(topic("hung.b"), "queued"))
+            .await
+            .unwrap();
+        let t = Instant::now();
+        let err = broadcast
+            .flush()
+            .await
+            .expect_err("flush to a frozen server");
+        let took = t.elapsed();
+        println!(
+            "RESULT redis-hung broadcast_flush kind={:?} after_ms={} error={err}",
+            err.kind(),
+            took.as_millis()
+        );
+        assert!(
+            matches!(err.kind(), ErrorKind::Timeout | ErrorKind::Connection),
+            "{err}"
+        );
+        assert!(
+            err.to_string().contains("\"faults\""),
+            "names the bus: {err}"
+        );
+        assert!(
+            took <= SHORT + SLACK,
+            "took {took:?} with a {SHORT:?} timeout"
+        );
+
+        let t = Instant::now();
+        let err = broadcast
+            .request(Message::new(topic("hung.rpc"), "q"), SHORT)
+            .await
+            .expect_err("a request to a frozen server");
+        let took = t.elapsed();
+        println!(
+            "RESULT redis-hung request kind={:?} after_ms={} error={err}",
+            err.kind(),
+            took.as_millis()
+        );
+        assert!(
+            matches!(err.kind(), ErrorKind::Timeout | ErrorKind::Connection),
+            "{err}"
+        );
+        assert!(
+            err.to_string().contains("\"faults\""),
+            "names the bus: {err}"
+        );
+        // The inbox SUBSCRIBE and the publish each wait at most response_timeout, then
+        // the reply at most the request's own timeout.
+        assert!(took <= SHORT * 3 + SLACK, "took {took:?}");
+
+        server.resume();
+
+        // Everything resumes. The message queued during the freeze is at most once: its
+        // pipeline timed out, the command connection was replaced and the batch resent, but
+        // the pub/sub connection may have been replaced too and resubscribed after it.
+        let start = Instant::now();
+        let mut queued_arrived = false;
+        'resumed: loop {
+            broadcast
+                .publish(Message::new(topic("hung.b"), "after"))
+                .await
+                .unwrap();
+            while let Ok(Some(d)) = bsub.recv_timeout(Duration::from_millis(300)).await {
+                match &d.message().payload[..] {
+                    b"queued" => queued_arrived = true,
+                    b"after" => break 'resumed,
+                    _ => {}
+                }
+            }
+            assert!(start.elapsed() < WAIT, "broadcast delivery never resumed");
+        }
+        println!(
+            "RESULT redis-hung broadcast_resumed queued_during_freeze_delivered={queued_arrived}"
+        );
+        let start = Instant::now();
+        loop {
+            match stream.publish(Message::new(topic("hung.s"), "after")).await {
+                Ok(()) => break,
+                Err(e) => assert!(start.elapsed() < WAIT, "stream publish never resumed: {e}"),
+            }
+        }
+        // The frozen publish's XADD may have been applied when the server thawed (the
+        // publisher was told it failed); skip it if so.
+        loop {
+            let d = ssub.recv_timeout(WAIT).await.unwrap().expect("a delivery");
+            d.ack().await.unwrap();
+            if &d.message().payload[..] == b"after" {
+                break;
+            }
+        }
+        broadcast.flush().await.unwrap();
+    })
+    .await;
+}
+
+// ---------------------------------------------------------------------------------------
+// 3. Slow consumer
+// ---------------------------------------------------------------------------------------
+
+const N: usize = 20_000;
+/// Timed rounds per configuration (the median is printed).
+const ROUNDS: usize = 3;
+
+fn median(mut v: Vec<Duration>) -> Duration {
+    v.sort();
+    v[v.len() / 2]
+}
+
+/// Publishes `n` messages on `t` and returns how long until `fast` had all of them.
+async fn publish_and_drain(
+    bus: &RedisBus,
+    fast: &mut busway::Subscription,
+    t: &str,
+    n: usize,
+) -> Duration {
+    let start = Instant::now();
+    let publisher = {
+        let bus = bus.clone();
+        let t = topic(t);
+        tokio::spawn(async move {
+            for i in 0..n {
+                bus.publish(Message::new(t.clone(), i.to_string()))
+                    .await
+                    .unwrap();
+            }
+            bus.flush().await.unwrap();
+        })
+    };
+    for i in 0..n {
+        let d = fast
+            .recv_timeout(WAIT)
+            .await
+            .unwrap_or_else(|e| panic!("fast subscriber got {i} of {n}: {e}"))
+            .expect("open");
+        assert_eq!(
+            d.message().payload,
+            i.to_string().as_bytes(),
+            "in order, none lost"
+        );
+    }
+    let took = start.elapsed();
+    publisher.await.unwrap();
+    took
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broadcast_slow_consumer_with_dropping_policy_does_not_hold_back_others() {
+    let Some(server) = RedisServer::start("faults_slow_drop") else {
+        return;
+    };
+    within("slow consumer (drop)", async {
+        let bus = bus(&server.url(), Mode::Broadcast, |_| {}).await;
+        let mut fast = bus
+            .subscribe(pat("slow.t"), SubscribeOptions::new().capacity(N))
+            .await
+            .unwrap();
+        // Warm-up, then the baseline without a stalled subscriber.
+        publish_and_drain(&bus, &mut fast, "slow.t", 1_000).await;
+        let mut alone = Vec::new();
+        for _ in 0..ROUNDS {
+            alone.push(publish_and_drain(&bus, &mut fast, "slow.t", N).await);
+        }
+        // Control: a second subscriber that reads (the cost of a second subscriber alone).
+        let mut reader = bus
+            .subscribe(pat("slow.t"), SubscribeOptions::new().capacity(N))
+            .await
+            .unwrap();
+        let reading = tokio::spawn(async move {
+            let mut n = 0;
+            while reader.recv_timeout(WAIT).await.ok().flatten().is_some() {
+                n += 1;
+                if n == ROUNDS * N {
+                    break;
+                }
+            }
+            n
+        });
+        let mut with_reader = Vec::new();
+        for _ in 0..ROUNDS {
+            with_reader.push(publish_and_drain(&bus, &mut fast, "slow.t", N).await);
+        }
+        assert_eq!(reading.await.unwrap(), ROUNDS * N, "the reading subscriber got all");
+
+        let capacity = 100;
+        let stalled = bus
+            .subscribe(
+                pat("slow.t"),
+                SubscribeOptions::new()
+                    .capacity(capacity)
+                    .overflow(Overflow::DropNewest),
+            )
+            .await
+            .unwrap();
+        let mut with = Vec::new();
+        for _ in 0..ROUNDS {
+            with.push(publish_and_drain(&bus, &mut fast, "slow.t", N).await);
+        }
+        let total = (ROUNDS * N) as u64;
+        wait_until("the stalled subscriber's drops to be counted", WAIT, || {
+            stalled.stats().dropped + stalled.pending() as u64 >= total
+        })
+        .await;
+        assert_eq!(stalled.pending(), capacity, "holds at most its capacity");
+        assert_eq!(stalled.stats().dropped, total - capacity as u64);
+        let (alone, with_reader, with) = (median(alone), median(with_reader), median(with));
+        let ratio = alone.as_secs_f64() / with.as_secs_f64();
+        let reader_ratio = with_reader.as_secs_f64() / with.as_secs_f64();
+        println!(
+            "RESULT redis-broadcast slow_consumer policy=drop_newest n={N} rounds={ROUNDS} median_alone_ms={} median_with_reading_sub_ms={} median_with_stalled_sub_ms={} ratio_vs_alone={ratio:.2} ratio_vs_reading_sub={reader_ratio:.2} stalled_dropped={} stalled_pending={}",
+            alone.as_millis(),
+            with_reader.as_millis(),
+            with.as_millis(),
+            stalled.stats().dropped,
+            stalled.pending()
+        );
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broadcast_slow_consumer_under_block_holds_the_shared_reader_and_loses_nothing() {
+    let Some(server) = RedisServer::start("faults_slow_block") else {
+        return;
+    };
+    within("slow consumer (block)", async {
+        let bus = bus(&server.url(), Mode::Broadcast, |_| {}).await;
+        let n = 200;
+        let capacity = 10;
+        let mut fast = bus
+            .subscribe(pat("blk.t"), SubscribeOptions::new().capacity(n))
+            .await
+            .unwrap();
+        let mut slow = bus
+            .subscribe(
+                pat("blk.t"),
+                SubscribeOptions::new()
+                    .capacity(capacity)
+                    .overflow(Overflow::Block),
+            )
+            .await
+            .unwrap();
+        for i in 0..n {
+            bus.publish(Message::new(topic("blk.t"), i.to_string())).await.unwrap();
+        }
+        bus.flush().await.unwrap();
+        // Documented behaviour: the pub/sub reader is shared, so while `slow` is full the
+        // reader waits and `fast` stops receiving too (Redis keeps the rest in its output
+        // buffer for the connection).
+        wait_until("the slow queue to fill", WAIT, || slow.pending() == capacity).await;
+        let mut got = 0;
+        while let Ok(Some(_)) = fast.recv_timeout(Duration::from_millis(500)).await {
+            got += 1;
+        }
+        println!("RESULT redis-broadcast slow_consumer policy=block n={n} capacity={capacity} fast_received_while_stalled={got}");
+        assert!(got < n, "the shared reader waited for the blocked subscriber");
+        // Once the slow one reads, everything arrives in both, nothing dropped.
+        for i in 0..n {
+            let d = slow.recv_timeout(WAIT).await.unwrap().expect("open");
+            assert_eq!(d.message().payload, i.to_string().as_bytes());
+        }
+        for _ in got..n {
+            fast.recv_timeout(WAIT).await.unwrap().expect("open");
+        }
+        assert_eq!(bus.stats().dropped, 0);
+    })
+    .await;
+}
+
+// ---------------------------------------------------------------------------------------
+// 4. Graceful shutdown
+// ---------------------------------------------------------------------------------------
+
+/// Publishes from `tasks` concurrent publishers until `close` is called after `before_close`
+/// publishes returned Ok; returns the payloads of every publish that returned Ok.
+async fn publish_then_close(bus: RedisBus, tasks: usize, before_close: usize) -> HashSet<String> {
+    let ok_count = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut handles = Vec::new();
+    for p in 0..tasks {
+        let bus = bus.clone();
+        let ok_count = ok_count.clone();
+        handles.push(tokio::spawn(async move {
+            let mut ok = Vec::new();
+            for i in 0.. {
+                let id = format!("c{p}-{i}");
+                match bus
+                    .publish(Message::new(topic("close.t"), id.clone()))
+                    .await
+                {
+                    Ok(()) => {
+                        ok.push(id);
+                        ok_count.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    }
+                    Err(e) => {
+                        assert_eq!(e.kind(), ErrorKind::Closed, "{e}");
+                        break;
+                    }
+                }
+                if i % 64 == 0 {
+                    tokio::task::yield_now().await;
+                }
+            }
+            ok
+        }));
+    }
+    wait_until("publishes before close", WAIT, || {
+        ok_count.load(std::sync::atomic::Ordering::Relaxed) >= before_close
+    })
+    .await;
+    bus.close().await.expect("close flushes");
+    let mut all = HashSet::new();
+    for h in handles {
+        all.extend(h.await.unwrap());
+    }
+    all
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn close_flushes_every_accepted_broadcast_publish() {
+    let Some(server) = RedisServer::start("faults_close_broadcast") else {
+        return;
+    };
+    within("close (broadcast)", async {
+        // A raw subscriber on its own connection, opened before publishing.
+        let client = redis::Client::open(server.url()).unwrap();
+        let mut raw = client.get_async_pubsub().await.unwrap();
+        raw.subscribe("close.t").await.unwrap();
+        let bus = bus(&server.url(), Mode::Broadcast, |o| {
+            o.framing = busway_redis::Framing::Raw;
+        })
+        .await;
+        let ok = publish_then_close(bus, 8, 5_000).await;
+        let mut seen = HashSet::new();
+        let mut messages = raw.on_message();
+        while !ok.is_subset(&seen) {
+            match tokio::time::timeout(WAIT, messages.next()).await {
+                Ok(Some(m)) => {
+                    seen.insert(String::from_utf8(m.get_payload_bytes().to_vec()).unwrap());
+                }
+                _ => break,
+            }
+        }
+        let missing: Vec<_> = ok.difference(&seen).take(10).collect();
+        println!(
+            "RESULT redis-broadcast close ok_publishes={} on_broker={} missing={}",
+            ok.len(),
+            seen.len(),
+            ok.difference(&seen).count()
+        );
+        assert!(
+            missing.is_empty(),
+            "accepted before close but never published: {missing:?}"
+        );
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn close_leaves_every_accepted_stream_publish_and_ack_on_the_broker() {
+    let Some(server) = RedisServer::start("faults_close_stream") else {
+        return;
+    };
+    within("close (stream)", async {
+        let bus = bus(&server.url(), Mode::Stream, |_| {}).await;
+        // Acks: deliver 500 entries, ack them all, close at once; none may stay pending.
+        let mut sub = bus
+            .subscribe(pat("acks.t"), SubscribeOptions::new().group("closers"))
+            .await
+            .unwrap();
+        for i in 0..500 {
+            bus.publish(Message::new(topic("acks.t"), i.to_string())).await.unwrap();
+        }
+        for _ in 0..500 {
+            let d = sub.recv_timeout(WAIT).await.unwrap().expect("open");
+            d.ack().await.unwrap();
+        }
+        let ok = publish_then_close(bus, 8, 3_000).await;
+        let xlen: usize = server
+            .cli(&["XLEN", "busway:stream:close.t"])
+            .trim()
+            .parse()
+            .expect("XLEN");
+        let pending = server.cli(&["XPENDING", "busway:stream:acks.t", "closers"]);
+        let pending_count: usize = pending.lines().next().unwrap_or("").trim().parse().expect("XPENDING");
+        println!(
+            "RESULT redis-stream close ok_publishes={} xlen={xlen} acked=500 pending_after_close={pending_count}",
+            ok.len()
+        );
+        assert!(xlen >= ok.len(), "XLEN {xlen} < {} Ok'd publishes", ok.len());
+        // Every Ok'd payload is in the stream.
+        let entries = server.cli(&["XRANGE", "busway:stream:close.t", "-", "+"]);
+        let stored: HashSet<&str> = entries.lines().map(str::trim).collect();
+        let missing: Vec<_> = ok.iter().filter(|id| !stored.contains(id.as_str())).take(10).collect();
+        assert!(missing.is_empty(), "Ok'd but not in the stream: {missing:?}");
+        assert_eq!(pending_count, 0, "acked entries still pending after close: {pending}");
+    })
+    .await;
+}
