@@ -162,9 +162,16 @@ impl QueueSender {
             let seq = st.head_seq + st.items.len() as u64;
             st.latest.insert(delivery.message().topic.clone(), seq);
         }
+        let was_empty = st.items.is_empty();
         st.items.push_back(delivery);
         drop(st);
-        shared.rx_waker.wake();
+        // Only the push that makes the queue non-empty wakes the consumer: it registers its
+        // waker before its last look at the queue, so a non-empty queue always had a wake
+        // issued after it became non-empty. Skipping the rest saves a contended atomic and,
+        // more, a needless task wake-up per message.
+        if was_empty {
+            shared.rx_waker.wake();
+        }
         outcome
     }
 
@@ -227,7 +234,15 @@ impl QueueReceiver {
         if self.refill() {
             return Poll::Ready(self.take_local());
         }
-        if self.shared.state.lock().closed {
+        // Emptiness and `closed` are read under one lock: a delivery queued just before
+        // `close` (after the refill above) must still be handed out before the end.
+        let st = self.shared.state.lock();
+        if !st.items.is_empty() {
+            drop(st);
+            self.refill();
+            return Poll::Ready(self.take_local());
+        }
+        if st.closed {
             return Poll::Ready(None);
         }
         Poll::Pending
@@ -235,8 +250,8 @@ impl QueueReceiver {
 
     fn take_local(&mut self) -> Option<Delivery> {
         let d = self.local.pop_front()?;
+        // The bus counter, shared by every subscription, is counted per batch in `refill`.
         Counters::incr(&self.shared.sub_stats.delivered);
-        Counters::incr(&self.shared.bus_stats.delivered);
         Some(d)
     }
 
@@ -250,6 +265,10 @@ impl QueueReceiver {
         st.head_seq += self.local.len() as u64;
         st.latest.clear();
         drop(st);
+        self.shared
+            .bus_stats
+            .delivered
+            .fetch_add(self.local.len() as u64, Ordering::Relaxed);
         if self.shared.overflow == Overflow::Block {
             self.shared.room.notify_waiters();
         }
@@ -264,7 +283,146 @@ impl QueueReceiver {
 
 impl Drop for QueueReceiver {
     fn drop(&mut self) {
+        // Taken from the queue but never handed out: not delivered after all.
+        self.shared
+            .bus_stats
+            .delivered
+            .fetch_sub(self.local.len() as u64, Ordering::Relaxed);
         self.shared.rx_gone.store(true, Ordering::Relaxed);
         self.shared.room.notify_waiters();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::message::Message;
+
+    fn setup(capacity: usize, overflow: Overflow) -> (QueueSender, QueueReceiver, Arc<Counters>) {
+        let bus = Arc::new(Counters::default());
+        let (tx, rx) = queue(
+            capacity,
+            overflow,
+            Arc::new(Counters::default()),
+            bus.clone(),
+        );
+        (tx, rx, bus)
+    }
+
+    fn d(topic: &str, payload: &str) -> Delivery {
+        Delivery::new(Message::try_new(topic, payload.to_string()).unwrap())
+    }
+
+    async fn drain(rx: &mut QueueReceiver) -> Vec<String> {
+        let mut out = Vec::new();
+        while let Some(d) = futures::future::poll_fn(|cx| match rx.poll_recv(cx) {
+            Poll::Pending => Poll::Ready(None),
+            other => other,
+        })
+        .await
+        {
+            out.push(format!(
+                "{}={}",
+                d.message().topic,
+                String::from_utf8_lossy(&d.message().payload)
+            ));
+        }
+        out
+    }
+
+    #[tokio::test]
+    async fn latest_keeps_the_newest_per_topic_in_first_seen_order() {
+        let (tx, mut rx, bus) = setup(2, Overflow::Latest);
+        for (t, p) in [("a", "1"), ("b", "1"), ("a", "2"), ("a", "3"), ("b", "2")] {
+            assert!(matches!(tx.try_send(d(t, p)), TrySend::Queued));
+        }
+        assert_eq!(tx.len(), 2);
+        assert_eq!(bus.snapshot().dropped, 3);
+        assert_eq!(drain(&mut rx).await, ["a=3", "b=2"]);
+        // A new topic when full evicts the oldest queued topic.
+        for (t, p) in [("a", "4"), ("b", "3"), ("c", "1"), ("b", "4")] {
+            tx.try_send(d(t, p));
+        }
+        assert_eq!(drain(&mut rx).await, ["b=4", "c=1"]);
+        assert_eq!(bus.snapshot().dropped, 5);
+        assert_eq!(bus.snapshot().delivered, 4);
+    }
+
+    #[tokio::test]
+    async fn latest_after_a_partial_drain_replaces_the_right_slot() {
+        let (tx, mut rx, _) = setup(4, Overflow::Latest);
+        tx.try_send(d("a", "1"));
+        tx.try_send(d("b", "1"));
+        assert_eq!(drain(&mut rx).await, ["a=1", "b=1"]);
+        tx.try_send(d("c", "1"));
+        tx.try_send(d("a", "2"));
+        tx.try_send(d("c", "2"));
+        tx.try_send(d("a", "3"));
+        assert_eq!(drain(&mut rx).await, ["c=2", "a=3"]);
+    }
+
+    #[tokio::test]
+    async fn drop_policies_keep_first_or_last() {
+        let (tx, mut rx, bus) = setup(2, Overflow::DropNewest);
+        for p in ["1", "2", "3"] {
+            tx.try_send(d("t", p));
+        }
+        assert!(matches!(tx.try_send(d("t", "4")), TrySend::Dropped));
+        assert_eq!(drain(&mut rx).await, ["t=1", "t=2"]);
+        assert_eq!(bus.snapshot().dropped, 2);
+
+        let (tx, mut rx, bus) = setup(2, Overflow::DropOldest);
+        for p in ["1", "2", "3", "4"] {
+            assert!(matches!(tx.try_send(d("t", p)), TrySend::Queued));
+        }
+        assert_eq!(drain(&mut rx).await, ["t=3", "t=4"]);
+        assert_eq!(bus.snapshot().dropped, 2);
+    }
+
+    #[tokio::test]
+    async fn close_hands_out_the_backlog_then_ends() {
+        let (tx, mut rx, _) = setup(8, Overflow::Block);
+        tx.try_send(d("t", "1"));
+        tx.close();
+        assert!(matches!(tx.try_send(d("t", "2")), TrySend::Closed(_)));
+        assert!(tx.is_closed());
+        assert_eq!(drain(&mut rx).await, ["t=1"]);
+        let end = futures::future::poll_fn(|cx| rx.poll_recv(cx)).await;
+        assert!(end.is_none());
+    }
+
+    #[tokio::test]
+    async fn block_send_waits_for_room_and_ends_when_the_receiver_goes() {
+        let (tx, mut rx, _) = setup(1, Overflow::Block);
+        tx.try_send(d("t", "1"));
+        assert!(matches!(tx.try_send(d("t", "2")), TrySend::Full(_)));
+        let waiting = tokio::spawn({
+            let tx = tx.clone();
+            async move { tx.send(d("t", "2")).await }
+        });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(!waiting.is_finished());
+        assert_eq!(drain(&mut rx).await, ["t=1"]);
+        assert!(tokio::time::timeout(Duration::from_secs(5), waiting)
+            .await
+            .unwrap()
+            .unwrap());
+        assert_eq!(drain(&mut rx).await, ["t=2"]);
+
+        tx.try_send(d("t", "3"));
+        let waiting = tokio::spawn({
+            let tx = tx.clone();
+            async move { tx.send(d("t", "4")).await }
+        });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        drop(rx);
+        let sent = tokio::time::timeout(Duration::from_secs(5), waiting)
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(!sent, "send reports the subscription gone");
+        assert!(tx.is_closed());
     }
 }

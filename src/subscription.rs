@@ -34,7 +34,9 @@ pub trait Acker: Send + Sync + fmt::Debug + 'static {
 /// In broadcast mode `ack` and `nack` do nothing. In stream mode a delivery that is neither
 /// acked nor nacked is delivered again after the subscription's ack timeout.
 pub struct Delivery {
-    message: Message,
+    // Shared, so fanning one message out to many subscribers copies a pointer, not the
+    // message (its headers are ~150 bytes inline).
+    message: Arc<Message>,
     attempt: u32,
     acker: Option<Box<dyn Acker>>,
     reply_via: Option<Arc<dyn Bus>>,
@@ -53,6 +55,11 @@ impl fmt::Debug for Delivery {
 impl Delivery {
     /// A delivery with nothing to acknowledge (broadcast mode), first attempt.
     pub fn new(message: Message) -> Delivery {
+        Delivery::shared(Arc::new(message))
+    }
+
+    /// A delivery of a message shared with other deliveries (fan-out), first attempt.
+    pub fn shared(message: Arc<Message>) -> Delivery {
         Delivery {
             message,
             attempt: 1,
@@ -87,7 +94,12 @@ impl Delivery {
     /// Takes the message out, dropping the ack handle (stream mode: it will be redelivered
     /// after the ack timeout unless acked first).
     pub fn into_message(self) -> Message {
-        self.message
+        Arc::try_unwrap(self.message).unwrap_or_else(|shared| (*shared).clone())
+    }
+
+    /// The message, shared (no copy).
+    pub fn shared_message(&self) -> &Arc<Message> {
+        &self.message
     }
 
     /// Which delivery attempt this is: 1 the first time, more after nacks or timeouts.

@@ -2,6 +2,7 @@
 //! harnesses that start real `redis-server` / `nats-server` processes on free loopback ports.
 
 pub mod conformance;
+pub mod redis;
 mod server;
 
 pub use server::{broker_binary, free_port, ServerProcess};

@@ -1,0 +1,201 @@
+//! Opening named connections, mapping redis errors, and the reconnect backoff.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use redis::aio::MultiplexedConnection;
+use redis::{AsyncConnectionConfig, Client, IntoConnectionInfo, ProtocolVersion};
+
+use busway::{Error, ErrorKind};
+
+use crate::config::{scrub, RedisConfig};
+
+/// What every connection of one bus shares: the parsed client and names for messages.
+#[derive(Debug)]
+pub(crate) struct Connector {
+    client: Client,
+    resp3: Client,
+    pub(crate) bus: String,
+    pub(crate) url: String,
+    redacted: String,
+    client_name: String,
+    connect_timeout: Duration,
+    response_timeout: Duration,
+    min_backoff: Duration,
+    max_backoff: Duration,
+}
+
+impl Connector {
+    pub(crate) fn new(config: &RedisConfig) -> busway::Result<Connector> {
+        let parse = |resp3: bool| -> busway::Result<Client> {
+            let mut info = config.url.as_str().into_connection_info().map_err(|e| {
+                Error::config(format!(
+                    "bus {:?}: url {:?}: {}",
+                    config.bus,
+                    config.redacted_url(),
+                    scrub(&e.to_string(), &config.url)
+                ))
+            })?;
+            if resp3 {
+                let redis = info
+                    .redis_settings()
+                    .clone()
+                    .set_protocol(ProtocolVersion::RESP3);
+                info = info.set_redis_settings(redis);
+            }
+            Client::open(info).map_err(|e| {
+                Error::config(format!(
+                    "bus {:?}: url {:?}: {}",
+                    config.bus,
+                    config.redacted_url(),
+                    scrub(&e.to_string(), &config.url)
+                ))
+            })
+        };
+        Ok(Connector {
+            client: parse(false)?,
+            resp3: parse(true)?,
+            bus: config.bus.clone(),
+            url: config.url.clone(),
+            redacted: config.redacted_url(),
+            client_name: config.client_name.clone(),
+            connect_timeout: Duration::from_millis(config.options.connect_timeout_ms.max(1)),
+            response_timeout: config.response_timeout(),
+            min_backoff: Duration::from_millis(config.options.reconnect_min_ms.max(1)),
+            max_backoff: Duration::from_millis(
+                config
+                    .options
+                    .reconnect_max_ms
+                    .max(config.options.reconnect_min_ms)
+                    .max(1),
+            ),
+        })
+    }
+
+    /// A multiplexed connection named `busway:<app>:<bus>`. `response_timeout` overrides the
+    /// bus's (blocking readers need longer than their BLOCK); `push` makes it a RESP3
+    /// connection whose pub/sub messages go to the sender.
+    pub(crate) async fn connect(
+        &self,
+        response_timeout: Option<Duration>,
+        push: Option<tokio::sync::mpsc::UnboundedSender<redis::PushInfo>>,
+    ) -> busway::Result<MultiplexedConnection> {
+        let mut cfg = AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(self.connect_timeout))
+            .set_response_timeout(Some(response_timeout.unwrap_or(self.response_timeout)));
+        let client = match push {
+            Some(tx) => {
+                cfg = cfg.set_push_sender(tx);
+                &self.resp3
+            }
+            None => &self.client,
+        };
+        let mut con = client
+            .get_multiplexed_async_connection_with_config(&cfg)
+            .await
+            .map_err(|e| self.error("connect", e))?;
+        redis::cmd("CLIENT")
+            .arg("SETNAME")
+            .arg(&self.client_name)
+            .exec_async(&mut con)
+            .await
+            .map_err(|e| self.error("CLIENT SETNAME", e))?;
+        Ok(con)
+    }
+
+    /// A busway error for a failed redis operation, naming the bus and the redacted URL.
+    pub(crate) fn error(&self, what: &str, e: redis::RedisError) -> Error {
+        let kind = match e.kind() {
+            redis::ErrorKind::AuthenticationFailed => ErrorKind::Auth,
+            _ if e.is_timeout() => ErrorKind::Timeout,
+            _ if e.is_io_error()
+                || e.is_connection_dropped()
+                || e.is_connection_refusal()
+                || e.is_unrecoverable_error() =>
+            {
+                ErrorKind::Connection
+            }
+            _ => ErrorKind::Broker,
+        };
+        let text = scrub(&e.to_string(), &self.url);
+        let text =
+            if kind == ErrorKind::Auth || text.contains("NOAUTH") || text.contains("WRONGPASS") {
+                return Error::new(
+                    ErrorKind::Auth,
+                    format!(
+                        "bus {:?} ({}): {what}: the server refused the credentials: {text}",
+                        self.bus, self.redacted
+                    ),
+                );
+            } else {
+                text
+            };
+        Error::new(
+            kind,
+            format!("bus {:?} ({}): {what}: {text}", self.bus, self.redacted),
+        )
+    }
+
+    /// The error publish returns under `on_disconnect = "fail"`.
+    pub(crate) fn disconnected(&self) -> Error {
+        Error::new(
+            ErrorKind::Connection,
+            format!(
+                "bus {:?}: not connected to {} (on_disconnect = \"fail\")",
+                self.bus, self.redacted
+            ),
+        )
+    }
+
+    /// The delay before reconnect attempt `attempt` (0-based): doubling from the minimum,
+    /// capped, with the upper half jittered so many clients do not return in step.
+    pub(crate) fn backoff(&self, attempt: u32) -> Duration {
+        let base = self
+            .min_backoff
+            .saturating_mul(1u32 << attempt.min(16))
+            .min(self.max_backoff);
+        let half = base / 2;
+        half + half.mul_f64(rand::random::<f64>())
+    }
+}
+
+/// Whether a redis error means the connection is unusable (reconnect), as opposed to a
+/// command the server refused.
+pub(crate) fn is_connection_error(e: &redis::RedisError) -> bool {
+    e.is_io_error()
+        || e.is_connection_dropped()
+        || e.is_connection_refusal()
+        || e.is_unrecoverable_error()
+        || e.is_timeout()
+}
+
+/// Counts one open connection while alive.
+#[derive(Debug)]
+pub(crate) struct ConnCount(Arc<busway::Counters>);
+
+impl ConnCount {
+    pub(crate) fn new(stats: &Arc<busway::Counters>) -> ConnCount {
+        stats
+            .connections
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        ConnCount(stats.clone())
+    }
+}
+
+impl Drop for ConnCount {
+    fn drop(&mut self) {
+        self.0
+            .connections
+            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+impl Connector {
+    /// A `Connection` error for commands issued while the command connection is down.
+    pub(crate) fn disconnected_plain(&self) -> Error {
+        Error::new(
+            ErrorKind::Connection,
+            format!("bus {:?}: not connected to {}", self.bus, self.redacted),
+        )
+    }
+}

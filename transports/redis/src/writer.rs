@@ -1,0 +1,348 @@
+//! The command connection and its writer task.
+//!
+//! Every publish goes through one bounded channel to one task that owns the multiplexed
+//! command connection. The task drains whatever is queued (up to `max_batch`) and sends it
+//! as one pipeline, so sequential publishers share round trips as much as concurrent ones:
+//! while one pipeline is in flight, the next one fills. Broadcast publishes return once
+//! queued; stream publishes (XADD) carry a one-shot that the task completes with the
+//! server's answer. `flush` queues a marker completed when everything before it is answered.
+//!
+//! The task also owns reconnection of the command connection: on a connection error it
+//! marks the bus down, reconnects with capped jittered backoff, and then resends the batch
+//! that failed (`on_disconnect = "buffer"`) or fails everything held
+//! (`on_disconnect = "fail"`). While idle it pings every second so an outage is noticed
+//! (and health turns `connecting`) even when nobody publishes.
+
+use std::collections::{HashSet, VecDeque};
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use std::time::Duration;
+
+use redis::aio::MultiplexedConnection;
+use redis::Value;
+use tokio::sync::{mpsc, oneshot};
+
+use busway::{Counters, Error, Result, Topic};
+
+use crate::bus::Inner;
+use crate::config::OnDisconnect;
+use crate::conn::{is_connection_error, ConnCount};
+
+/// One unit of work for the writer.
+#[derive(Debug)]
+pub(crate) enum Item {
+    /// `PUBLISH channel data` (broadcast; the publisher does not wait).
+    Publish { channel: Topic, data: Vec<u8> },
+    /// `XADD key MAXLEN ~ n * fields...` (stream; the publisher waits for `done`).
+    Xadd {
+        topic: Topic,
+        fields: Vec<(String, Vec<u8>)>,
+        done: oneshot::Sender<Result<()>>,
+    },
+    /// Completed once every item queued before it is answered.
+    Flush(oneshot::Sender<()>),
+}
+
+impl Item {
+    /// Whether anyone still waits for this item (a timed-out stream publisher does not: its
+    /// XADD is not sent, so a publish that returned an error did not happen).
+    fn wanted(&self) -> bool {
+        match self {
+            Item::Xadd { done, .. } => !done.is_closed(),
+            _ => true,
+        }
+    }
+
+    fn fail(self, inner: &Inner, e: &Error) {
+        match self {
+            Item::Publish { channel, .. } => {
+                Counters::incr(&inner.stats.errors);
+                tracing::warn!(bus = %inner.config.bus, topic = %channel, error = %e, "broadcast publish lost");
+            }
+            Item::Xadd { done, .. } => {
+                Counters::incr(&inner.stats.errors);
+                let _ = done.send(Err(Error::new(e.kind(), e.message().to_string())));
+            }
+            Item::Flush(done) => {
+                let _ = done.send(());
+            }
+        }
+    }
+}
+
+pub(crate) struct Writer {
+    inner: Arc<Inner>,
+    rx: mpsc::Receiver<Item>,
+    pending: VecDeque<Item>,
+    con: Option<(MultiplexedConnection, ConnCount)>,
+    /// The command connection is RESP3 with a push channel only so that its loss is
+    /// announced at once (`Disconnection`), not found by the next publish or ping.
+    events: mpsc::UnboundedReceiver<redis::PushInfo>,
+    /// Stream mode: topics this process already added to the index set.
+    indexed: HashSet<Topic>,
+    attempt: u32,
+}
+
+const IDLE_PING: Duration = Duration::from_secs(1);
+
+impl Writer {
+    pub(crate) fn new(
+        inner: Arc<Inner>,
+        rx: mpsc::Receiver<Item>,
+        con: MultiplexedConnection,
+        events: mpsc::UnboundedReceiver<redis::PushInfo>,
+    ) -> Writer {
+        let count = ConnCount::new(&inner.stats);
+        Writer {
+            inner,
+            rx,
+            events,
+            pending: VecDeque::new(),
+            con: Some((con, count)),
+            indexed: HashSet::new(),
+            attempt: 0,
+        }
+    }
+
+    fn take(&mut self, item: Item) {
+        self.pending.push_back(item);
+    }
+
+    fn drain_channel(&mut self, limit: usize) {
+        while self.pending.len() < limit {
+            match self.rx.try_recv() {
+                Ok(item) => self.take(item),
+                Err(_) => break,
+            }
+        }
+    }
+
+    pub(crate) async fn run(mut self) {
+        let mut shutdown = self.inner.shutdown.subscribe();
+        let max_batch = self.inner.config.options.max_batch;
+        loop {
+            if *shutdown.borrow() {
+                self.drain_channel(usize::MAX);
+                if self.con.is_some() && !self.pending.is_empty() {
+                    // Last chance for whatever is queued (a bus dropped without close).
+                    let _ = self.send_batch(usize::MAX).await;
+                }
+                let e = Error::closed(format!("bus {:?}", self.inner.config.bus));
+                for item in self.pending.drain(..) {
+                    item.fail(&self.inner, &e);
+                }
+                self.inner.cmd_up.store(false, Relaxed);
+                return;
+            }
+            if self.con.is_none() {
+                self.reconnect(&mut shutdown).await;
+                continue;
+            }
+            if self.pending.is_empty() {
+                tokio::select! {
+                    item = self.rx.recv() => match item {
+                        Some(item) => self.take(item),
+                        None => return,
+                    },
+                    _ = tokio::time::sleep(IDLE_PING) => {
+                        self.ping().await;
+                        continue;
+                    }
+                    event = self.events.recv(), if self.con.is_some() => {
+                        if event.is_none_or(|e| e.kind == redis::PushKind::Disconnection) {
+                            let e = self.inner.connector.disconnected_plain();
+                            self.lost_connection(e);
+                        }
+                        continue;
+                    }
+                    _ = shutdown.changed() => continue,
+                }
+            }
+            self.drain_channel(max_batch);
+            if self.con.is_none() {
+                continue;
+            }
+            if let Err(e) = self.send_batch(max_batch).await {
+                self.lost_connection(e);
+            }
+        }
+    }
+
+    async fn ping(&mut self) {
+        if let Some((con, _)) = &mut self.con {
+            if let Err(e) = redis::cmd("PING").query_async::<()>(con).await {
+                if is_connection_error(&e) {
+                    let e = self.inner.connector.error("PING", e);
+                    self.lost_connection(e);
+                }
+            }
+        }
+    }
+
+    fn lost_connection(&mut self, e: Error) {
+        if self.con.take().is_some() {
+            tracing::warn!(bus = %self.inner.config.bus, error = %e, "command connection lost");
+        }
+        self.inner.set_cmd_connection(None);
+        self.inner.cmd_up.store(false, Relaxed);
+        if self.inner.config.options.on_disconnect == OnDisconnect::Fail {
+            self.fail_pending(&e);
+        }
+    }
+
+    fn fail_pending(&mut self, e: &Error) {
+        for item in self.pending.drain(..) {
+            if let Item::Xadd { .. } | Item::Publish { .. } = item {
+                self.inner.queued.fetch_sub(1, Relaxed);
+            }
+            item.fail(&self.inner, e);
+        }
+    }
+
+    /// One connection attempt after a backoff delay; items keep being taken from the channel
+    /// while waiting, so publishers see the outage policy rather than a full channel.
+    async fn reconnect(&mut self, shutdown: &mut tokio::sync::watch::Receiver<bool>) {
+        let delay = self.inner.connector.backoff(self.attempt);
+        let sleep = tokio::time::sleep(delay);
+        tokio::pin!(sleep);
+        loop {
+            tokio::select! {
+                _ = &mut sleep => break,
+                _ = shutdown.changed() => return,
+                item = self.rx.recv() => match item {
+                    Some(item) => {
+                        self.take(item);
+                        if self.inner.config.options.on_disconnect == OnDisconnect::Fail {
+                            self.fail_pending(&self.inner.connector.disconnected());
+                        }
+                    }
+                    None => return,
+                },
+            }
+        }
+        let (events_tx, events) = mpsc::unbounded_channel();
+        match self.inner.connector.connect(None, Some(events_tx)).await {
+            Ok(con) => {
+                self.events = events;
+                self.attempt = 0;
+                Counters::incr(&self.inner.stats.reconnects);
+                self.inner.set_cmd_connection(Some(con.clone()));
+                self.con = Some((con, ConnCount::new(&self.inner.stats)));
+                self.inner.cmd_up.store(true, Relaxed);
+                self.indexed.clear();
+                tracing::info!(bus = %self.inner.config.bus, "command connection re-established");
+            }
+            Err(e) => {
+                self.attempt = self.attempt.saturating_add(1);
+                tracing::debug!(bus = %self.inner.config.bus, error = %e, "reconnect failed");
+                if self.inner.config.options.on_disconnect == OnDisconnect::Fail {
+                    self.fail_pending(&e);
+                }
+            }
+        }
+    }
+
+    /// Sends the front of `pending` as one pipeline and settles it. An error return means the
+    /// connection failed; the batch stays at the front of `pending`.
+    async fn send_batch(&mut self, max_batch: usize) -> Result<()> {
+        // Flush markers at the front are answered: everything before them is done.
+        while let Some(Item::Flush(_)) = self.pending.front() {
+            if let Some(Item::Flush(done)) = self.pending.pop_front() {
+                let _ = done.send(());
+            }
+        }
+        let mut pipe = redis::pipe();
+        pipe.ignore_errors();
+        let mut n = 0;
+        let mut replies_per_item = Vec::new();
+        let opts = &self.inner.config.options;
+        for item in self.pending.iter() {
+            if n >= max_batch {
+                break;
+            }
+            match item {
+                Item::Flush(_) => break,
+                _ if !item.wanted() => {
+                    replies_per_item.push(0);
+                }
+                Item::Publish { channel, data } => {
+                    pipe.cmd("PUBLISH")
+                        .arg(channel.as_str())
+                        .arg(data.as_slice());
+                    replies_per_item.push(1);
+                }
+                Item::Xadd { topic, fields, .. } => {
+                    let mut extra = 0;
+                    // Inserted now so a batch adds each new topic once; the set is cleared on
+                    // reconnect, so a failed batch only costs a repeated (idempotent) SADD.
+                    if self.indexed.insert(topic.clone()) {
+                        pipe.cmd("SADD").arg(&opts.index_key).arg(topic.as_str());
+                        extra = 1;
+                    }
+                    let cmd =
+                        pipe.cmd("XADD")
+                            .arg(format!("{}{}", opts.key_prefix, topic.as_str()));
+                    if opts.stream_maxlen > 0 {
+                        cmd.arg("MAXLEN").arg("~").arg(opts.stream_maxlen);
+                    }
+                    cmd.arg("*");
+                    for (k, v) in fields {
+                        cmd.arg(k.as_str()).arg(v.as_slice());
+                    }
+                    replies_per_item.push(1 + extra);
+                }
+            }
+            n += 1;
+        }
+        if n == 0 {
+            return Ok(());
+        }
+        let (con, _) = self
+            .con
+            .as_mut()
+            .expect("send_batch runs with a connection");
+        let replies: Vec<Value> = if pipe.is_empty() {
+            Vec::new()
+        } else {
+            match pipe.query_async(con).await {
+                Ok(r) => r,
+                Err(e) if is_connection_error(&e) => {
+                    return Err(self.inner.connector.error("pipeline", e))
+                }
+                Err(e) => {
+                    // The server refused the whole pipeline (not one command): fail the batch.
+                    let e = self.inner.connector.error("pipeline", e);
+                    self.indexed.clear();
+                    for item in self.pending.drain(..n) {
+                        if !matches!(item, Item::Flush(_)) {
+                            self.inner.queued.fetch_sub(1, Relaxed);
+                        }
+                        item.fail(&self.inner, &e);
+                    }
+                    return Ok(());
+                }
+            }
+        };
+        let mut replies = replies.into_iter();
+        for (item, count) in self.pending.drain(..n).zip(replies_per_item) {
+            self.inner.queued.fetch_sub(1, Relaxed);
+            let mut result = Ok(());
+            for _ in 0..count {
+                if let Some(Value::ServerError(e)) = replies.next() {
+                    result = Err(e);
+                }
+            }
+            match (item, result) {
+                (Item::Xadd { done, .. }, Ok(())) => {
+                    let _ = done.send(Ok(()));
+                }
+                (item, Err(e)) => {
+                    let e = self.inner.connector.error("publish", e.into());
+                    item.fail(&self.inner, &e);
+                }
+                (_, Ok(())) => {}
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,401 @@
+//! Stream mode against a real redis-server started per test.
+
+use std::time::{Duration, Instant};
+
+use busway::{
+    Bus, Health, Message, Mode, Pattern, StartFrom, SubscribeOptions, Subscription, Topic,
+};
+use busway_redis::{RedisBus, RedisConfig, RedisOptions};
+use busway_testkit::redis::RedisServer;
+
+const WAIT: Duration = Duration::from_secs(10);
+
+async fn bus(url: &str, f: impl FnOnce(&mut RedisOptions)) -> RedisBus {
+    let mut o = RedisOptions::default();
+    o.block_ms = 200;
+    o.rescan_ms = 200;
+    f(&mut o);
+    RedisBus::connect(
+        RedisConfig::new("engine", url)
+            .app("test")
+            .mode(Mode::Stream)
+            .options(o),
+    )
+    .await
+    .expect("connect")
+}
+
+fn topic(s: &str) -> Topic {
+    Topic::new(s).unwrap()
+}
+
+fn pat(s: &str) -> Pattern {
+    Pattern::new(s).unwrap()
+}
+
+async fn next(sub: &mut Subscription) -> busway::Delivery {
+    sub.recv_timeout(WAIT).await.unwrap().expect("a delivery")
+}
+
+async fn nothing(sub: &mut Subscription) {
+    if let Ok(Some(d)) = sub.recv_timeout(Duration::from_millis(700)).await {
+        panic!("unexpected delivery {d:?}");
+    }
+}
+
+fn pending(server: &RedisServer, key: &str, group: &str) -> String {
+    server
+        .cli(&["XPENDING", key, group])
+        .lines()
+        .next()
+        .unwrap_or("")
+        .to_string()
+}
+
+#[tokio::test]
+async fn round_trip_headers_and_ack() {
+    let Some(server) = RedisServer::start("stream_round_trip") else {
+        return;
+    };
+    let bus = bus(&server.url(), |_| {}).await;
+    assert!(bus.capabilities().ack);
+    let mut sub = bus
+        .subscribe(pat("orders.new"), SubscribeOptions::new().group("risk"))
+        .await
+        .unwrap();
+    let m = Message::new(topic("orders.new"), &b"{\"qty\":1}"[..])
+        .with_id("o1")
+        .with_content_type("application/json")
+        .with_header("desk", "eq")
+        .stamped();
+    bus.publish(m.clone()).await.unwrap();
+    assert_eq!(
+        server.cli(&["XLEN", "busway:stream:orders.new"]).trim(),
+        "1"
+    );
+    assert_eq!(
+        server
+            .cli(&["SISMEMBER", "busway:topics", "orders.new"])
+            .trim(),
+        "1"
+    );
+    let d = next(&mut sub).await;
+    assert_eq!(d.message(), &m);
+    assert_eq!(d.attempt(), 1);
+    assert_eq!(pending(&server, "busway:stream:orders.new", "risk"), "1");
+    d.ack().await.unwrap();
+    assert_eq!(pending(&server, "busway:stream:orders.new", "risk"), "0");
+}
+
+#[tokio::test]
+async fn groups_compete_and_groupless_subscribers_each_get_all() {
+    let Some(server) = RedisServer::start("stream_groups") else {
+        return;
+    };
+    let bus = bus(&server.url(), |_| {}).await;
+    let mut a = bus
+        .subscribe(pat("jobs"), SubscribeOptions::new().group("w"))
+        .await
+        .unwrap();
+    let mut b = bus
+        .subscribe(pat("jobs"), SubscribeOptions::new().group("w"))
+        .await
+        .unwrap();
+    let mut solo1 = bus
+        .subscribe(pat("jobs"), SubscribeOptions::new())
+        .await
+        .unwrap();
+    let mut solo2 = bus
+        .subscribe(pat("jobs"), SubscribeOptions::new())
+        .await
+        .unwrap();
+    for i in 0..20u8 {
+        bus.publish(Message::new(topic("jobs"), vec![i]))
+            .await
+            .unwrap();
+    }
+    let mut seen = Vec::new();
+    let deadline = Instant::now() + WAIT;
+    while seen.len() < 20 && Instant::now() < deadline {
+        tokio::select! {
+            Some(d) = a.recv() => { d.ack().await.unwrap(); seen.push(d.message().payload[0]); }
+            Some(d) = b.recv() => { d.ack().await.unwrap(); seen.push(d.message().payload[0]); }
+        }
+    }
+    seen.sort();
+    assert_eq!(
+        seen,
+        (0..20).collect::<Vec<u8>>(),
+        "each job once across the group"
+    );
+    for s in [&mut solo1, &mut solo2] {
+        for i in 0..20u8 {
+            let d = next(s).await;
+            assert_eq!(d.message().payload[0], i);
+            d.ack().await.unwrap();
+        }
+    }
+    nothing(&mut a).await;
+}
+
+#[tokio::test]
+async fn nack_redelivers_and_max_deliveries_dead_letters() {
+    let Some(server) = RedisServer::start("stream_nack") else {
+        return;
+    };
+    let bus = bus(&server.url(), |o| {
+        o.max_deliveries = Some(3);
+        o.dead_letter = Some("dead.letters".into());
+    })
+    .await;
+    let mut dead = bus
+        .subscribe(pat("dead.letters"), SubscribeOptions::new().group("ops"))
+        .await
+        .unwrap();
+    let mut sub = bus
+        .subscribe(pat("pay.*"), SubscribeOptions::new().group("g"))
+        .await
+        .unwrap();
+    bus.publish(Message::new(topic("pay.x"), &b"p"[..]))
+        .await
+        .unwrap();
+    for attempt in 1..=3 {
+        let d = next(&mut sub).await;
+        assert_eq!(d.attempt(), attempt);
+        assert_eq!(&d.message().payload[..], b"p");
+        d.nack().await.unwrap();
+    }
+    let d = next(&mut dead).await;
+    assert_eq!(&d.message().payload[..], b"p");
+    assert_eq!(d.message().headers.get("dead_letter.topic"), Some("pay.x"));
+    assert_eq!(d.message().headers.get("dead_letter.deliveries"), Some("3"));
+    d.ack().await.unwrap();
+    assert_eq!(bus.stats().dead_lettered, 1);
+    assert!(bus.stats().redelivered >= 2);
+    nothing(&mut sub).await;
+    assert_eq!(pending(&server, "busway:stream:pay.x", "g"), "0");
+}
+
+#[tokio::test]
+async fn entries_of_a_dead_consumer_are_reclaimed() {
+    let Some(server) = RedisServer::start("stream_reclaim") else {
+        return;
+    };
+    let bus = bus(&server.url(), |o| o.claim_idle_ms = Some(300)).await;
+    let mut first = bus
+        .subscribe(pat("work"), SubscribeOptions::new().group("g"))
+        .await
+        .unwrap();
+    bus.publish(Message::new(topic("work"), &b"w"[..]))
+        .await
+        .unwrap();
+    let d = next(&mut first).await;
+    assert_eq!(d.attempt(), 1);
+    drop(d); // never acked
+    drop(first); // the consumer dies
+    let mut second = bus
+        .subscribe(pat("work"), SubscribeOptions::new().group("g"))
+        .await
+        .unwrap();
+    let d = next(&mut second).await;
+    assert_eq!(&d.message().payload[..], b"w");
+    assert_eq!(d.attempt(), 2);
+    d.ack().await.unwrap();
+    assert_eq!(pending(&server, "busway:stream:work", "g"), "0");
+}
+
+#[tokio::test]
+async fn wildcard_finds_keys_created_after_it_subscribed() {
+    let Some(server) = RedisServer::start("stream_wildcard") else {
+        return;
+    };
+    let bus = bus(&server.url(), |_| {}).await;
+    bus.publish(Message::new(topic("md.old"), &b"before"[..]))
+        .await
+        .unwrap();
+    let mut sub = bus
+        .subscribe(pat("md.*"), SubscribeOptions::new())
+        .await
+        .unwrap();
+    // Another process publishes on new topics.
+    let other = bus_other(&server).await;
+    other
+        .publish(Message::new(topic("md.new1"), &b"n1"[..]))
+        .await
+        .unwrap();
+    other
+        .publish(Message::new(topic("md.deep.no"), &b"no"[..]))
+        .await
+        .unwrap();
+    other
+        .publish(Message::new(topic("md.old"), &b"after"[..]))
+        .await
+        .unwrap();
+    let mut got = Vec::new();
+    for _ in 0..2 {
+        let d = next(&mut sub).await;
+        got.push(String::from_utf8(d.message().payload.to_vec()).unwrap());
+        d.ack().await.unwrap();
+    }
+    got.sort();
+    assert_eq!(
+        got,
+        ["after", "n1"],
+        "new key found; old entries not replayed"
+    );
+    nothing(&mut sub).await;
+}
+
+async fn bus_other(server: &RedisServer) -> RedisBus {
+    bus(&server.url(), |_| {}).await
+}
+
+#[tokio::test]
+async fn start_from_beginning_replays() {
+    let Some(server) = RedisServer::start("stream_beginning") else {
+        return;
+    };
+    let bus = bus(&server.url(), |_| {}).await;
+    for i in 0..3u8 {
+        bus.publish(Message::new(topic("log.a"), vec![i]))
+            .await
+            .unwrap();
+    }
+    let mut new = bus
+        .subscribe(pat("log.>"), SubscribeOptions::new())
+        .await
+        .unwrap();
+    let mut all = bus
+        .subscribe(
+            pat("log.>"),
+            SubscribeOptions::new().start(StartFrom::Beginning),
+        )
+        .await
+        .unwrap();
+    for i in 0..3u8 {
+        assert_eq!(next(&mut all).await.message().payload[0], i);
+    }
+    nothing(&mut new).await;
+}
+
+#[tokio::test]
+async fn garbage_entries_are_counted_and_skipped() {
+    let Some(server) = RedisServer::start("stream_garbage") else {
+        return;
+    };
+    let bus = bus(&server.url(), |_| {}).await;
+    let mut sub = bus
+        .subscribe(pat("g"), SubscribeOptions::new().group("x"))
+        .await
+        .unwrap();
+    server.cli(&["XADD", "busway:stream:g", "*", "nopayload", "1"]);
+    bus.publish(Message::new(topic("g"), &b"ok"[..]))
+        .await
+        .unwrap();
+    let d = next(&mut sub).await;
+    assert_eq!(&d.message().payload[..], b"ok");
+    assert_eq!(bus.stats().decode_errors, 1);
+}
+
+#[tokio::test]
+async fn request_reply_on_a_stream_bus() {
+    let Some(server) = RedisServer::start("stream_request") else {
+        return;
+    };
+    let bus = bus(&server.url(), |_| {}).await;
+    let mut svc = bus
+        .subscribe(pat("svc.price"), SubscribeOptions::new().group("svc"))
+        .await
+        .unwrap();
+    tokio::spawn(async move {
+        while let Some(d) = svc.recv().await {
+            d.reply(&b"42"[..]).await.unwrap();
+            d.ack().await.unwrap();
+        }
+    });
+    let r = bus
+        .request(Message::new(topic("svc.price"), &b"?"[..]), WAIT)
+        .await
+        .unwrap();
+    assert_eq!(&r.payload[..], b"42");
+}
+
+#[tokio::test]
+async fn restart_with_aof_loses_nothing_unacked() {
+    let Some(mut server) = RedisServer::start_with_aof("stream_restart_aof") else {
+        return;
+    };
+    let bus = bus(&server.url(), |o| o.claim_idle_ms = Some(500)).await;
+    let mut sub = bus
+        .subscribe(pat("fills"), SubscribeOptions::new().group("book"))
+        .await
+        .unwrap();
+    // 1..=3 are delivered but not acked before the kill; 4..=6 are published while the
+    // subscriber is not reading.
+    for i in 1..=3u8 {
+        bus.publish(Message::new(topic("fills"), vec![i]))
+            .await
+            .unwrap();
+    }
+    let mut unacked = Vec::new();
+    for _ in 0..3 {
+        unacked.push(next(&mut sub).await);
+    }
+    for i in 4..=6u8 {
+        bus.publish(Message::new(topic("fills"), vec![i]))
+            .await
+            .unwrap();
+    }
+    server.kill();
+    drop(unacked); // the process "crashed" before acking
+    server.restart();
+    let start = Instant::now();
+    while bus.stats().health != Health::Up {
+        assert!(start.elapsed() < WAIT, "reconnect: {}", bus.stats());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    bus.publish(Message::new(topic("fills"), vec![7]))
+        .await
+        .unwrap();
+    let mut got = std::collections::BTreeSet::new();
+    let deadline = Instant::now() + WAIT;
+    while got.len() < 7 && Instant::now() < deadline {
+        if let Ok(Some(d)) = sub.recv_timeout(Duration::from_millis(500)).await {
+            d.ack().await.unwrap();
+            got.insert(d.message().payload[0]);
+        }
+    }
+    assert_eq!(
+        got.into_iter().collect::<Vec<u8>>(),
+        (1..=7).collect::<Vec<u8>>(),
+        "{}",
+        bus.stats()
+    );
+    assert!(bus.stats().reconnects >= 2);
+}
+
+#[tokio::test]
+async fn connections_per_subscription_are_named() {
+    let Some(server) = RedisServer::start("stream_connections") else {
+        return;
+    };
+    let bus = bus(&server.url(), |_| {}).await;
+    let _a = bus
+        .subscribe(pat("a"), SubscribeOptions::new().group("g"))
+        .await
+        .unwrap();
+    let _b = bus
+        .subscribe(pat("b.*"), SubscribeOptions::new())
+        .await
+        .unwrap();
+    let list = server.cli(&["CLIENT", "LIST"]);
+    let ours = list
+        .lines()
+        .filter(|l| l.contains("name=busway:test:engine "))
+        .count();
+    assert_eq!(
+        ours, 3,
+        "command + one reader per stream subscription:\n{list}"
+    );
+    assert_eq!(bus.stats().connections, 3);
+}
