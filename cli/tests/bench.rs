@@ -69,9 +69,7 @@ fn bench_json(args: &[&str], shapes: &[&str], broker_cpu: bool) -> Vec<Value> {
     assert!(ok, "busway {all:?} failed:\n{stdout}\n{stderr}");
     let lines: Vec<Value> = stdout
         .lines()
-        .map(|l| {
-            serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l:?}"))
-        })
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l:?}")))
         .collect();
     let got: Vec<&str> = lines
         .iter()
@@ -121,7 +119,14 @@ const ALL: [&str; 5] = ["publish", "pubsub", "fanout", "fanin", "latency"];
 #[test]
 fn memory_all_shapes_report_both_sides_and_a_ratio() {
     let lines = bench_json(
-        &["--transport", "memory", "--shape", "all", "--count", "20000"],
+        &[
+            "--transport",
+            "memory",
+            "--shape",
+            "all",
+            "--count",
+            "20000",
+        ],
         &ALL,
         false,
     );
@@ -178,7 +183,10 @@ fn bad_options_are_refused_with_a_reason() {
         Duration::from_secs(60),
     );
     assert!(!ok);
-    assert!(stderr.contains("--payload must be at least 1 byte"), "{stderr}");
+    assert!(
+        stderr.contains("--payload must be at least 1 byte"),
+        "{stderr}"
+    );
 }
 
 fn broker_present(binary: &str, test: &str) -> bool {
@@ -191,14 +199,7 @@ fn redis_broadcast_all_shapes_with_broker_cpu() {
         return;
     }
     bench_json(
-        &[
-            "--transport",
-            "redis",
-            "--shape",
-            "all",
-            "--count",
-            "5000",
-        ],
+        &["--transport", "redis", "--shape", "all", "--count", "5000"],
         &ALL,
         true,
     );

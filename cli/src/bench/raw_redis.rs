@@ -1,6 +1,6 @@
 //! The raw Redis baseline with redis-rs: `PUBLISH` on one `MultiplexedConnection` with the
 //! same number of commands in flight as busway, one pub/sub connection per subscriber;
-//! stream mode `XADD` the same way, and per subscriber its own consumer group read with
+//! stream mode `XADD ... MAXLEN ~` the same way, and per subscriber its own consumer group read with
 //! `XREADGROUP ... BLOCK` on a dedicated connection, each batch acked with one `XACK`.
 
 use std::time::Duration;
@@ -16,8 +16,10 @@ use super::broker::Broker;
 use super::engine::{client_err, publish_all, publish_loop, Run, SideResult};
 use super::Plan;
 
-/// Entries read per `XREADGROUP`.
-const READ_COUNT: usize = 512;
+/// Entries read per `XREADGROUP` (busway-redis's default `read_count`).
+const READ_COUNT: usize = 256;
+/// `XADD MAXLEN ~` (busway-redis's default `stream_maxlen`).
+const STREAM_MAXLEN: u64 = 100_000;
 
 /// Runs one shape with redis-rs.
 ///
@@ -178,7 +180,7 @@ async fn streams(plan: &Plan, broker: &Broker, client: &redis::Client) -> Result
                     tally.error();
                 }
                 for e in &entries {
-                    match e.map.get("d") {
+                    match e.map.get("payload") {
                         Some(redis::Value::BulkString(b)) => tally.record(b),
                         _ => tally.error(),
                     }
@@ -190,12 +192,18 @@ async fn streams(plan: &Plan, broker: &Broker, client: &redis::Client) -> Result
     let xadd_key = key.clone();
     let published = publish_with(plan, &mut run, &conn, move |payload| {
         let mut cmd = redis::cmd("XADD");
-        cmd.arg(&xadd_key).arg("*").arg("d").arg(payload);
+        cmd.arg(&xadd_key)
+            .arg("MAXLEN")
+            .arg("~")
+            .arg(STREAM_MAXLEN)
+            .arg("*")
+            .arg("payload")
+            .arg(payload);
         cmd
     })
     .await?;
     let what = format!(
-        "redis-rs XADD on one MultiplexedConnection, {} in flight per publisher; per subscriber a consumer group read by XREADGROUP COUNT {READ_COUNT} BLOCK 1000 on its own connection, one XACK per batch",
+        "redis-rs XADD MAXLEN ~ {STREAM_MAXLEN} on one MultiplexedConnection, {} in flight per publisher; per subscriber a consumer group read by XREADGROUP COUNT {READ_COUNT} BLOCK 1000 on its own connection, one XACK per batch",
         plan.inflight
     );
     let mut result = run.finish(what, published).await;

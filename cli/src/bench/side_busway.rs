@@ -14,7 +14,9 @@ use super::Plan;
 
 /// Every transport this binary knows, as a user's start-up code would register them.
 pub(crate) fn registry() -> Registry {
-    Registry::new()
+    let mut registry = Registry::new();
+    busway_redis::register(&mut registry);
+    registry
 }
 
 /// Builds the bus the plan measures.
