@@ -1,0 +1,614 @@
+//! [`NatsBus`]: one async-nats client per bus, core NATS (broadcast) or JetStream (stream).
+
+use std::collections::HashMap;
+use std::str::FromStr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use async_nats::connection::State;
+use async_nats::{ConnectErrorKind, ConnectOptions, ServerAddr};
+use async_trait::async_trait;
+use busway::config::redact_url;
+use busway::queue::QueueSender;
+use busway::{
+    BuildContext, Bus, Capabilities, Counters, Error, ErrorKind, Health, Message, Mode, Pattern,
+    QueueDefaults, Result, StatsSnapshot, SubscribeOptions, Subscription, Topic, TransportFactory,
+    INBOX_PREFIX,
+};
+use parking_lot::Mutex;
+
+use crate::config::{Framing, NatsConfig, OnDisconnect};
+use crate::headers;
+use crate::jetstream::StreamSetup;
+
+/// A bus on NATS: core NATS in broadcast mode, JetStream in stream mode.
+///
+/// One async-nats client (one TCP connection, named `busway:<app>:<bus>`) carries every
+/// publish, subscription and request of the bus. Build it through the registry
+/// ([`register`](crate::register)) or with [`NatsBus::connect`].
+#[derive(Debug, Clone)]
+pub struct NatsBus {
+    pub(crate) inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+pub(crate) struct Inner {
+    pub(crate) name: String,
+    /// The URL list with passwords and tokens replaced by `***`.
+    pub(crate) url: String,
+    pub(crate) client: async_nats::Client,
+    pub(crate) mode: Mode,
+    pub(crate) config: NatsConfig,
+    pub(crate) queue: QueueDefaults,
+    pub(crate) counters: Arc<Counters>,
+    pub(crate) stream: Option<StreamSetup>,
+    closed: AtomicBool,
+    subs: Mutex<HashMap<u64, SubEntry>>,
+    next_sub: AtomicU64,
+}
+
+#[derive(Debug)]
+struct SubEntry {
+    tx: QueueSender,
+    task: tokio::task::AbortHandle,
+}
+
+/// Dropped with a subscription: stops its pump (which unsubscribes or deletes its consumer).
+#[derive(Debug)]
+pub(crate) struct SubGuard {
+    bus: Weak<Inner>,
+    id: u64,
+    task: tokio::task::AbortHandle,
+}
+
+impl Drop for SubGuard {
+    fn drop(&mut self) {
+        self.task.abort();
+        if let Some(bus) = self.bus.upgrade() {
+            bus.subs.lock().remove(&self.id);
+        }
+    }
+}
+
+impl Inner {
+    pub(crate) fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::Acquire)
+    }
+
+    pub(crate) fn is_connected(&self) -> bool {
+        self.client.connection_state() == State::Connected
+    }
+
+    /// Records a running pump and returns the guard to attach to its subscription.
+    pub(crate) fn track(
+        self: &Arc<Self>,
+        tx: QueueSender,
+        task: tokio::task::AbortHandle,
+    ) -> SubGuard {
+        let id = self.next_sub.fetch_add(1, Ordering::Relaxed);
+        self.subs.lock().insert(
+            id,
+            SubEntry {
+                tx,
+                task: task.clone(),
+            },
+        );
+        SubGuard {
+            bus: Arc::downgrade(self),
+            id,
+            task,
+        }
+    }
+
+    pub(crate) fn closed_error(&self) -> Error {
+        Error::closed(format!("bus {:?}", self.name))
+    }
+
+    /// The error for a publish while disconnected under `on_disconnect = "fail"`.
+    pub(crate) fn disconnected_error(&self, topic: &Topic) -> Error {
+        Error::new(
+            ErrorKind::Connection,
+            format!(
+                "bus {:?}: not connected to NATS at {} (publishing {:?}; on_disconnect = \"fail\")",
+                self.name,
+                self.url,
+                topic.as_str()
+            ),
+        )
+    }
+
+    pub(crate) fn failed(&self, e: Error) -> Error {
+        Counters::incr(&self.counters.errors);
+        e
+    }
+
+    /// Core NATS publish (broadcast mode, and replies to inboxes in stream mode).
+    pub(crate) async fn publish_core(&self, message: Message) -> Result<()> {
+        let Message {
+            topic,
+            payload,
+            headers: h,
+        } = message;
+        let map = match self.config.framing {
+            Framing::Headers => headers::encode(&topic, &h)?,
+            Framing::Raw => None,
+        };
+        let subject = async_nats::Subject::from(topic.as_str());
+        let client = &self.client;
+        let send = async {
+            match (h.reply_to.as_ref(), map) {
+                (None, None) => client.publish(subject, payload).await,
+                (None, Some(map)) => client.publish_with_headers(subject, map, payload).await,
+                (Some(r), None) => {
+                    client
+                        .publish_with_reply(subject, r.as_str().to_string(), payload)
+                        .await
+                }
+                (Some(r), Some(map)) => {
+                    client
+                        .publish_with_reply_and_headers(
+                            subject,
+                            r.as_str().to_string(),
+                            map,
+                            payload,
+                        )
+                        .await
+                }
+            }
+        };
+        match tokio::time::timeout(self.config.publish_timeout(), send).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(self.publish_error(&topic, e.to_string(), e.kind() == async_nats::client::PublishErrorKind::MaxPayloadExceeded, e)),
+            Err(_) => Err(Error::new(
+                ErrorKind::BufferFull,
+                format!(
+                    "bus {:?}: publish on {:?} found the client's outage buffer full (publish_buffer) for {:?} while {}",
+                    self.name,
+                    topic.as_str(),
+                    self.config.publish_timeout(),
+                    if self.is_connected() { "connected" } else { "disconnected" }
+                ),
+            )),
+        }
+    }
+
+    fn publish_error(
+        &self,
+        topic: &Topic,
+        what: String,
+        too_large: bool,
+        source: impl std::error::Error + Send + Sync + 'static,
+    ) -> Error {
+        let kind = if too_large {
+            ErrorKind::PayloadTooLarge
+        } else {
+            ErrorKind::Connection
+        };
+        Error::new(
+            kind,
+            format!(
+                "bus {:?}: publish on {:?} failed: {what}",
+                self.name,
+                topic.as_str()
+            ),
+        )
+        .with_source(source)
+    }
+
+    /// Waits until the server has processed everything this client sent so far (bounded by
+    /// `publish_timeout`). async-nats's `flush` only writes the socket; a request nobody
+    /// answers comes back as "no responders" after the server handled what preceded it.
+    pub(crate) async fn round_trip(&self) -> Result<()> {
+        use async_nats::client::RequestErrorKind;
+        let subject = format!("{}.busway-sync", self.client.new_inbox());
+        let timeout = self.config.publish_timeout();
+        let answer =
+            tokio::time::timeout(timeout, self.client.request(subject, bytes::Bytes::new())).await;
+        match answer {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(e)) if e.kind() == RequestErrorKind::NoResponders => Ok(()),
+            Ok(Err(e)) => Err(Error::new(
+                ErrorKind::Connection,
+                format!("bus {:?}: flush to {} failed", self.name, self.url),
+            )
+            .with_source(e)),
+            Err(_) => Err(Error::new(
+                ErrorKind::Timeout,
+                format!(
+                    "bus {:?}: flush to {} did not finish within {timeout:?} ({})",
+                    self.name,
+                    self.url,
+                    if self.is_connected() {
+                        "connected"
+                    } else {
+                        "disconnected"
+                    }
+                ),
+            )),
+        }
+    }
+
+    fn max_payload(&self) -> usize {
+        // The server's limit covers headers too; leave them room.
+        self.client
+            .server_info()
+            .max_payload
+            .saturating_sub(4096)
+            .max(1)
+    }
+}
+
+/// Maps a connect failure to a busway error naming the bus and the redacted URL.
+fn connect_error(bus: &str, url: &str, e: async_nats::ConnectError) -> Error {
+    let kind = match e.kind() {
+        ConnectErrorKind::AuthorizationViolation | ConnectErrorKind::Authentication => {
+            ErrorKind::Auth
+        }
+        ConnectErrorKind::ServerParse => ErrorKind::InvalidConfig,
+        _ => ErrorKind::Connection,
+    };
+    let hint = match kind {
+        ErrorKind::Auth => {
+            " (the server refused the credentials: check user/password, token, creds or nkey)"
+        }
+        _ => "",
+    };
+    // The error's own text never holds the credentials (async-nats prints kinds only).
+    Error::new(
+        kind,
+        format!("bus {bus:?}: cannot connect to NATS at {url}: {e}{hint}"),
+    )
+}
+
+fn handle_event(bus: &str, counters: &Counters, event: async_nats::Event) {
+    use async_nats::Event;
+    match event {
+        Event::Connected => {
+            tracing::info!(bus, "connected to NATS");
+        }
+        Event::Disconnected => {
+            tracing::warn!(bus, "disconnected from NATS; async-nats reconnects");
+        }
+        Event::SlowConsumer(sid) => {
+            // async-nats dropped a message because a subscription's channel was full.
+            Counters::incr(&counters.dropped);
+            tracing::debug!(bus, sid, "slow consumer: async-nats dropped a message");
+        }
+        Event::ServerError(e) => {
+            Counters::incr(&counters.errors);
+            tracing::warn!(bus, error = %e, "NATS server error");
+        }
+        Event::ClientError(e) => {
+            Counters::incr(&counters.errors);
+            tracing::warn!(bus, error = %e, "NATS client error");
+        }
+        other => tracing::info!(bus, event = %other, "NATS event"),
+    }
+}
+
+impl NatsBus {
+    /// Connects a bus described by `ctx` (its `url`, `mode`, queue defaults and the NATS keys
+    /// of [`NatsConfig`]). In stream mode the JetStream stream is created, or updated to the
+    /// configured subjects and limits.
+    ///
+    /// # Errors
+    /// [`ErrorKind::InvalidConfig`] naming the file and key; [`ErrorKind::Auth`] when the
+    /// server refuses the credentials (at once, without retrying);
+    /// [`ErrorKind::Connection`] when no server answers within `connect_timeout`;
+    /// [`ErrorKind::Broker`] when the stream cannot be created.
+    pub async fn connect(ctx: BuildContext<'_>) -> Result<NatsBus> {
+        let config: NatsConfig = ctx.options()?;
+        let raw_url = ctx
+            .config
+            .url
+            .clone()
+            .unwrap_or_else(|| "nats://127.0.0.1:4222".to_string());
+        let url = redact_url(&raw_url);
+        let mut addrs = Vec::new();
+        // async-nats ignores credentials in URLs: `nats://user:pass@h` and `nats://token@h`
+        // are honoured here (keys in config win).
+        let mut url_user_pass = None;
+        let mut url_token = None;
+        for one in raw_url.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+            let addr = ServerAddr::from_str(one).map_err(|e| {
+                ctx.config_error(
+                    "url",
+                    format!("{:?} is not a NATS URL: {e}", redact_url(one)),
+                )
+            })?;
+            match (addr.username(), addr.password()) {
+                (Some(u), Some(p)) => {
+                    url_user_pass = Some((decode_userinfo(u), decode_userinfo(p)))
+                }
+                (Some(t), None) => url_token = Some(decode_userinfo(t)),
+                _ => {}
+            }
+            addrs.push(addr);
+        }
+        if addrs.is_empty() {
+            return Err(ctx.config_error("url", "is empty"));
+        }
+        let queue = ctx.config.queue_defaults();
+        let counters = Arc::new(Counters::default());
+        counters.set_health(Health::Connecting);
+
+        let mut options = ConnectOptions::new()
+            .name(ctx.client_name())
+            .subscription_capacity(config.client_capacity(queue.capacity))
+            .client_capacity(config.publish_buffer.unwrap_or(8192).max(1))
+            .connection_timeout(config.connect_timeout())
+            .max_reconnects(config.max_reconnects)
+            .require_tls(config.tls_required);
+        {
+            let counters = counters.clone();
+            let bus = ctx.bus.to_string();
+            options = options.event_callback(move |event| {
+                handle_event(&bus, &counters, event);
+                async {}
+            });
+        }
+        match (&config.user, &config.password) {
+            (Some(u), Some(p)) => options = options.user_and_password(u.clone(), p.clone()),
+            (None, None) => {
+                if let Some((u, p)) = url_user_pass {
+                    options = options.user_and_password(u, p);
+                }
+            }
+            (Some(_), None) => {
+                return Err(ctx.config_error("password", "`user` is set without `password`"))
+            }
+            (None, Some(_)) => {
+                return Err(ctx.config_error("user", "`password` is set without `user`"))
+            }
+        }
+        if let Some(token) = config.token.clone().or(url_token) {
+            options = options.token(token);
+        }
+        if let Some(seed) = &config.nkey {
+            options = options.nkey(seed.clone());
+        }
+        if let Some(creds) = &config.creds {
+            options = options.credentials_file(creds).await.map_err(|e| {
+                ctx.config_error("creds", format!("cannot read the credentials file: {e}"))
+            })?;
+        }
+        if let Some(ca) = &config.tls_ca {
+            options = options.add_root_certificates(ca.clone());
+        }
+        match (&config.tls_cert, &config.tls_key) {
+            (Some(c), Some(k)) => options = options.add_client_certificate(c.clone(), k.clone()),
+            (None, None) => {}
+            _ => {
+                return Err(
+                    ctx.config_error("tls_cert", "`tls_cert` and `tls_key` must be set together")
+                )
+            }
+        }
+        // retry_on_initial_connect stays off: a wrong password or an absent server is an
+        // error now, not a background retry loop.
+        let client = options
+            .connect(addrs)
+            .await
+            .map_err(|e| connect_error(ctx.bus, &url, e))?;
+        counters.set_health(Health::Up);
+
+        let stream = match ctx.config.mode {
+            Mode::Broadcast => None,
+            Mode::Stream => Some(StreamSetup::ensure(&ctx, &config, &client).await?),
+        };
+        Ok(NatsBus {
+            inner: Arc::new(Inner {
+                name: ctx.bus.to_string(),
+                url,
+                client,
+                mode: ctx.config.mode,
+                config,
+                queue,
+                counters,
+                stream,
+                closed: AtomicBool::new(false),
+                subs: Mutex::new(HashMap::new()),
+                next_sub: AtomicU64::new(0),
+            }),
+        })
+    }
+
+    /// The async-nats client (for raw access in tests and benches).
+    pub fn client(&self) -> &async_nats::Client {
+        &self.inner.client
+    }
+
+    fn check_open(&self) -> Result<()> {
+        if self.inner.is_closed() {
+            Err(self.inner.closed_error())
+        } else {
+            Ok(())
+        }
+    }
+
+    fn as_dyn(&self) -> Arc<dyn Bus> {
+        Arc::new(self.clone())
+    }
+}
+
+/// Percent-decodes URL user info (`p%40ss` -> `p@ss`).
+fn decode_userinfo(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' && i + 2 < bytes.len() {
+            let hex = std::str::from_utf8(&bytes[i + 1..i + 3]).unwrap_or("");
+            if let Ok(b) = u8::from_str_radix(hex, 16) {
+                out.push(b);
+                i += 3;
+                continue;
+            }
+        }
+        out.push(bytes[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Whether `topic` is a request inbox: always core NATS, also on a stream bus.
+pub(crate) fn is_inbox(subject: &str) -> bool {
+    subject
+        .strip_prefix(INBOX_PREFIX)
+        .is_some_and(|rest| rest.starts_with('.'))
+}
+
+#[async_trait]
+impl Bus for NatsBus {
+    fn name(&self) -> &str {
+        &self.inner.name
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        let max = self.inner.max_payload();
+        let mut caps = match self.inner.mode {
+            Mode::Broadcast => Capabilities::broadcast(max),
+            Mode::Stream => Capabilities::stream(max),
+        };
+        caps.headers = self.inner.config.framing == Framing::Headers;
+        caps
+    }
+
+    async fn publish(&self, message: Message) -> Result<()> {
+        self.check_open()?;
+        let inner = &self.inner;
+        self.capabilities()
+            .check_payload(&inner.name, &message)
+            .map_err(|e| inner.failed(e))?;
+        if inner.config.on_disconnect == OnDisconnect::Fail && !inner.is_connected() {
+            return Err(inner.failed(inner.disconnected_error(&message.topic)));
+        }
+        let result = match &inner.stream {
+            Some(stream) if !is_inbox(message.topic.as_str()) => {
+                stream.publish(inner, message).await
+            }
+            _ => inner.publish_core(message).await,
+        };
+        match result {
+            Ok(()) => {
+                Counters::incr(&inner.counters.published);
+                Ok(())
+            }
+            Err(e) => Err(inner.failed(e)),
+        }
+    }
+
+    async fn subscribe(&self, pattern: Pattern, options: SubscribeOptions) -> Result<Subscription> {
+        self.check_open()?;
+        let inbox = is_inbox(pattern.as_str());
+        if !inbox {
+            self.capabilities()
+                .check_subscribe(&self.inner.name, &pattern, &options)?;
+        }
+        if let Some(group) = &options.group {
+            if group.is_empty() || group.bytes().any(|b| !(0x21..=0x7e).contains(&b)) {
+                return Err(Error::new(
+                    ErrorKind::Unsupported,
+                    format!(
+                        "bus {:?}: group {group:?} must be non-empty printable ASCII without spaces",
+                        self.inner.name
+                    ),
+                ));
+            }
+        }
+        match &self.inner.stream {
+            Some(stream) if !inbox => {
+                stream
+                    .subscribe(&self.inner, pattern, options, self.as_dyn())
+                    .await
+            }
+            _ => crate::core::subscribe(&self.inner, pattern, options, self.as_dyn()).await,
+        }
+    }
+
+    async fn request(&self, message: Message, timeout: Duration) -> Result<Message> {
+        self.check_open()?;
+        let inner = &self.inner;
+        self.capabilities()
+            .check_payload(&inner.name, &message)
+            .map_err(|e| inner.failed(e))?;
+        if inner.config.on_disconnect == OnDisconnect::Fail && !inner.is_connected() {
+            return Err(inner.failed(inner.disconnected_error(&message.topic)));
+        }
+        match &inner.stream {
+            Some(stream) if stream.auto || stream.captures(&message.topic) => {
+                stream.request(self, message, timeout).await
+            }
+            _ => crate::core::request(inner, message, timeout).await,
+        }
+    }
+
+    async fn flush(&self) -> Result<()> {
+        self.check_open()?;
+        self.inner
+            .round_trip()
+            .await
+            .map_err(|e| self.inner.failed(e))
+    }
+
+    async fn close(&self) -> Result<()> {
+        let inner = &self.inner;
+        if inner.closed.swap(true, Ordering::AcqRel) {
+            return Ok(());
+        }
+        // Stream publishes already awaited their PubAck; make the server take what is
+        // still buffered (broadcast) before the connection goes.
+        let flushed = inner.round_trip().await;
+        let subs: Vec<SubEntry> = inner.subs.lock().drain().map(|(_, e)| e).collect();
+        for sub in subs {
+            sub.task.abort();
+            sub.tx.close();
+        }
+        if let Some(stream) = &inner.stream {
+            stream.close(inner).await;
+        }
+        // Best effort: the server may already be gone.
+        let _ = tokio::time::timeout(Duration::from_secs(5), inner.client.drain()).await;
+        inner.counters.set_health(Health::Closed);
+        flushed.map_err(|e| e.context("closing"))
+    }
+
+    fn stats(&self) -> StatsSnapshot {
+        let inner = &self.inner;
+        let mut s = inner.counters.snapshot();
+        let connected = inner.is_connected();
+        // async-nats counts every successful connect: the first is not a reconnect.
+        let connects = inner.client.statistics().connects.load(Ordering::Relaxed);
+        s.reconnects = connects.saturating_sub(1);
+        s.connections = u64::from(connected && !inner.is_closed());
+        s.health = if inner.is_closed() {
+            Health::Closed
+        } else if connected {
+            Health::Up
+        } else {
+            Health::Connecting
+        };
+        s
+    }
+}
+
+/// Builds [`NatsBus`]es for `transport = "nats"`.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct NatsFactory;
+
+#[async_trait]
+impl TransportFactory for NatsFactory {
+    fn kind(&self) -> &'static str {
+        "nats"
+    }
+
+    async fn build(&self, ctx: BuildContext<'_>) -> Result<Arc<dyn Bus>> {
+        Ok(Arc::new(NatsBus::connect(ctx).await?))
+    }
+}
+
+/// Registers the `nats` transport.
+pub fn register(registry: &mut busway::Registry) {
+    registry.register(NatsFactory);
+}

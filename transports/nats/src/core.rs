@@ -1,0 +1,191 @@
+//! Broadcast mode on core NATS: subscriptions (with queue groups), the pump that moves each
+//! async-nats subscriber into busway's queue, and native request/reply.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::client::RequestErrorKind;
+use busway::queue::QueueSender;
+use busway::{
+    new_message_id, Bus, Counters, Delivery, Error, ErrorKind, Message, Pattern, Result,
+    SubscribeOptions, Subscription, Topic,
+};
+use futures::StreamExt;
+
+use crate::bus::Inner;
+use crate::config::Framing;
+use crate::headers;
+
+/// A busway message from a NATS message. `reply` (the NATS reply subject) stands in for a
+/// missing `Busway-Reply-To` header, so plain NATS requesters can be answered.
+pub(crate) fn to_message(
+    subject: &str,
+    payload: bytes::Bytes,
+    map: Option<&async_nats::HeaderMap>,
+    reply: Option<&str>,
+) -> Result<Message> {
+    let topic = Topic::new(subject)?;
+    let mut h = headers::decode(map)?;
+    if h.reply_to.is_none() {
+        if let Some(reply) = reply {
+            h.reply_to = Some(Topic::new(reply)?);
+        }
+    }
+    Ok(Message {
+        topic,
+        payload,
+        headers: h,
+    })
+}
+
+pub(crate) async fn subscribe(
+    inner: &Arc<Inner>,
+    pattern: Pattern,
+    options: SubscribeOptions,
+    via: Arc<dyn Bus>,
+) -> Result<Subscription> {
+    let subject = pattern.as_str().to_string();
+    let result = match &options.group {
+        Some(group) => inner.client.queue_subscribe(subject, group.clone()).await,
+        None => inner.client.subscribe(subject).await,
+    };
+    let subscriber = result.map_err(|e| {
+        inner.failed(
+            Error::new(
+                ErrorKind::Connection,
+                format!(
+                    "bus {:?}: cannot subscribe to {:?}",
+                    inner.name,
+                    pattern.as_str()
+                ),
+            )
+            .with_source(e),
+        )
+    })?;
+    // A round trip makes the server register the SUB before we return, so messages published
+    // afterwards (from any connection) reach it. Bounded: a dead server must not hang here.
+    if inner.is_connected() {
+        let _ = inner.round_trip().await;
+    }
+    let (capacity, overflow) = options.queue(inner.queue);
+    let (tx, sub) = Subscription::channel(pattern, capacity, overflow, inner.counters.clone());
+    let task = tokio::spawn(pump(subscriber, tx.clone(), inner.counters.clone(), via));
+    let guard = inner.track(tx, task.abort_handle());
+    Ok(sub.with_guard(guard))
+}
+
+/// Moves messages from the async-nats subscriber into busway's queue. Under a dropping policy
+/// it never waits, so async-nats's own channel stays near empty; under `block` it waits, and
+/// what async-nats then drops for the full channel is counted from its slow-consumer events.
+async fn pump(
+    mut subscriber: async_nats::Subscriber,
+    tx: QueueSender,
+    bus_counters: Arc<Counters>,
+    via: Arc<dyn Bus>,
+) {
+    while let Some(msg) = subscriber.next().await {
+        let message = match to_message(
+            msg.subject.as_str(),
+            msg.payload,
+            msg.headers.as_ref(),
+            msg.reply.as_deref(),
+        ) {
+            Ok(m) => m,
+            Err(e) => {
+                Counters::incr(&bus_counters.decode_errors);
+                Counters::incr(&tx.stats().decode_errors);
+                tracing::debug!(subject = %msg.subject, error = %e, "skipped an undecodable NATS message");
+                continue;
+            }
+        };
+        if !tx
+            .send(Delivery::new(message).with_reply_via(via.clone()))
+            .await
+        {
+            break;
+        }
+    }
+    // The client closed (or the subscription went away): end the subscription.
+    tx.close();
+}
+
+/// Native NATS request: a multiplexed inbox on the bus's one connection.
+pub(crate) async fn request(
+    inner: &Inner,
+    mut message: Message,
+    timeout: Duration,
+) -> Result<Message> {
+    if message.headers.correlation_id.is_none() {
+        message.headers.correlation_id = Some(new_message_id());
+    }
+    let topic = message.topic.clone();
+    let map = match inner.config.framing {
+        Framing::Headers => headers::encode(&topic, &message.headers)?,
+        Framing::Raw => None,
+    };
+    let mut request = async_nats::client::Request::new()
+        .payload(message.payload)
+        .timeout(Some(timeout));
+    if let Some(map) = map {
+        request = request.headers(map);
+    }
+    let subject = async_nats::Subject::from(topic.as_str());
+    // The client's own timeout covers the reply; ours also covers a full command buffer.
+    let reply = tokio::time::timeout(
+        timeout + Duration::from_millis(50),
+        inner.client.send_request(subject, request),
+    )
+    .await;
+    let reply = match reply {
+        Ok(Ok(reply)) => reply,
+        Ok(Err(e)) => {
+            let (kind, why) = match e.kind() {
+                RequestErrorKind::NoResponders => (
+                    ErrorKind::NoResponders,
+                    "no responders: nobody is subscribed to it".to_string(),
+                ),
+                RequestErrorKind::TimedOut => {
+                    (ErrorKind::Timeout, format!("no reply within {timeout:?}"))
+                }
+                RequestErrorKind::MaxPayloadExceeded => (ErrorKind::PayloadTooLarge, e.to_string()),
+                _ if !inner.is_connected() => (
+                    ErrorKind::Connection,
+                    format!("not connected to NATS at {}", inner.url),
+                ),
+                _ => (ErrorKind::Other, e.to_string()),
+            };
+            return Err(inner.failed(Error::new(
+                kind,
+                format!(
+                    "request on {:?} (bus {:?}): {why}",
+                    topic.as_str(),
+                    inner.name
+                ),
+            )));
+        }
+        Err(_) => {
+            return Err(inner.failed(Error::new(
+                ErrorKind::Timeout,
+                format!(
+                    "request on {:?} (bus {:?}): no reply within {timeout:?}",
+                    topic.as_str(),
+                    inner.name
+                ),
+            )))
+        }
+    };
+    to_message(
+        reply.subject.as_str(),
+        reply.payload,
+        reply.headers.as_ref(),
+        None,
+    )
+    .map_err(|e| {
+        Counters::incr(&inner.counters.decode_errors);
+        e.context(format!(
+            "request on {:?} (bus {:?}): undecodable reply",
+            topic.as_str(),
+            inner.name
+        ))
+    })
+}

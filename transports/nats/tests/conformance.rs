@@ -1,0 +1,45 @@
+//! The conformance suite on NATS: core NATS (broadcast) and JetStream (stream), each case on
+//! its own nats-server.
+
+use std::sync::Arc;
+
+use busway::{BuildContext, BusConfig, Mode};
+use busway_nats::NatsBus;
+use busway_testkit::conformance::Fixture;
+use busway_testkit::nats::NatsServer;
+
+async fn fixture(mode: Mode) -> Fixture {
+    let server = match NatsServer::start("conformance") {
+        Some(s) => s,
+        // No nats-server: a memory bus keeps the macro's cases meaningful to run; the
+        // SKIPPED line above says why (BUSWAY_REQUIRE_BROKERS=1 makes it a failure).
+        None => return Fixture::new(Arc::new(busway::MemoryBus::new("skipped"))),
+    };
+    let mut config = BusConfig::new("nats");
+    config.url = Some(server.url());
+    config.mode = mode;
+    let ctx = BuildContext {
+        app: "conformance",
+        bus: "conformance",
+        config: &config,
+        source: "conformance.toml",
+    };
+    let bus = NatsBus::connect(ctx)
+        .await
+        .expect("connect to the test nats-server");
+    Fixture::with_guard(Arc::new(bus), server)
+}
+
+mod core {
+    async fn fixture() -> busway_testkit::conformance::Fixture {
+        super::fixture(busway::Mode::Broadcast).await
+    }
+    busway_testkit::conformance_tests!(fixture);
+}
+
+mod jetstream {
+    async fn fixture() -> busway_testkit::conformance::Fixture {
+        super::fixture(busway::Mode::Stream).await
+    }
+    busway_testkit::conformance_tests!(fixture);
+}
