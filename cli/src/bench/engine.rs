@@ -124,6 +124,9 @@ pub(crate) struct SideResult {
     /// Broker CPU seconds spent during the side (user + system), when known.
     pub(crate) broker_cpu_s: Option<f64>,
     pub(crate) latency: Option<Latency>,
+    /// Drops the bus itself counted (`stats().dropped`; busway side only): a loss the bus
+    /// did not count is a silent loss.
+    pub(crate) bus_dropped: Option<u64>,
 }
 
 impl SideResult {
@@ -276,6 +279,7 @@ impl Run {
             elapsed: Duration::from_nanos(end_ns.saturating_sub(self.start_ns)),
             broker_cpu_s: None,
             latency,
+            bus_dropped: None,
         }
     }
 }

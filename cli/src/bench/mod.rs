@@ -152,9 +152,11 @@ impl Plan {
         self.shape == Shape::Latency
     }
 
-    /// The busway topic (and raw channel / subject / key stem) for this shape.
+    /// The topic (busway) or channel / subject / stream key (raw) of this shape. The sides
+    /// differ in their first token, so a JetStream stream busway creates for `bench.>` never
+    /// overlaps the raw side's.
     pub(crate) fn topic(&self, side: &str) -> String {
-        format!("bench.{}.{}.{}", self.run_id, side, self.shape.as_str())
+        format!("{side}bench.{}.{}", self.run_id, self.shape.as_str())
     }
 
     /// A subscriber's queue capacity: room for everything it may be sent, so nothing waits

@@ -55,6 +55,7 @@ fn side_json(s: &SideResult) -> Value {
         "expected_deliveries": s.expected,
         "delivered": s.delivered,
         "lost": s.lost,
+        "bus_dropped": s.bus_dropped,
         "errors": s.errors,
         "elapsed_s": elapsed,
         "msgs_per_s": s.rate(),
@@ -100,8 +101,12 @@ impl Report {
     pub(crate) fn print(&mut self, r: &ShapeResult) {
         for (side, s) in [("busway", &r.busway), ("raw", &r.raw)] {
             if s.lost > 0 || s.errors > 0 {
+                let counted = match s.bus_dropped {
+                    Some(d) => format!(", {d} counted as dropped by the bus"),
+                    None => String::new(),
+                };
                 self.lossy.push(format!(
-                    "{}/{side} ({} of {} deliveries missing, {} errors)",
+                    "{}/{side} ({} of {} deliveries missing, {} errors{counted})",
                     r.plan.shape.as_str(),
                     s.lost,
                     s.expected,

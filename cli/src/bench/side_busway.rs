@@ -16,6 +16,7 @@ use super::Plan;
 pub(crate) fn registry() -> Registry {
     let mut registry = Registry::new();
     busway_redis::register(&mut registry);
+    busway_nats::register(&mut registry);
     registry
 }
 
@@ -45,7 +46,7 @@ pub(crate) async fn build_bus(plan: &Plan, broker: &Broker) -> Result<Arc<dyn Bu
 /// Building the bus, subscribing or publishing failed.
 pub(crate) async fn run(plan: &Plan, broker: &Broker) -> Result<SideResult> {
     let bus = build_bus(plan, broker).await?;
-    let topic_name = plan.topic("busway");
+    let topic_name = plan.topic("");
     let topic = Topic::new(&topic_name)?;
     let mut run = Run::new(plan);
     let mut readers = Vec::new();
@@ -98,6 +99,7 @@ pub(crate) async fn run(plan: &Plan, broker: &Broker) -> Result<SideResult> {
     let mut result = run.finish(what, published).await;
     let cpu_after = broker.cpu_seconds().await;
     result.broker_cpu_s = cpu_before.zip(cpu_after).map(|(a, b)| b - a);
+    result.bus_dropped = Some(bus.stats().dropped);
     for r in readers {
         r.abort();
     }
