@@ -258,3 +258,80 @@ fn nats_jetstream_with_acks() {
         true,
     );
 }
+
+#[test]
+fn scenario_reports_three_setups_and_the_comparison() {
+    if !broker_present(
+        "redis-server",
+        "scenario_reports_three_setups_and_the_comparison",
+    ) || !broker_present(
+        "nats-server",
+        "scenario_reports_three_setups_and_the_comparison",
+    ) {
+        return;
+    }
+    let args = [
+        "bench",
+        "scenario",
+        "--json",
+        "--seconds",
+        "2",
+        "--md-rate",
+        "200",
+        "--logic-rate",
+        "10",
+        "--symbols",
+        "5",
+        "--drain",
+        "10",
+    ];
+    let (ok, stdout, stderr) = busway(&args, Duration::from_secs(300));
+    assert!(ok, "{stdout}\n{stderr}");
+    let lines: Vec<Value> = stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l:?}")))
+        .collect();
+    assert_eq!(lines.len(), 5, "{stdout}");
+    for (line, setup) in lines.iter().zip(["before", "dual_bus", "off_redis"]) {
+        assert_eq!(line["setup"], setup, "{line}");
+        assert!(number(line, &["published"]) > 0.0, "{line}");
+        assert_eq!(line["delivered"], line["expected_deliveries"], "{line}");
+        assert_eq!(line["errors"], 0, "{line}");
+        assert!(
+            number(line, &["p99_us"]) >= number(line, &["p50_us"]),
+            "{line}"
+        );
+        assert!(number(line, &["total_broker_cpu_s"]) >= 0.0, "{line}");
+        let brokers = line["brokers"].as_array().expect("brokers");
+        assert_eq!(brokers[0]["role"], "main redis", "{line}");
+        assert!(number(&brokers[0], &["cpu_s"]) >= 0.0, "{line}");
+    }
+    // before: 8 processes (feed + 7 engines) x 3 connections on the main Redis.
+    assert_eq!(lines[0]["brokers"][0]["connections"], 24, "{}", lines[0]);
+    for busway_setup in &lines[1..3] {
+        let brokers = busway_setup["brokers"].as_array().expect("brokers");
+        assert_eq!(brokers.len(), 3, "{busway_setup}");
+        assert_eq!(
+            brokers[0]["connections"], 0,
+            "main Redis carries nothing: {busway_setup}"
+        );
+        for b in &brokers[1..] {
+            assert!(number(b, &["connections"]) > 0.0, "{busway_setup}");
+        }
+    }
+    // Dual bus on Redis: per process one command connection on each bus, one pub/sub
+    // connection per market-data subscriber process (5), one reader per stream subscription (7).
+    assert_eq!(lines[1]["brokers"][1]["connections"], 8 + 5, "{}", lines[1]);
+    assert_eq!(lines[1]["brokers"][2]["connections"], 8 + 7, "{}", lines[1]);
+    // NATS: one connection per process and bus.
+    assert_eq!(lines[2]["brokers"][1]["connections"], 8, "{}", lines[2]);
+    assert_eq!(lines[2]["brokers"][2]["connections"], 8, "{}", lines[2]);
+    for (line, setup) in lines[3..].iter().zip(["dual_bus", "off_redis"]) {
+        assert_eq!(line["compare"], setup, "{line}");
+        assert_eq!(line["main_redis_engine_connections"], 0, "{line}");
+        assert!(
+            number(line, &["main_redis_cpu_reduction_pct"]).is_finite(),
+            "{line}"
+        );
+    }
+}

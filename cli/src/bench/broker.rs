@@ -17,6 +17,8 @@ pub(crate) struct Broker {
     url: Option<String>,
     /// Set when this process started the broker: it dies with the bench.
     server: Option<ServerProcess>,
+    /// nats-server's HTTP monitoring port (`/connz`), when this bench started it.
+    monitor_port: Option<u16>,
     redis_info: Option<redis::aio::MultiplexedConnection>,
 }
 
@@ -42,6 +44,7 @@ impl Broker {
                     transport,
                     url: None,
                     server: None,
+                    monitor_port: None,
                     redis_info: None,
                 })
             }
@@ -67,9 +70,20 @@ impl Broker {
             ),
             Transport::Nats => (
                 "nats-server",
-                &["-a", "127.0.0.1", "-p", "{port}", "-js", "-sd", "{dir}"],
+                &[
+                    "-a",
+                    "127.0.0.1",
+                    "-p",
+                    "{port}",
+                    "-m",
+                    "{mport}",
+                    "-js",
+                    "-sd",
+                    "{dir}",
+                ],
             ),
         };
+        let mut monitor_port = None;
         let (url, server) = match url {
             Some(u) => (u.to_string(), None),
             None => {
@@ -82,9 +96,16 @@ impl Broker {
                     )
                 })?;
                 let port = free_port();
+                let mport = free_port();
+                if transport == Transport::Nats {
+                    monitor_port = Some(mport);
+                }
                 let args: Vec<String> = args
                     .iter()
-                    .map(|a| a.replace("{port}", &port.to_string()))
+                    .map(|a| {
+                        a.replace("{port}", &port.to_string())
+                            .replace("{mport}", &mport.to_string())
+                    })
                     .collect();
                 let server =
                     tokio::task::spawn_blocking(move || ServerProcess::start(&program, args, port))
@@ -119,6 +140,7 @@ impl Broker {
             transport,
             url: Some(url),
             server,
+            monitor_port,
             redis_info,
         })
     }
@@ -159,6 +181,46 @@ impl Broker {
             Transport::Nats => proc_cpu_seconds(self.server.as_ref()?.pid()?),
         }
     }
+}
+
+impl Broker {
+    /// Client connections the broker holds now, not counting this bench's own admin
+    /// connection: Redis `CLIENT LIST`; NATS `/connz` when this bench started the server.
+    pub(crate) async fn client_connections(&self) -> Option<u64> {
+        match self.transport {
+            Transport::Memory => None,
+            Transport::Redis => {
+                let mut conn = self.redis_info.clone()?;
+                let list: String = redis::cmd("CLIENT")
+                    .arg("LIST")
+                    .query_async(&mut conn)
+                    .await
+                    .ok()?;
+                let n = list.lines().filter(|l| !l.trim().is_empty()).count() as u64;
+                Some(n.saturating_sub(1))
+            }
+            Transport::Nats => {
+                let port = self.monitor_port?;
+                let body = tokio::task::spawn_blocking(move || http_get(port, "/connz"))
+                    .await
+                    .ok()??;
+                let v: serde_json::Value = serde_json::from_str(&body).ok()?;
+                v["num_connections"].as_u64()
+            }
+        }
+    }
+}
+
+/// A plain HTTP/1.0 GET on the loopback monitoring port; the body.
+fn http_get(port: u16, path: &str) -> Option<String> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+        .ok()?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").ok()?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).ok()?;
+    out.split_once("\r\n\r\n").map(|(_, b)| b.to_string())
 }
 
 /// `used_cpu_sys + used_cpu_user` from an `INFO cpu` reply.

@@ -11,6 +11,7 @@ mod raw_memory;
 mod raw_nats;
 mod raw_redis;
 mod report;
+mod scenario;
 mod side_busway;
 
 use std::time::Duration;
@@ -23,7 +24,10 @@ use report::{Format, Report, ShapeResult};
 
 /// Options of `busway bench`.
 #[derive(Debug, Clone, clap::Args)]
+#[command(args_conflicts_with_subcommands = true)]
 pub(crate) struct BenchArgs {
+    #[command(subcommand)]
+    command: Option<BenchCommand>,
     /// Transport to measure.
     #[arg(long, value_enum, default_value_t = Transport::Memory)]
     transport: Transport,
@@ -61,6 +65,14 @@ pub(crate) struct BenchArgs {
     /// One JSON object per line instead of a table.
     #[arg(long)]
     json: bool,
+}
+
+#[derive(Debug, Clone, clap::Subcommand)]
+enum BenchCommand {
+    /// The seven-engine platform's traffic in three set-ups: the one-Redis design, the dual
+    /// bus on two more Redis servers, and both buses on NATS; broker CPU, connections and
+    /// end-to-end latency of each.
+    Scenario(scenario::ScenarioArgs),
 }
 
 /// Which transport is measured.
@@ -175,6 +187,9 @@ impl Plan {
 /// Bad options, a broker that cannot be started or reached, a failed publish, or any side that
 /// lost messages (after printing every result).
 pub(crate) async fn run(args: BenchArgs) -> Result<()> {
+    if let Some(BenchCommand::Scenario(scenario)) = args.command {
+        return scenario::run(scenario).await;
+    }
     let shapes: Vec<Shape> = match args.shape {
         ShapeArg::Publish => vec![Shape::Publish],
         ShapeArg::Pubsub => vec![Shape::Pubsub],
