@@ -110,12 +110,17 @@ impl Setup {
     }
 }
 
-/// Every delivery of a set-up: count and end-to-end delay.
+/// Every delivery of a set-up: count and end-to-end delay, market data and logic apart.
 #[derive(Debug)]
 struct Sink {
     delivered: AtomicU64,
     errors: AtomicU64,
-    hist: Mutex<Histogram<u64>>,
+    md: Mutex<Histogram<u64>>,
+    logic: Mutex<Histogram<u64>>,
+}
+
+fn histogram() -> Mutex<Histogram<u64>> {
+    Mutex::new(Histogram::new_with_bounds(1, 600_000_000_000, 3).expect("valid histogram bounds"))
 }
 
 impl Sink {
@@ -123,20 +128,20 @@ impl Sink {
         Arc::new(Sink {
             delivered: AtomicU64::new(0),
             errors: AtomicU64::new(0),
-            hist: Mutex::new(
-                Histogram::new_with_bounds(1, 600_000_000_000, 3).expect("valid histogram bounds"),
-            ),
+            md: histogram(),
+            logic: histogram(),
         })
     }
 
-    fn record(&self, payload: &[u8]) {
+    fn record(&self, payload: &[u8], md: bool) {
         let now = now_ns();
         let sent = payload
             .get(..8)
             .and_then(|b| b.try_into().ok())
             .map(u64::from_le_bytes)
             .unwrap_or(now);
-        if let Ok(mut h) = self.hist.lock() {
+        let hist = if md { &self.md } else { &self.logic };
+        if let Ok(mut h) = hist.lock() {
             h.saturating_record(now.saturating_sub(sent).max(1));
         }
         self.delivered.fetch_add(1, Relaxed);
@@ -184,8 +189,7 @@ struct Outcome {
     expected: u64,
     delivered: u64,
     errors: u64,
-    p50_us: Option<f64>,
-    p99_us: Option<f64>,
+    delays: Delays,
     brokers: Vec<BrokerFigures>,
 }
 
@@ -214,8 +218,10 @@ impl Outcome {
             "expected_deliveries": self.expected,
             "delivered": self.delivered,
             "errors": self.errors,
-            "p50_us": self.p50_us,
-            "p99_us": self.p99_us,
+            "p50_us": self.delays.p50_us,
+            "p99_us": self.delays.p99_us,
+            "marketdata_p99_us": self.delays.md_p99_us,
+            "logic_p99_us": self.delays.logic_p99_us,
             "brokers": self.brokers.iter().map(|b| json!({
                 "role": b.role,
                 "cpu_s": b.cpu_s,
@@ -322,14 +328,16 @@ fn fmt_opt(v: Option<f64>, prec: usize) -> String {
 
 fn print_outcome(o: &Outcome) {
     println!(
-        "== {}: published {} delivered {}/{} errors {}  e2e p50 {} us  p99 {} us",
+        "== {}: published {} delivered {}/{} errors {}  e2e p50 {} us  p99 {} us (market data p99 {} us, logic p99 {} us)",
         o.setup.as_str(),
         o.published,
         o.delivered,
         o.expected,
         o.errors,
-        fmt_opt(o.p50_us, 0),
-        fmt_opt(o.p99_us, 0)
+        fmt_opt(o.delays.p50_us, 0),
+        fmt_opt(o.delays.p99_us, 0),
+        fmt_opt(o.delays.md_p99_us, 0),
+        fmt_opt(o.delays.logic_p99_us, 0)
     );
     println!("   {:<20} {:>10} {:>12}", "broker", "cpu s", "connections");
     for b in &o.brokers {
@@ -367,8 +375,9 @@ fn compare(base: &Outcome, outcomes: &[Outcome], json: bool) {
                 .filter(|(_, x)| *x > 0.0)
                 .map(|(b, x)| b / x);
             let p99_x = base
+                .delays
                 .p99_us
-                .zip(o.p99_us)
+                .zip(o.delays.p99_us)
                 .filter(|(_, x)| *x > 0.0)
                 .map(|(b, x)| b / x);
             (o, main_cut, cpu_x, p99_x)
@@ -418,13 +427,29 @@ async fn drain(sink: &Sink, expected: u64, drain: Duration) {
     }
 }
 
-fn percentiles(sink: &Sink) -> (Option<f64>, Option<f64>) {
-    match sink.hist.lock() {
-        Ok(h) if !h.is_empty() => (
-            Some(h.value_at_quantile(0.50) as f64 / 1e3),
-            Some(h.value_at_quantile(0.99) as f64 / 1e3),
-        ),
-        _ => (None, None),
+/// End-to-end delays in microseconds: p50 and p99 of everything, p99 of market data, p99
+/// of logic.
+#[derive(Debug, Clone, Copy, Default)]
+struct Delays {
+    p50_us: Option<f64>,
+    p99_us: Option<f64>,
+    md_p99_us: Option<f64>,
+    logic_p99_us: Option<f64>,
+}
+
+fn delays(sink: &Sink) -> Delays {
+    let (Ok(md), Ok(logic)) = (sink.md.lock(), sink.logic.lock()) else {
+        return Delays::default();
+    };
+    let q =
+        |h: &Histogram<u64>, q: f64| (!h.is_empty()).then(|| h.value_at_quantile(q) as f64 / 1e3);
+    let mut all = md.clone();
+    let _ = all.add(&*logic);
+    Delays {
+        p50_us: q(&all, 0.50),
+        p99_us: q(&all, 0.99),
+        md_p99_us: q(&md, 0.99),
+        logic_p99_us: q(&logic, 0.99),
     }
 }
 
@@ -525,7 +550,9 @@ async fn before(t: &Traffic) -> Result<Outcome> {
                             sink.errors.fetch_add(1, Relaxed);
                         }
                         match e.map.get("payload") {
-                            Some(redis::Value::BulkString(b)) => sink.record(b),
+                            Some(redis::Value::BulkString(b)) => {
+                                sink.record(b, s.starts_with("md:"))
+                            }
                             _ => {
                                 sink.errors.fetch_add(1, Relaxed);
                             }
@@ -613,15 +640,14 @@ async fn before(t: &Traffic) -> Result<Outcome> {
     for task in tasks {
         task.abort();
     }
-    let (p50_us, p99_us) = percentiles(&sink);
+    let delays = delays(&sink);
     Ok(Outcome {
         setup: Setup::Before,
         published: md_published + logic.iter().map(|(_, n)| n).sum::<u64>(),
         expected,
         delivered: sink.delivered.load(Relaxed),
         errors: sink.errors.load(Relaxed),
-        p50_us,
-        p99_us,
+        delays,
         brokers: vec![BrokerFigures {
             role: "main redis",
             cpu_s: cpu_before.zip(cpu_after).map(|(a, b)| b - a),
@@ -678,7 +704,7 @@ async fn via_busway(t: &Traffic, setup: Setup, transport: Transport) -> Result<O
             let sink = sink.clone();
             tasks.push(tokio::spawn(async move {
                 while let Some(d) = sub.recv().await {
-                    sink.record(&d.message().payload);
+                    sink.record(&d.message().payload, true);
                 }
             }));
         }
@@ -698,7 +724,7 @@ async fn via_busway(t: &Traffic, setup: Setup, transport: Transport) -> Result<O
                     if d.ack().await.is_err() {
                         sink.errors.fetch_add(1, Relaxed);
                     }
-                    sink.record(&d.message().payload);
+                    sink.record(&d.message().payload, false);
                 }
             }));
         }
@@ -792,7 +818,7 @@ async fn via_busway(t: &Traffic, setup: Setup, transport: Transport) -> Result<O
     for (_, r) in &routers {
         let _ = r.close().await;
     }
-    let (p50_us, p99_us) = percentiles(&sink);
+    let delays = delays(&sink);
     let (md_role, eng_role) = match transport {
         Transport::Nats => ("marketdata nats", "engine jetstream"),
         _ => ("marketdata redis", "engine redis"),
@@ -812,8 +838,7 @@ async fn via_busway(t: &Traffic, setup: Setup, transport: Transport) -> Result<O
         expected,
         delivered: sink.delivered.load(Relaxed),
         errors: sink.errors.load(Relaxed),
-        p50_us,
-        p99_us,
+        delays,
         brokers,
     })
 }
