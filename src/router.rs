@@ -22,13 +22,12 @@ use std::collections::HashMap;
 use std::fmt;
 use std::hash::BuildHasher;
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use async_trait::async_trait;
 use futures::future::{join_all, try_join_all, BoxFuture};
-use futures::StreamExt;
 use parking_lot::RwLock;
 
 use crate::bus::{Bus, Capabilities, Mode};
@@ -38,7 +37,7 @@ use crate::message::{new_message_id, Message};
 use crate::options::SubscribeOptions;
 use crate::registry::{BuildContext, Registry};
 use crate::stats::{Counters, Health, StatsSnapshot};
-use crate::subscription::{Delivery, Subscription};
+use crate::subscription::Subscription;
 use crate::topic::{Pattern, PatternToken, Topic};
 
 /// The number of topics a router caches when not told otherwise.
@@ -336,6 +335,57 @@ fn intersection(a: &Pattern, b: &Pattern) -> Option<Option<Pattern>> {
 struct Targets {
     names: Arc<[Arc<str>]>,
     buses: Box<[Arc<dyn Bus>]>,
+    /// The bus's place in [`BusSlots`] when there is exactly one bus.
+    slot: Option<u32>,
+}
+
+const SLOT_CHUNK: usize = 64;
+
+type SlotChunk = Box<[OnceLock<Arc<dyn Bus>>]>;
+const SLOT_CHUNKS: usize = 64;
+
+/// Every bus a router has held, at addresses stable for the router's life, so a publish can
+/// borrow its bus from `&self` and return the bus's own future: no `Arc` clone and no second
+/// boxed future on the hot path. Append-only: a reload will add its new buses, and a
+/// retired bus stays here, closed (at most `SLOT_CHUNK * SLOT_CHUNKS` buses over a router's
+/// life).
+struct BusSlots {
+    chunks: Box<[OnceLock<SlotChunk>]>,
+    len: parking_lot::Mutex<usize>,
+}
+
+impl BusSlots {
+    fn new() -> BusSlots {
+        BusSlots {
+            chunks: (0..SLOT_CHUNKS).map(|_| OnceLock::new()).collect(),
+            len: parking_lot::Mutex::new(0),
+        }
+    }
+
+    fn push(&self, bus: Arc<dyn Bus>) -> Result<u32> {
+        let mut len = self.len.lock();
+        let chunk = self.chunks.get(*len / SLOT_CHUNK).ok_or_else(|| {
+            Error::new(
+                ErrorKind::Other,
+                format!(
+                    "a router holds at most {} buses over its life",
+                    SLOT_CHUNK * SLOT_CHUNKS
+                ),
+            )
+        })?;
+        let slots = chunk.get_or_init(|| (0..SLOT_CHUNK).map(|_| OnceLock::new()).collect());
+        // Only this function sets slots, under `len`'s lock, each slot once.
+        let _ = slots[*len % SLOT_CHUNK].set(bus);
+        let slot = *len as u32;
+        *len += 1;
+        Ok(slot)
+    }
+
+    #[inline]
+    fn get(&self, slot: u32) -> Option<&Arc<dyn Bus>> {
+        let slot = slot as usize;
+        self.chunks.get(slot / SLOT_CHUNK)?.get()?[slot % SLOT_CHUNK].get()
+    }
 }
 
 const CACHE_SHARDS: usize = 16;
@@ -376,6 +426,15 @@ impl RouteCache {
         self.shard(topic).read().get(topic.as_str()).cloned()
     }
 
+    /// The slot of a cached topic's only bus; `None` when not cached or a mirror.
+    #[inline]
+    fn single(&self, topic: &Topic) -> Option<u32> {
+        if self.per_shard == 0 {
+            return None;
+        }
+        self.shard(topic).read().get(topic.as_str())?.slot
+    }
+
     fn insert(&self, topic: &Topic, targets: &Arc<Targets>) {
         if self.per_shard == 0 {
             return;
@@ -402,13 +461,18 @@ struct RouterState {
 }
 
 impl RouterState {
-    fn new(table: RoutingTable, mut buses: NamedBuses, cache_capacity: usize) -> RouterState {
-        buses.sort_by(|a, b| a.0.cmp(&b.0));
-        let find = |name: &Arc<str>| -> Arc<dyn Bus> {
+    /// `buses` sorted by name, with each bus's place in the router's [`BusSlots`].
+    fn new(
+        table: RoutingTable,
+        buses: NamedBuses,
+        slots: &[u32],
+        cache_capacity: usize,
+    ) -> RouterState {
+        let find = |name: &Arc<str>| -> (Arc<dyn Bus>, u32) {
             let i = buses
                 .binary_search_by(|(n, _)| (**n).cmp(&**name))
                 .expect("the table was validated against these buses");
-            buses[i].1.clone()
+            (buses[i].1.clone(), slots[i])
         };
         let targets = table
             .rules
@@ -416,9 +480,11 @@ impl RouterState {
             .map(|r| &r.to)
             .chain(table.default.as_ref())
             .map(|names| {
+                let (buses, slots): (Vec<_>, Vec<_>) = names.iter().map(find).unzip();
                 Arc::new(Targets {
                     names: names.clone(),
-                    buses: names.iter().map(find).collect(),
+                    buses: buses.into(),
+                    slot: (slots.len() == 1).then(|| slots[0]),
                 })
             })
             .collect();
@@ -572,7 +638,7 @@ impl RouterBuilder {
             buses.iter().map(|(n, _)| &**n),
             None,
         )?;
-        Ok(Router::assemble(table, buses, self.cache_capacity))
+        Router::assemble(table, buses, self.cache_capacity)
     }
 }
 
@@ -584,10 +650,10 @@ impl RouterBuilder {
 ///   subscribers listening on several mirror buses can de-duplicate.
 /// - `subscribe`: on every bus that can carry a matching topic
 ///   ([`RoutingTable::buses_for_pattern`]), merged into one stream that keeps only the
-///   deliveries the table would have put on the bus they came from. A delivery it drops is
-///   acked first when it is ackable, so a stream bus does not redeliver it forever. The
-///   subscription's stats count what it delivers and what its queues dropped: live when it
-///   listens on one bus, as of its latest delivery when it merges several.
+///   deliveries the table would have put on the bus they came from
+///   ([`Subscription::with_filter`]: a dropped delivery is acked when ackable, so a stream
+///   bus does not redeliver it forever). Its stats and `pending` are the sums over its
+///   per-bus subscriptions, and count only what passes the filter as delivered.
 ///   A subscriber listening on two buses of one mirror gets each message from both.
 /// - `request`: sent on the first bus of the topic's route, with that bus's `request`.
 /// - `flush`, `close`: every bus. `close` is idempotent.
@@ -598,6 +664,7 @@ impl RouterBuilder {
 ///   `max_payload`).
 pub struct Router {
     state: ArcSwap<RouterState>,
+    slots: BusSlots,
     closed: AtomicBool,
     /// Failures the router itself decides: no route, closed.
     counters: Counters,
@@ -623,12 +690,24 @@ impl Router {
         RouterBuilder::default()
     }
 
-    fn assemble(table: RoutingTable, buses: NamedBuses, cache_capacity: usize) -> Router {
-        Router {
-            state: ArcSwap::from_pointee(RouterState::new(table, buses, cache_capacity)),
+    fn assemble(
+        table: RoutingTable,
+        mut buses: NamedBuses,
+        cache_capacity: usize,
+    ) -> Result<Router> {
+        buses.sort_by(|a, b| a.0.cmp(&b.0));
+        let slots = BusSlots::new();
+        let indexes = buses
+            .iter()
+            .map(|(_, bus)| slots.push(bus.clone()))
+            .collect::<Result<Vec<u32>>>()?;
+        let state = RouterState::new(table, buses, &indexes, cache_capacity);
+        Ok(Router {
+            state: ArcSwap::from_pointee(state),
+            slots,
             closed: AtomicBool::new(false),
             counters: Counters::default(),
-        }
+        })
     }
 
     /// Validates the routing table of `config`, then builds every bus through `registry`,
@@ -666,7 +745,7 @@ impl Router {
                 }
             }
         }
-        Ok(Router::assemble(table, buses, DEFAULT_ROUTE_CACHE))
+        Router::assemble(table, buses, DEFAULT_ROUTE_CACHE)
     }
 
     /// The bus names `topic` goes to (several for a mirror), from the route cache.
@@ -735,39 +814,6 @@ impl Router {
     }
 }
 
-/// The deliveries of `sub` (from bus `name`) that the table in `state` puts on that bus.
-/// `uncount`: counters whose `delivered` counted the deliveries this filter drops.
-fn filtered(
-    state: Arc<RouterState>,
-    name: Arc<str>,
-    sub: Subscription,
-    uncount: Option<Arc<Counters>>,
-) -> futures::stream::BoxStream<'static, Delivery> {
-    sub.filter_map(move |d| {
-        let keep = state.carries(&d.message().topic, &name);
-        if !keep {
-            if let Some(c) = &uncount {
-                let _ = c
-                    .delivered
-                    .fetch_update(Relaxed, Relaxed, |v| v.checked_sub(1));
-            }
-        }
-        async move {
-            if keep {
-                return Some(d);
-            }
-            // Not ours: settle it, or a stream bus would redeliver it forever.
-            if d.is_ackable() {
-                if let Err(e) = d.ack().await {
-                    tracing::debug!(error = %e, "ack of a filtered delivery failed");
-                }
-            }
-            None
-        }
-    })
-    .boxed()
-}
-
 /// Publishes to every bus of a mirror, all copies with one message id.
 async fn publish_mirror(targets: &Targets, mut message: Message) -> Result<()> {
     // One id for every copy, so a subscriber on several mirror buses can de-duplicate.
@@ -818,18 +864,22 @@ impl Bus for Router {
         caps
     }
 
-    // Written out rather than `async fn`: the sugar keeps the message twice in the future
-    // (argument and rebinding), and every publish moves that future into a box. Here the
-    // routing happens before the box, and the boxed future holds the message once.
+    // Written out rather than `async fn`, so the routing decision is made before any future
+    // is boxed, and a cached single-bus topic costs no box of the router's own.
     fn publish<'s, 'f>(&'s self, message: Message) -> BoxFuture<'f, Result<()>>
     where
         's: 'f,
         Self: 'f,
     {
-        let targets = match self
-            .check_open()
-            .and_then(|()| self.resolve(&message.topic))
-        {
+        if let Err(e) = self.check_open() {
+            return Box::pin(std::future::ready(Err(e)));
+        }
+        // The hot path: a cached topic with one bus hands back that bus's own future.
+        let slot = self.state.load().cache.single(&message.topic);
+        if let Some(bus) = slot.and_then(|slot| self.slots.get(slot)) {
+            return bus.publish(message);
+        }
+        let targets = match self.resolve(&message.topic) {
             Ok(targets) => targets,
             Err(e) => return Box::pin(std::future::ready(Err(e))),
         };
@@ -855,28 +905,19 @@ impl Bus for Router {
                 .map(|(_, bus)| bus.subscribe(pattern.clone(), options.clone())),
         )
         .await?;
-        if subs.len() == 1 {
-            // One bus (the common case): its subscription's own counters are exact and live,
-            // drops included; only the strays the filter takes out must leave `delivered`.
-            let (sub, (name, _)) = subs.into_iter().zip(plan).next().expect("one subscription");
-            let stats = sub.counters().clone();
-            let stream = filtered(state, name, sub, Some(stats.clone()));
-            return Ok(Subscription::from_stream(pattern, stream, stats));
-        }
-        let stats = Arc::new(Counters::default());
-        let inner: Vec<Arc<Counters>> = subs.iter().map(|s| s.counters().clone()).collect();
-        let streams = plan
+        let mut subs: Vec<Subscription> = plan
             .into_iter()
             .zip(subs)
-            .map(|((name, _), sub)| filtered(state.clone(), name, sub, None));
-        let counted = stats.clone();
-        let merged = futures::stream::select_all(streams).inspect(move |_| {
-            Counters::incr(&counted.delivered);
-            // The per-bus queues count their drops; mirror them here at each delivery.
-            let dropped = inner.iter().map(|c| c.dropped.load(Relaxed)).sum();
-            counted.dropped.store(dropped, Relaxed);
-        });
-        Ok(Subscription::from_stream(pattern, merged, stats))
+            .map(|((name, _), sub)| {
+                let state = state.clone();
+                sub.with_filter(move |d| state.carries(&d.message().topic, &name))
+            })
+            .collect();
+        if subs.len() == 1 {
+            // One bus, the common case: its own subscription, filtered.
+            return Ok(subs.pop().expect("one subscription"));
+        }
+        Ok(Subscription::merge(pattern, subs))
     }
 
     async fn request(&self, message: Message, timeout: Duration) -> Result<Message> {

@@ -1,112 +1,20 @@
 //! Router behaviour: routing decisions, validation errors, wildcard subscriptions across buses
 //! with the routing filter, mirrors, unsubscribe on drop, close.
 
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use busway::queue::QueueSender;
 use busway::{
-    request_via_inbox, BuildContext, Bus, Capabilities, Config, Counters, Delivery, ErrorKind,
-    Message, Overflow, Pattern, Registry, Router, RoutingTable, StartFrom, StatsSnapshot,
-    SubscribeOptions, Subscription, Topic, TransportFactory,
+    BuildContext, Bus, Config, ErrorKind, MemoryBus, Message, Overflow, Pattern, Registry, Router,
+    RoutingTable, StartFrom, SubscribeOptions, Subscription, Topic, TransportFactory,
 };
 use proptest::prelude::*;
 
 const WAIT: Duration = Duration::from_secs(10);
 
-/// A minimal in-process broadcast bus over `Subscription::channel`, so these tests exercise
-/// the router against a real (if small) bus of their own.
-#[derive(Debug)]
-struct ChannelBus {
-    name: String,
-    me: Weak<ChannelBus>,
-    subs: Mutex<Vec<(Pattern, QueueSender)>>,
-    closed: AtomicBool,
-    stats: Arc<Counters>,
-}
-
-impl ChannelBus {
-    fn new(name: &str) -> Arc<ChannelBus> {
-        Arc::new_cyclic(|me| ChannelBus {
-            name: name.to_string(),
-            me: me.clone(),
-            subs: Mutex::new(Vec::new()),
-            closed: AtomicBool::new(false),
-            stats: Arc::new(Counters::default()),
-        })
-    }
-
-    fn closed_error(&self) -> busway::Error {
-        busway::Error::closed(format!("bus {:?}", self.name))
-    }
-}
-
-#[async_trait]
-impl Bus for ChannelBus {
-    fn name(&self) -> &str {
-        &self.name
-    }
-    fn capabilities(&self) -> Capabilities {
-        Capabilities::broadcast(1 << 20)
-    }
-    async fn publish(&self, message: Message) -> busway::Result<()> {
-        if self.closed.load(Ordering::SeqCst) {
-            return Err(self.closed_error());
-        }
-        Counters::incr(&self.stats.published);
-        let targets: Vec<QueueSender> = {
-            let mut subs = self.subs.lock().unwrap();
-            subs.retain(|(_, tx)| !tx.is_closed());
-            subs.iter()
-                .filter(|(p, _)| p.matches(&message.topic))
-                .map(|(_, tx)| tx.clone())
-                .collect()
-        };
-        let me: Arc<dyn Bus> = self.me.upgrade().expect("bus alive while publishing");
-        for tx in targets {
-            tx.send(Delivery::new(message.clone()).with_reply_via(me.clone()))
-                .await;
-        }
-        Ok(())
-    }
-    async fn subscribe(
-        &self,
-        pattern: Pattern,
-        options: SubscribeOptions,
-    ) -> busway::Result<Subscription> {
-        if self.closed.load(Ordering::SeqCst) {
-            return Err(self.closed_error());
-        }
-        self.capabilities()
-            .check_subscribe(&self.name, &pattern, &options)?;
-        let (capacity, overflow) = options.queue(Default::default());
-        let (tx, sub) =
-            Subscription::channel(pattern.clone(), capacity, overflow, self.stats.clone());
-        self.subs.lock().unwrap().push((pattern, tx));
-        Ok(sub)
-    }
-    async fn request(&self, message: Message, timeout: Duration) -> busway::Result<Message> {
-        request_via_inbox(self, message, timeout).await
-    }
-    async fn flush(&self) -> busway::Result<()> {
-        Ok(())
-    }
-    async fn close(&self) -> busway::Result<()> {
-        self.closed.store(true, Ordering::SeqCst);
-        for (_, tx) in self.subs.lock().unwrap().drain(..) {
-            tx.close();
-        }
-        Ok(())
-    }
-    fn stats(&self) -> StatsSnapshot {
-        self.stats.snapshot()
-    }
-}
-
 fn mem(name: &str) -> Arc<dyn Bus> {
-    ChannelBus::new(name)
+    Arc::new(MemoryBus::new(name))
 }
 
 fn topic(s: &str) -> Topic {
@@ -428,9 +336,9 @@ async fn config_errors_name_the_file() {
     );
 }
 
-/// Builds `ChannelBus`es and remembers them, so a test can see what happened to them.
+/// Builds `MemoryBus`es and remembers them, so a test can see what happened to them.
 #[derive(Debug, Default, Clone)]
-struct Recording(Arc<Mutex<Vec<Arc<ChannelBus>>>>);
+struct Recording(Arc<Mutex<Vec<Arc<dyn Bus>>>>);
 
 #[async_trait]
 impl TransportFactory for Recording {
@@ -438,7 +346,7 @@ impl TransportFactory for Recording {
         "recording"
     }
     async fn build(&self, ctx: BuildContext<'_>) -> busway::Result<Arc<dyn Bus>> {
-        let bus = ChannelBus::new(ctx.bus);
+        let bus: Arc<dyn Bus> = Arc::new(MemoryBus::new(ctx.bus));
         self.0.lock().unwrap().push(bus.clone());
         Ok(bus)
     }

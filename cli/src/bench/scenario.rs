@@ -30,7 +30,6 @@ use serde_json::json;
 
 use super::broker::Broker;
 use super::engine::{client_err, now_ns};
-use super::side_busway::registry;
 use super::Transport;
 
 /// The seven engines of the platform.
@@ -682,7 +681,7 @@ async fn via_busway(t: &Traffic, setup: Setup, transport: Transport) -> Result<O
     let main = Broker::open(Transport::Redis, None).await?;
     let md = Broker::open(transport, None).await?;
     let eng = Broker::open(transport, None).await?;
-    let registry: Registry = registry();
+    let registry: Registry = busway_cli::registry();
     let sink = Sink::new();
     let mut routers: Vec<(&str, Arc<Router>)> = Vec::new();
     for app in std::iter::once("feed").chain(ENGINES) {

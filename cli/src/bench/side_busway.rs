@@ -4,21 +4,12 @@
 use std::sync::Arc;
 
 use busway::{
-    BuildContext, Bus, BusConfig, Message, Mode, Overflow, Pattern, Registry, Result,
-    SubscribeOptions, Topic,
+    BuildContext, Bus, BusConfig, Message, Mode, Overflow, Pattern, Result, SubscribeOptions, Topic,
 };
 
 use super::broker::Broker;
 use super::engine::{publish_all, publish_loop, Run, SideResult};
 use super::Plan;
-
-/// Every transport this binary knows, as a user's start-up code would register them.
-pub(crate) fn registry() -> Registry {
-    let mut registry = Registry::new();
-    busway_redis::register(&mut registry);
-    busway_nats::register(&mut registry);
-    registry
-}
 
 /// Builds the bus the plan measures.
 ///
@@ -30,7 +21,7 @@ pub(crate) async fn build_bus(plan: &Plan, broker: &Broker) -> Result<Arc<dyn Bu
     config.url = broker.url().map(str::to_string);
     config.capacity = Some(plan.queue_capacity());
     config.overflow = Some(Overflow::Block);
-    registry()
+    busway_cli::registry()
         .build(BuildContext {
             app: "bench",
             bus: "bench",

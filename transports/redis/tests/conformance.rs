@@ -7,9 +7,9 @@ use busway_redis::{RedisBus, RedisConfig, RedisOptions};
 use busway_testkit::conformance::Fixture;
 use busway_testkit::redis::RedisServer;
 
-async fn fixture(mode: Mode) -> Fixture {
-    let server = RedisServer::start("redis conformance")
-        .unwrap_or_else(|| panic!("the conformance suite needs redis-server"));
+async fn fixture(mode: Mode) -> Option<Fixture> {
+    // No redis-server: the case is skipped (SKIPPED printed; BUSWAY_REQUIRE_BROKERS=1 fails).
+    let server = RedisServer::start("redis conformance")?;
     let mut options = RedisOptions::default();
     // Short read blocks and rescans keep nack redelivery and wildcard discovery quick.
     options.block_ms = 100;
@@ -19,18 +19,18 @@ async fn fixture(mode: Mode) -> Fixture {
         .mode(mode)
         .options(options);
     let bus = RedisBus::connect(config).await.expect("connect");
-    Fixture::with_guard(Arc::new(bus), server)
+    Some(Fixture::with_guard(Arc::new(bus), server))
 }
 
 mod broadcast {
-    async fn fixture() -> busway_testkit::conformance::Fixture {
+    async fn fixture() -> Option<busway_testkit::conformance::Fixture> {
         super::fixture(busway::Mode::Broadcast).await
     }
     busway_testkit::conformance_tests!(fixture);
 }
 
 mod stream {
-    async fn fixture() -> busway_testkit::conformance::Fixture {
+    async fn fixture() -> Option<busway_testkit::conformance::Fixture> {
         super::fixture(busway::Mode::Stream).await
     }
     busway_testkit::conformance_tests!(fixture);
