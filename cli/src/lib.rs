@@ -21,3 +21,9 @@ pub fn registry() -> Registry {
     busway_nats::register(&mut registry);
     registry
 }
+
+// The README's Rust example compiles and runs as a doctest of this crate, which depends on
+// every transport the example registers.
+#[cfg(doctest)]
+#[doc = include_str!("../../README.md")]
+mod readme {}
