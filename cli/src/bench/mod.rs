@@ -1,0 +1,302 @@
+//! `busway bench`: one transport, mode and shape at a time, measured through busway and, in
+//! the same run on the same broker, through the raw client doing the same work.
+//!
+//! Every side publishes the same number of messages with the same payload size and the same
+//! number of publishes in flight; every subscriber must receive every message. A side that
+//! loses messages reports the loss and no rate, and the command fails.
+
+mod broker;
+mod engine;
+mod raw_memory;
+mod raw_nats;
+mod raw_redis;
+mod report;
+mod scenario;
+mod side_busway;
+
+use std::time::Duration;
+
+use busway::{Error, ErrorKind, Mode, Result};
+use clap::ValueEnum;
+
+use broker::Broker;
+use report::{Format, Report, ShapeResult};
+
+/// Options of `busway bench`.
+#[derive(Debug, Clone, clap::Args)]
+#[command(args_conflicts_with_subcommands = true)]
+pub(crate) struct BenchArgs {
+    #[command(subcommand)]
+    command: Option<BenchCommand>,
+    /// Transport to measure.
+    #[arg(long, value_enum, default_value_t = Transport::Memory)]
+    transport: Transport,
+    /// Bus mode: broadcast (pub/sub) or stream (durable, acked).
+    #[arg(long, value_enum, default_value_t = ModeArg::Broadcast)]
+    mode: ModeArg,
+    /// Traffic shape; `all` runs every shape in turn.
+    #[arg(long, value_enum, default_value_t = ShapeArg::All)]
+    shape: ShapeArg,
+    /// Payload size in bytes (at least 8 for `latency`: the send time travels in it).
+    #[arg(long, default_value_t = 64)]
+    payload: usize,
+    /// Messages to publish per side (split between publishers).
+    #[arg(long, default_value_t = 200_000, conflicts_with = "seconds")]
+    count: u64,
+    /// Publish for this many seconds per side instead of a fixed count.
+    #[arg(long)]
+    seconds: Option<f64>,
+    /// Messages per second for the `latency` shape, which publishes `--count` messages but at
+    /// most ten seconds' worth (or for `--seconds`).
+    #[arg(long, default_value_t = 5_000.0)]
+    rate: f64,
+    /// Publishers (`publish` default 1, `fanin` default 7).
+    #[arg(long)]
+    publishers: Option<usize>,
+    /// Subscribers for the `fanout` shape (default 7).
+    #[arg(long)]
+    subscribers: Option<usize>,
+    /// Publishes in flight per publisher, on both sides (default 256 on brokers, 1 in memory).
+    #[arg(long)]
+    inflight: Option<usize>,
+    /// Broker URL; by default a private broker is started on a free loopback port.
+    #[arg(long)]
+    url: Option<String>,
+    /// One JSON object per line instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Debug, Clone, clap::Subcommand)]
+enum BenchCommand {
+    /// The seven-engine platform's traffic in three set-ups: the one-Redis design, the dual
+    /// bus on two more Redis servers, and both buses on NATS; broker CPU, connections and
+    /// end-to-end latency of each.
+    Scenario(scenario::ScenarioArgs),
+}
+
+/// Which transport is measured.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub(crate) enum Transport {
+    /// In-process MemoryBus; raw: crossbeam / tokio channels.
+    Memory,
+    /// busway-redis; raw: redis-rs.
+    Redis,
+    /// busway-nats; raw: async-nats.
+    Nats,
+}
+
+impl Transport {
+    fn as_str(self) -> &'static str {
+        match self {
+            Transport::Memory => "memory",
+            Transport::Redis => "redis",
+            Transport::Nats => "nats",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum ModeArg {
+    Broadcast,
+    Stream,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum ShapeArg {
+    Publish,
+    Pubsub,
+    Fanout,
+    Fanin,
+    Latency,
+    All,
+}
+
+/// One traffic shape.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Shape {
+    /// Publishers only, nobody subscribed.
+    Publish,
+    /// One publisher, one subscriber.
+    Pubsub,
+    /// One publisher, several subscribers each receiving everything.
+    Fanout,
+    /// Several publishers, one subscriber.
+    Fanin,
+    /// One publisher at a fixed rate, one subscriber measuring delay.
+    Latency,
+}
+
+impl Shape {
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            Shape::Publish => "publish",
+            Shape::Pubsub => "pubsub",
+            Shape::Fanout => "fanout",
+            Shape::Fanin => "fanin",
+            Shape::Latency => "latency",
+        }
+    }
+}
+
+/// Everything one side of one shape needs to know.
+#[derive(Debug, Clone)]
+pub(crate) struct Plan {
+    pub(crate) transport: Transport,
+    pub(crate) mode: Mode,
+    pub(crate) shape: Shape,
+    pub(crate) payload: usize,
+    /// Messages to publish in total (ignored when `seconds` is set).
+    pub(crate) count: u64,
+    pub(crate) seconds: Option<Duration>,
+    /// Paced publishing (latency shape only).
+    pub(crate) rate: Option<f64>,
+    pub(crate) publishers: usize,
+    pub(crate) subscribers: usize,
+    pub(crate) inflight: usize,
+    /// A token unique to this run, so topics, keys and streams never meet earlier runs'.
+    pub(crate) run_id: String,
+}
+
+impl Plan {
+    /// Whether payloads carry their send time (and subscribers record delays).
+    pub(crate) fn timed(&self) -> bool {
+        self.shape == Shape::Latency
+    }
+
+    /// The topic (busway) or channel / subject / stream key (raw) of this shape. The sides
+    /// differ in their first token, so a JetStream stream busway creates for `bench.>` never
+    /// overlaps the raw side's.
+    pub(crate) fn topic(&self, side: &str) -> String {
+        format!("{side}bench.{}.{}", self.run_id, self.shape.as_str())
+    }
+
+    /// A subscriber's queue capacity: room for everything it may be sent, so nothing waits
+    /// on a full queue longer than it must and nothing can be dropped.
+    pub(crate) fn queue_capacity(&self) -> usize {
+        match self.seconds {
+            Some(_) => 1 << 20,
+            None => (self.count as usize).clamp(1024, 1 << 20),
+        }
+    }
+}
+
+/// Runs `busway bench`.
+///
+/// # Errors
+/// Bad options, a broker that cannot be started or reached, a failed publish, or any side that
+/// lost messages (after printing every result).
+pub(crate) async fn run(args: BenchArgs) -> Result<()> {
+    if let Some(BenchCommand::Scenario(scenario)) = args.command {
+        return scenario::run(scenario).await;
+    }
+    let shapes: Vec<Shape> = match args.shape {
+        ShapeArg::Publish => vec![Shape::Publish],
+        ShapeArg::Pubsub => vec![Shape::Pubsub],
+        ShapeArg::Fanout => vec![Shape::Fanout],
+        ShapeArg::Fanin => vec![Shape::Fanin],
+        ShapeArg::Latency => vec![Shape::Latency],
+        ShapeArg::All => vec![
+            Shape::Publish,
+            Shape::Pubsub,
+            Shape::Fanout,
+            Shape::Fanin,
+            Shape::Latency,
+        ],
+    };
+    if args.payload == 0 {
+        return Err(Error::config("--payload must be at least 1 byte"));
+    }
+    if args.count == 0 {
+        return Err(Error::config("--count must be at least 1"));
+    }
+    if let Some(s) = args.seconds {
+        if !(s > 0.0 && s.is_finite()) {
+            return Err(Error::config("--seconds must be a positive number"));
+        }
+    }
+    if !(args.rate > 0.0 && args.rate.is_finite()) {
+        return Err(Error::config("--rate must be a positive number"));
+    }
+    if args.publishers == Some(0) || args.subscribers == Some(0) || args.inflight == Some(0) {
+        return Err(Error::config(
+            "--publishers, --subscribers and --inflight must be at least 1",
+        ));
+    }
+    let mode = match args.mode {
+        ModeArg::Broadcast => Mode::Broadcast,
+        ModeArg::Stream => Mode::Stream,
+    };
+    let broker = Broker::open(args.transport, args.url.as_deref()).await?;
+    let format = if args.json {
+        Format::Json
+    } else {
+        Format::Table
+    };
+    let mut report = Report::new(format, &broker);
+    let run_id = busway::new_message_id()[..8].to_string();
+    for shape in shapes {
+        let plan = plan_for(&args, mode, shape, &run_id);
+        let result = measure(&plan, &broker).await?;
+        report.print(&result);
+    }
+    report.finish();
+    let lost = report.lossy();
+    if !lost.is_empty() {
+        return Err(Error::new(
+            ErrorKind::Other,
+            format!("messages were lost in: {}", lost.join(", ")),
+        ));
+    }
+    Ok(())
+}
+
+fn plan_for(args: &BenchArgs, mode: Mode, shape: Shape, run_id: &str) -> Plan {
+    let (publishers, subscribers) = match shape {
+        Shape::Publish => (args.publishers.unwrap_or(1), 0),
+        Shape::Pubsub | Shape::Latency => (1, 1),
+        Shape::Fanout => (1, args.subscribers.unwrap_or(7)),
+        Shape::Fanin => (args.publishers.unwrap_or(7), 1),
+    };
+    let default_inflight = match args.transport {
+        Transport::Memory => 1,
+        Transport::Redis | Transport::Nats => 256,
+    };
+    let latency = shape == Shape::Latency;
+    Plan {
+        transport: args.transport,
+        mode,
+        shape,
+        payload: if latency {
+            args.payload.max(8)
+        } else {
+            args.payload
+        },
+        count: if latency {
+            args.count.min((args.rate * 10.0) as u64).max(1)
+        } else {
+            args.count
+        },
+        seconds: args.seconds.map(Duration::from_secs_f64),
+        rate: latency.then_some(args.rate),
+        publishers,
+        subscribers,
+        inflight: args.inflight.unwrap_or(default_inflight),
+        run_id: run_id.to_string(),
+    }
+}
+
+/// Runs one shape on both sides: busway first, then the raw client, on the same broker.
+async fn measure(plan: &Plan, broker: &Broker) -> Result<ShapeResult> {
+    let busway = side_busway::run(plan, broker).await?;
+    let raw = match plan.transport {
+        Transport::Memory => raw_memory::run(plan).await?,
+        Transport::Redis => raw_redis::run(plan, broker).await?,
+        Transport::Nats => raw_nats::run(plan, broker).await?,
+    };
+    Ok(ShapeResult {
+        plan: plan.clone(),
+        busway,
+        raw,
+    })
+}

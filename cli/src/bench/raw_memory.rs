@@ -1,0 +1,163 @@
+//! The raw in-process baselines: a crossbeam `bounded(1024)` channel between threads (one
+//! subscriber), `tokio::sync::broadcast` (fan-out, and publishing with nobody listening) and a
+//! tokio `mpsc` channel for paced latency (paced by the same tokio timer as busway).
+
+use busway::{Error, ErrorKind, Result};
+use bytes::Bytes;
+use tokio::sync::broadcast::error::RecvError;
+
+use super::engine::{publish_all, publish_loop, Payloads, Run, SideResult};
+use super::{Plan, Shape};
+
+/// Runs one shape on the raw channels.
+///
+/// # Errors
+/// A thread or task of the bench failed.
+pub(crate) async fn run(plan: &Plan) -> Result<SideResult> {
+    match plan.shape {
+        Shape::Pubsub | Shape::Fanin => crossbeam(plan).await,
+        Shape::Publish | Shape::Fanout => broadcast(plan).await,
+        Shape::Latency => mpsc(plan).await,
+    }
+}
+
+fn join_err(e: impl std::fmt::Display) -> Error {
+    Error::new(ErrorKind::Other, format!("a bench thread failed: {e}"))
+}
+
+/// Producer threads and one consumer thread on a crossbeam `bounded(1024)` channel.
+async fn crossbeam(plan: &Plan) -> Result<SideResult> {
+    let mut run = Run::new(plan);
+    let (tx, rx) = crossbeam_channel::bounded::<Bytes>(1024);
+    let tally = run.tally(0);
+    let consumer = std::thread::spawn(move || {
+        while let Ok(b) = rx.recv() {
+            tally.record(&b);
+        }
+    });
+    let deadline = run.start().map(|d| d.into_std());
+    let producers: Vec<_> = run
+        .shares()
+        .into_iter()
+        .map(|share| {
+            let tx = tx.clone();
+            let payloads = Payloads::new(plan);
+            std::thread::spawn(move || {
+                let mut sent = 0u64;
+                while sent < share {
+                    if deadline.is_some_and(|d| std::time::Instant::now() >= d) {
+                        break;
+                    }
+                    if tx.send(payloads.next()).is_err() {
+                        break;
+                    }
+                    sent += 1;
+                }
+                sent
+            })
+        })
+        .collect();
+    drop(tx);
+    let published = tokio::task::spawn_blocking(move || {
+        producers
+            .into_iter()
+            .map(|p| p.join().unwrap_or(0))
+            .sum::<u64>()
+    })
+    .await
+    .map_err(join_err)?;
+    let what = format!(
+        "crossbeam bounded(1024), {} producer thread(s) -> 1 consumer thread",
+        plan.publishers
+    );
+    let result = run.finish(what, published).await;
+    // The consumer ends once every sender is gone.
+    tokio::task::spawn_blocking(move || consumer.join())
+        .await
+        .map_err(join_err)?
+        .map_err(|_| join_err("the consumer thread panicked"))?;
+    Ok(result)
+}
+
+/// One tokio broadcast channel, sized so no receiver can lag, with one receiver task per
+/// subscriber (none for the publish shape).
+async fn broadcast(plan: &Plan) -> Result<SideResult> {
+    let mut run = Run::new(plan);
+    let (tx, _) = tokio::sync::broadcast::channel::<Bytes>(plan.queue_capacity());
+    let mut readers = Vec::new();
+    for i in 0..plan.subscribers {
+        let mut rx = tx.subscribe();
+        let tally = run.tally(i);
+        readers.push(tokio::spawn(async move {
+            loop {
+                match rx.recv().await {
+                    Ok(b) => tally.record(&b),
+                    Err(RecvError::Lagged(n)) => tally.missed(n),
+                    Err(RecvError::Closed) => break,
+                }
+            }
+        }));
+    }
+    let published = publish_all(&mut run, |share, deadline| {
+        let tx = tx.clone();
+        let plan = plan.clone();
+        async move {
+            publish_loop(&plan, share, deadline, |payload| {
+                // With nobody subscribed `send` fails by design: the message goes nowhere.
+                let _ = tx.send(payload);
+                // busway's publish is async; give the baseline the same cooperative yield
+                // points, or woken receivers wait behind a publisher that never yields.
+                async {
+                    tokio::task::consume_budget().await;
+                    Ok(())
+                }
+            })
+            .await
+        }
+    })
+    .await?;
+    let what = format!(
+        "tokio::sync::broadcast({}), {} receiver task(s)",
+        plan.queue_capacity(),
+        plan.subscribers
+    );
+    let result = run.finish(what, published).await;
+    for r in readers {
+        r.abort();
+    }
+    Ok(result)
+}
+
+/// A tokio mpsc channel (1024) between a paced publisher task and a receiver task.
+async fn mpsc(plan: &Plan) -> Result<SideResult> {
+    let mut run = Run::new(plan);
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Bytes>(1024);
+    let tally = run.tally(0);
+    let reader = tokio::spawn(async move {
+        while let Some(b) = rx.recv().await {
+            tally.record(&b);
+        }
+    });
+    let published = publish_all(&mut run, |share, deadline| {
+        let tx = tx.clone();
+        let plan = plan.clone();
+        async move {
+            let tx = &tx;
+            publish_loop(&plan, share, deadline, |payload| async move {
+                tx.send(payload)
+                    .await
+                    .map_err(|_| Error::closed("the raw mpsc receiver"))
+            })
+            .await
+        }
+    })
+    .await?;
+    let result = run
+        .finish(
+            "tokio::sync::mpsc(1024), paced publisher task -> receiver task".to_string(),
+            published,
+        )
+        .await;
+    reader.abort();
+    Ok(result)
+}

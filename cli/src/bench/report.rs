@@ -1,0 +1,203 @@
+//! Printing results: an aligned table, or one JSON object per line.
+
+use serde_json::{json, Value};
+
+use super::broker::Broker;
+use super::engine::SideResult;
+use super::{Plan, Shape};
+
+/// Both sides of one shape.
+#[derive(Debug, Clone)]
+pub(crate) struct ShapeResult {
+    pub(crate) plan: Plan,
+    pub(crate) busway: SideResult,
+    pub(crate) raw: SideResult,
+}
+
+impl ShapeResult {
+    /// busway msgs/s over raw msgs/s (1.0 = as fast as the raw client); `None` when either
+    /// side lost messages.
+    pub(crate) fn ratio(&self) -> Option<f64> {
+        Some(self.busway.rate()? / self.raw.rate()?)
+    }
+
+    /// busway p99 over raw p99 (latency shape; 1.0 = as fast as the raw client).
+    pub(crate) fn p99_ratio(&self) -> Option<f64> {
+        let b = self.busway.latency?;
+        let r = self.raw.latency?;
+        (self.busway.lost == 0 && self.raw.lost == 0 && r.p99_us > 0.0).then(|| b.p99_us / r.p99_us)
+    }
+
+    pub(crate) fn to_json(&self) -> Value {
+        let p = &self.plan;
+        json!({
+            "transport": p.transport.as_str(),
+            "mode": p.mode.to_string(),
+            "shape": p.shape.as_str(),
+            "payload_bytes": p.payload,
+            "publishers": p.publishers,
+            "subscribers": p.subscribers,
+            "inflight": p.inflight,
+            "rate": p.rate,
+            "busway": side_json(&self.busway),
+            "raw": side_json(&self.raw),
+            "ratio": self.ratio(),
+            "p99_ratio": self.p99_ratio(),
+        })
+    }
+}
+
+fn side_json(s: &SideResult) -> Value {
+    let elapsed = s.elapsed.as_secs_f64();
+    json!({
+        "what": s.what,
+        "published": s.published,
+        "expected_deliveries": s.expected,
+        "delivered": s.delivered,
+        "lost": s.lost,
+        "bus_dropped": s.bus_dropped,
+        "errors": s.errors,
+        "elapsed_s": elapsed,
+        "msgs_per_s": s.rate(),
+        "deliveries_per_s": s.rate().map(|_| s.delivered as f64 / elapsed),
+        "broker_cpu_s": s.broker_cpu_s,
+        "broker_cpu_s_per_million": s.cpu_per_million(),
+        "p50_us": s.latency.map(|l| l.p50_us),
+        "p99_us": s.latency.map(|l| l.p99_us),
+        "p999_us": s.latency.map(|l| l.p999_us),
+        "max_us": s.latency.map(|l| l.max_us),
+        "latency_samples": s.latency.map(|l| l.samples),
+    })
+}
+
+/// How results are printed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Format {
+    Table,
+    Json,
+}
+
+/// Prints results as they come and remembers which lost messages.
+#[derive(Debug)]
+pub(crate) struct Report {
+    format: Format,
+    broker: String,
+    header_done: bool,
+    lossy: Vec<String>,
+    legend: Vec<String>,
+}
+
+impl Report {
+    pub(crate) fn new(format: Format, broker: &Broker) -> Report {
+        Report {
+            format,
+            broker: broker.describe(),
+            header_done: false,
+            lossy: Vec::new(),
+            legend: Vec::new(),
+        }
+    }
+
+    pub(crate) fn print(&mut self, r: &ShapeResult) {
+        for (side, s) in [("busway", &r.busway), ("raw", &r.raw)] {
+            if s.lost > 0 || s.errors > 0 {
+                let counted = match s.bus_dropped {
+                    Some(d) => format!(", {d} counted as dropped by the bus"),
+                    None => String::new(),
+                };
+                self.lossy.push(format!(
+                    "{}/{side} ({} of {} deliveries missing, {} errors{counted})",
+                    r.plan.shape.as_str(),
+                    s.lost,
+                    s.expected,
+                    s.errors
+                ));
+            }
+        }
+        match self.format {
+            Format::Json => println!("{}", r.to_json()),
+            Format::Table => self.print_rows(r),
+        }
+    }
+
+    fn print_rows(&mut self, r: &ShapeResult) {
+        let p = &r.plan;
+        if !self.header_done {
+            self.header_done = true;
+            println!(
+                "busway bench: transport={} mode={} payload={}B inflight={} broker: {}",
+                p.transport.as_str(),
+                p.mode,
+                p.payload,
+                p.inflight,
+                self.broker
+            );
+            println!(
+                "{:<8} {:<6} {:>5} {:>12} {:>12} {:>21} {:>9} {:>9} {:>9} {:>9} {:>7}",
+                "shape",
+                "side",
+                "p/s",
+                "msgs/s",
+                "deliv/s",
+                "delivered/expected",
+                "p50 us",
+                "p99 us",
+                "p99.9 us",
+                "cpu s/M",
+                "ratio"
+            );
+        }
+        for (side, s) in [("busway", &r.busway), ("raw", &r.raw)] {
+            let ratio = match (side, p.shape) {
+                ("busway", Shape::Latency) => r.p99_ratio().map(|x| format!("{x:.2}p99")),
+                ("busway", _) => r.ratio().map(|x| format!("{x:.2}")),
+                _ => Some(String::new()),
+            };
+            let num = |v: Option<f64>, prec: usize| match v {
+                Some(v) => format!("{v:.prec$}"),
+                None => "n/a".to_string(),
+            };
+            let rate = match s.rate() {
+                Some(v) => format!("{v:.0}"),
+                None if s.lost > 0 || s.errors > 0 => "LOST".to_string(),
+                None => "n/a".to_string(),
+            };
+            println!(
+                "{:<8} {:<6} {:>5} {:>12} {:>12} {:>21} {:>9} {:>9} {:>9} {:>9} {:>7}",
+                p.shape.as_str(),
+                side,
+                format!("{}/{}", p.publishers, p.subscribers),
+                rate,
+                num(
+                    s.rate()
+                        .map(|_| s.delivered as f64 / s.elapsed.as_secs_f64()),
+                    0
+                ),
+                format!("{}/{}", s.delivered, s.expected),
+                num(s.latency.map(|l| l.p50_us), 1),
+                num(s.latency.map(|l| l.p99_us), 1),
+                num(s.latency.map(|l| l.p999_us), 1),
+                num(s.cpu_per_million(), 2),
+                ratio.unwrap_or_else(|| "n/a".to_string()),
+            );
+            self.legend
+                .push(format!("{} {side}: {}", p.shape.as_str(), s.what));
+        }
+    }
+
+    /// Ends the report: the table's legend (what each side was).
+    pub(crate) fn finish(&mut self) {
+        if self.format == Format::Table && !self.legend.is_empty() {
+            println!();
+            println!("ratio = busway msgs/s / raw msgs/s (latency: busway p99 / raw p99); cpu s/M = broker CPU seconds per million published messages");
+            for l in self.legend.drain(..) {
+                println!("  {l}");
+            }
+        }
+    }
+
+    /// The sides that lost messages or saw errors.
+    pub(crate) fn lossy(&self) -> &[String] {
+        &self.lossy
+    }
+}

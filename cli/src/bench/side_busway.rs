@@ -1,0 +1,99 @@
+//! The busway side: a bus built through the [`Registry`] from a [`BusConfig`], the code path
+//! users get, with block-on-full subscription queues large enough that nothing is dropped.
+
+use std::sync::Arc;
+
+use busway::{
+    BuildContext, Bus, BusConfig, Message, Mode, Overflow, Pattern, Result, SubscribeOptions, Topic,
+};
+
+use super::broker::Broker;
+use super::engine::{publish_all, publish_loop, Run, SideResult};
+use super::Plan;
+
+/// Builds the bus the plan measures.
+///
+/// # Errors
+/// Whatever the transport's factory returns (bad config, unreachable broker).
+pub(crate) async fn build_bus(plan: &Plan, broker: &Broker) -> Result<Arc<dyn Bus>> {
+    let mut config = BusConfig::new(plan.transport.as_str());
+    config.mode = plan.mode;
+    config.url = broker.url().map(str::to_string);
+    config.capacity = Some(plan.queue_capacity());
+    config.overflow = Some(Overflow::Block);
+    busway_cli::registry()
+        .build(BuildContext {
+            app: "bench",
+            bus: "bench",
+            config: &config,
+            source: "busway bench",
+        })
+        .await
+}
+
+/// Runs one shape through busway.
+///
+/// # Errors
+/// Building the bus, subscribing or publishing failed.
+pub(crate) async fn run(plan: &Plan, broker: &Broker) -> Result<SideResult> {
+    let bus = build_bus(plan, broker).await?;
+    let topic_name = plan.topic("");
+    let topic = Topic::new(&topic_name)?;
+    let mut run = Run::new(plan);
+    let mut readers = Vec::new();
+    let ack = plan.mode == Mode::Stream;
+    for i in 0..plan.subscribers {
+        let mut sub = bus
+            .subscribe(
+                Pattern::exact(&topic),
+                SubscribeOptions::new()
+                    .capacity(plan.queue_capacity())
+                    .overflow(Overflow::Block),
+            )
+            .await?;
+        let tally = run.tally(i);
+        readers.push(tokio::spawn(async move {
+            while let Some(d) = sub.recv().await {
+                if ack && d.ack().await.is_err() {
+                    tally.error();
+                }
+                tally.record(&d.message().payload);
+            }
+        }));
+    }
+    let cpu_before = broker.cpu_seconds().await;
+    let published = publish_all(&mut run, |share, deadline| {
+        let bus = bus.clone();
+        let plan = plan.clone();
+        // One topic value per publisher, as separate engines would hold.
+        let topic = Topic::new(&topic_name);
+        async move {
+            let topic = topic?;
+            let bus: &dyn Bus = &*bus;
+            publish_loop(&plan, share, deadline, |payload| {
+                bus.publish(Message::new(topic.clone(), payload))
+            })
+            .await
+        }
+    })
+    .await?;
+    bus.flush().await?;
+    let what = format!(
+        "busway {} bus ({} mode) built by Registry; {} subscription(s), queue {} block{}; {} publish(es) in flight per publisher",
+        plan.transport.as_str(),
+        plan.mode,
+        plan.subscribers,
+        plan.queue_capacity(),
+        if ack { ", each delivery acked" } else { "" },
+        plan.inflight
+    );
+    let mut result = run.finish(what, published).await;
+    let cpu_after = broker.cpu_seconds().await;
+    result.broker_cpu_s = cpu_before.zip(cpu_after).map(|(a, b)| b - a);
+    result.bus_dropped = Some(bus.stats().dropped);
+    for r in readers {
+        r.abort();
+    }
+    bus.close().await?;
+    Ok(result)
+}

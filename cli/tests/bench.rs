@@ -1,0 +1,337 @@
+//! `busway bench` end to end: the real binary, private brokers it starts itself, and the JSON
+//! lines a user would feed to a script. No timing assertions: only that both sides ran, every
+//! message arrived and the figures are there.
+
+use std::io::Read;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+/// Runs `busway args...`, killing it after `limit` so a hang fails the test instead of
+/// stalling the suite. Returns (success, stdout, stderr).
+fn busway(args: &[&str], limit: Duration) -> (bool, String, String) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_busway"))
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start busway");
+    let mut stdout = child.stdout.take().expect("stdout");
+    let mut stderr = child.stderr.take().expect("stderr");
+    let out = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = stdout.read_to_string(&mut s);
+        s
+    });
+    let err = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = stderr.read_to_string(&mut s);
+        s
+    });
+    let start = Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait for busway") {
+            break status;
+        }
+        if start.elapsed() > limit {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!(
+                "busway {args:?} did not finish within {limit:?}; stderr:\n{}",
+                err.join().unwrap_or_default()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    (
+        status.success(),
+        out.join().unwrap_or_default(),
+        err.join().unwrap_or_default(),
+    )
+}
+
+fn number(v: &Value, path: &[&str]) -> f64 {
+    let mut at = v;
+    for key in path {
+        at = &at[*key];
+    }
+    at.as_f64()
+        .unwrap_or_else(|| panic!("{} is not a number in {v}", path.join(".")))
+}
+
+/// Runs a JSON bench and checks every line: both sides measured, nothing lost, a ratio.
+/// Returns the lines by shape.
+fn bench_json(args: &[&str], shapes: &[&str], broker_cpu: bool) -> Vec<Value> {
+    let mut all = vec!["bench", "--json"];
+    all.extend_from_slice(args);
+    let (ok, stdout, stderr) = busway(&all, Duration::from_secs(300));
+    assert!(ok, "busway {all:?} failed:\n{stdout}\n{stderr}");
+    let lines: Vec<Value> = stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l:?}")))
+        .collect();
+    let got: Vec<&str> = lines
+        .iter()
+        .map(|l| l["shape"].as_str().expect("shape"))
+        .collect();
+    assert_eq!(got, shapes, "{stdout}");
+    for line in &lines {
+        for side in ["busway", "raw"] {
+            let s = &line[side];
+            assert_eq!(s["lost"], 0, "{side} lost messages: {line}");
+            assert_eq!(s["errors"], 0, "{side} had errors: {line}");
+            assert_eq!(s["delivered"], s["expected_deliveries"], "{line}");
+            assert!(number(line, &[side, "published"]) > 0.0, "{line}");
+            assert!(number(line, &[side, "msgs_per_s"]) > 0.0, "{line}");
+            assert!(s["what"].as_str().is_some_and(|w| !w.is_empty()), "{line}");
+            if broker_cpu {
+                assert!(
+                    number(line, &[side, "broker_cpu_s_per_million"]) >= 0.0,
+                    "{line}"
+                );
+            } else {
+                assert!(s["broker_cpu_s_per_million"].is_null(), "{line}");
+            }
+        }
+        assert!(number(line, &["ratio"]) > 0.0, "{line}");
+        let subs = number(line, &["subscribers"]);
+        assert_eq!(
+            number(line, &["busway", "expected_deliveries"]),
+            number(line, &["busway", "published"]) * subs,
+            "every subscriber must get every message: {line}"
+        );
+        if line["shape"] == "latency" {
+            for side in ["busway", "raw"] {
+                let p50 = number(line, &[side, "p50_us"]);
+                let p99 = number(line, &[side, "p99_us"]);
+                let p999 = number(line, &[side, "p999_us"]);
+                assert!(0.0 < p50 && p50 <= p99 && p99 <= p999, "{line}");
+            }
+            assert!(number(line, &["p99_ratio"]) > 0.0, "{line}");
+        }
+    }
+    lines
+}
+
+const ALL: [&str; 5] = ["publish", "pubsub", "fanout", "fanin", "latency"];
+
+#[test]
+fn memory_all_shapes_report_both_sides_and_a_ratio() {
+    let lines = bench_json(
+        &[
+            "--transport",
+            "memory",
+            "--shape",
+            "all",
+            "--count",
+            "20000",
+        ],
+        &ALL,
+        false,
+    );
+    let fanout = &lines[2];
+    assert_eq!(fanout["subscribers"], 7);
+    assert_eq!(fanout["busway"]["delivered"], 7 * 20000);
+    assert_eq!(lines[3]["publishers"], 7);
+}
+
+#[test]
+fn memory_stream_mode_acks_every_delivery() {
+    let lines = bench_json(
+        &[
+            "--transport",
+            "memory",
+            "--mode",
+            "stream",
+            "--shape",
+            "pubsub",
+            "--count",
+            "5000",
+        ],
+        &["pubsub"],
+        false,
+    );
+    assert_eq!(lines[0]["mode"], "stream");
+}
+
+#[test]
+fn table_output_names_both_sides() {
+    let (ok, stdout, stderr) = busway(
+        &[
+            "bench",
+            "--transport",
+            "memory",
+            "--shape",
+            "pubsub",
+            "--count",
+            "2000",
+        ],
+        Duration::from_secs(120),
+    );
+    assert!(ok, "{stdout}\n{stderr}");
+    assert!(stdout.contains("pubsub   busway"), "{stdout}");
+    assert!(stdout.contains("pubsub   raw"), "{stdout}");
+    assert!(stdout.contains("2000/2000"), "{stdout}");
+    assert!(stdout.contains("crossbeam bounded(1024)"), "{stdout}");
+}
+
+#[test]
+fn bad_options_are_refused_with_a_reason() {
+    let (ok, _, stderr) = busway(
+        &["bench", "--transport", "memory", "--payload", "0"],
+        Duration::from_secs(60),
+    );
+    assert!(!ok);
+    assert!(
+        stderr.contains("--payload must be at least 1 byte"),
+        "{stderr}"
+    );
+}
+
+fn broker_present(binary: &str, test: &str) -> bool {
+    busway_testkit::broker_binary(binary, test).is_some()
+}
+
+#[test]
+fn redis_broadcast_all_shapes_with_broker_cpu() {
+    if !broker_present("redis-server", "redis_broadcast_all_shapes_with_broker_cpu") {
+        return;
+    }
+    bench_json(
+        &["--transport", "redis", "--shape", "all", "--count", "5000"],
+        &ALL,
+        true,
+    );
+}
+
+#[test]
+fn redis_stream_mode_with_acks() {
+    if !broker_present("redis-server", "redis_stream_mode_with_acks") {
+        return;
+    }
+    bench_json(
+        &[
+            "--transport",
+            "redis",
+            "--mode",
+            "stream",
+            "--shape",
+            "all",
+            "--count",
+            "3000",
+        ],
+        &ALL,
+        true,
+    );
+}
+
+#[test]
+fn nats_broadcast_all_shapes_with_broker_cpu() {
+    if !broker_present("nats-server", "nats_broadcast_all_shapes_with_broker_cpu") {
+        return;
+    }
+    bench_json(
+        &["--transport", "nats", "--shape", "all", "--count", "5000"],
+        &ALL,
+        true,
+    );
+}
+
+#[test]
+fn nats_jetstream_with_acks() {
+    if !broker_present("nats-server", "nats_jetstream_with_acks") {
+        return;
+    }
+    bench_json(
+        &[
+            "--transport",
+            "nats",
+            "--mode",
+            "stream",
+            "--shape",
+            "all",
+            "--count",
+            "3000",
+        ],
+        &ALL,
+        true,
+    );
+}
+
+#[test]
+fn scenario_reports_three_setups_and_the_comparison() {
+    if !broker_present(
+        "redis-server",
+        "scenario_reports_three_setups_and_the_comparison",
+    ) || !broker_present(
+        "nats-server",
+        "scenario_reports_three_setups_and_the_comparison",
+    ) {
+        return;
+    }
+    let args = [
+        "bench",
+        "scenario",
+        "--json",
+        "--seconds",
+        "2",
+        "--md-rate",
+        "200",
+        "--logic-rate",
+        "10",
+        "--symbols",
+        "5",
+        "--drain",
+        "10",
+    ];
+    let (ok, stdout, stderr) = busway(&args, Duration::from_secs(300));
+    assert!(ok, "{stdout}\n{stderr}");
+    let lines: Vec<Value> = stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l:?}")))
+        .collect();
+    assert_eq!(lines.len(), 5, "{stdout}");
+    for (line, setup) in lines.iter().zip(["before", "dual_bus", "off_redis"]) {
+        assert_eq!(line["setup"], setup, "{line}");
+        assert!(number(line, &["published"]) > 0.0, "{line}");
+        assert_eq!(line["delivered"], line["expected_deliveries"], "{line}");
+        assert_eq!(line["errors"], 0, "{line}");
+        assert!(
+            number(line, &["p99_us"]) >= number(line, &["p50_us"]),
+            "{line}"
+        );
+        assert!(number(line, &["total_broker_cpu_s"]) >= 0.0, "{line}");
+        let brokers = line["brokers"].as_array().expect("brokers");
+        assert_eq!(brokers[0]["role"], "main redis", "{line}");
+        assert!(number(&brokers[0], &["cpu_s"]) >= 0.0, "{line}");
+    }
+    // before: 8 processes (feed + 7 engines) x 3 connections on the main Redis.
+    assert_eq!(lines[0]["brokers"][0]["connections"], 24, "{}", lines[0]);
+    for busway_setup in &lines[1..3] {
+        let brokers = busway_setup["brokers"].as_array().expect("brokers");
+        assert_eq!(brokers.len(), 3, "{busway_setup}");
+        assert_eq!(
+            brokers[0]["connections"], 0,
+            "main Redis carries nothing: {busway_setup}"
+        );
+        for b in &brokers[1..] {
+            assert!(number(b, &["connections"]) > 0.0, "{busway_setup}");
+        }
+    }
+    // Dual bus on Redis: per process one command connection on each bus, one pub/sub
+    // connection per market-data subscriber process (5), one reader per stream subscription (7).
+    assert_eq!(lines[1]["brokers"][1]["connections"], 8 + 5, "{}", lines[1]);
+    assert_eq!(lines[1]["brokers"][2]["connections"], 8 + 7, "{}", lines[1]);
+    // NATS: one connection per process and bus.
+    assert_eq!(lines[2]["brokers"][1]["connections"], 8, "{}", lines[2]);
+    assert_eq!(lines[2]["brokers"][2]["connections"], 8, "{}", lines[2]);
+    for (line, setup) in lines[3..].iter().zip(["dual_bus", "off_redis"]) {
+        assert_eq!(line["compare"], setup, "{line}");
+        assert_eq!(line["main_redis_engine_connections"], 0, "{line}");
+        assert!(
+            number(line, &["main_redis_cpu_reduction_pct"]).is_finite(),
+            "{line}"
+        );
+    }
+}
