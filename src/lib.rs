@@ -43,7 +43,7 @@ pub use options::{
     Overflow, QueueDefaults, StartFrom, SubscribeOptions, DEFAULT_ACK_TIMEOUT, DEFAULT_CAPACITY,
 };
 pub use registry::{BuildContext, Registry, TransportFactory};
-pub use router::{Router, RouterBuilder, RoutingTable};
+pub use router::{Router, RouterBuilder, RoutingTable, DEFAULT_ROUTE_CACHE};
 pub use stats::{Counters, Health, StatsSnapshot};
 pub use subscription::{Acker, Delivery, Subscription};
 pub use topic::{Pattern, PatternToken, Topic, MAX_TOPIC_LEN};

@@ -3,6 +3,7 @@
 use std::any::Any;
 use std::fmt;
 use std::pin::Pin;
+use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -164,7 +165,14 @@ impl Delivery {
 enum Source {
     Queue(QueueReceiver),
     Stream(Pin<Box<dyn Stream<Item = Delivery> + Send>>),
+    /// Several subscriptions polled in turn; an ended one is `None`.
+    Merged {
+        subs: Vec<Option<Subscription>>,
+        next: usize,
+    },
 }
+
+type Filter = Box<dyn FnMut(&Delivery) -> bool + Send>;
 
 /// A live subscription: a [`Stream`] of [`Delivery`]s.
 ///
@@ -174,6 +182,7 @@ pub struct Subscription {
     source: Source,
     pattern: Pattern,
     stats: Arc<Counters>,
+    filter: Option<Filter>,
     guard: Option<Box<dyn Any + Send + Sync>>,
 }
 
@@ -204,6 +213,7 @@ impl Subscription {
                 source: Source::Queue(rx),
                 pattern,
                 stats,
+                filter: None,
                 guard: None,
             },
         )
@@ -220,8 +230,35 @@ impl Subscription {
             source: Source::Stream(Box::pin(stream)),
             pattern,
             stats,
+            filter: None,
             guard: None,
         }
+    }
+
+    /// Merges several subscriptions into one that yields from each in turn and ends when
+    /// all have ended (the router merges its per-bus subscriptions this way). Its
+    /// [`pending`](Subscription::pending) and [`stats`](Subscription::stats) are the sums
+    /// of theirs; dropping it drops them all.
+    pub fn merge(pattern: Pattern, subs: Vec<Subscription>) -> Subscription {
+        Subscription {
+            source: Source::Merged {
+                subs: subs.into_iter().map(Some).collect(),
+                next: 0,
+            },
+            pattern,
+            stats: Arc::new(Counters::default()),
+            filter: None,
+            guard: None,
+        }
+    }
+
+    /// Keeps only the deliveries `keep` accepts (the router drops those its table would not
+    /// have put on the bus they came from). A rejected delivery leaves this subscription's
+    /// `delivered` count; an ackable one is acked on a spawned task (within a Tokio runtime;
+    /// otherwise it is redelivered after its ack timeout, and rejected again).
+    pub fn with_filter(mut self, keep: impl FnMut(&Delivery) -> bool + Send + 'static) -> Self {
+        self.filter = Some(Box::new(keep));
+        self
     }
 
     /// Attaches a value dropped with the subscription: its `Drop` unsubscribes.
@@ -235,9 +272,19 @@ impl Subscription {
         &self.pattern
     }
 
-    /// This subscription's counters (delivered, dropped by its overflow policy...).
+    /// This subscription's counters (delivered, dropped by its overflow policy...); for a
+    /// merged subscription, the sum over the merged ones.
     pub fn stats(&self) -> StatsSnapshot {
-        self.stats.snapshot()
+        match &self.source {
+            Source::Merged { subs, .. } => {
+                let mut total = StatsSnapshot::default();
+                for sub in subs.iter().flatten() {
+                    total.merge(&sub.stats());
+                }
+                total
+            }
+            _ => self.stats.snapshot(),
+        }
     }
 
     /// The live counters.
@@ -250,6 +297,7 @@ impl Subscription {
         match &self.source {
             Source::Queue(rx) => rx.len(),
             Source::Stream(_) => 0,
+            Source::Merged { subs, .. } => subs.iter().flatten().map(|s| s.pending()).sum(),
         }
     }
 
@@ -275,14 +323,68 @@ impl Subscription {
     }
 
     fn poll_recv(&mut self, cx: &mut Context<'_>) -> Poll<Option<Delivery>> {
-        match &mut self.source {
-            Source::Queue(rx) => rx.poll_recv(cx),
-            Source::Stream(s) => s.as_mut().poll_next(cx),
+        loop {
+            let next = match &mut self.source {
+                Source::Queue(rx) => rx.poll_recv(cx),
+                Source::Stream(s) => s.as_mut().poll_next(cx),
+                Source::Merged { subs, next } => poll_merged(subs, next, cx),
+            };
+            let Poll::Ready(Some(d)) = next else {
+                return next;
+            };
+            let keep = match &mut self.filter {
+                Some(keep) => keep(&d),
+                None => true,
+            };
+            if keep {
+                return Poll::Ready(Some(d));
+            }
+            self.reject(d);
+        }
+    }
+
+    fn reject(&self, d: Delivery) {
+        let _ = self
+            .stats
+            .delivered
+            .fetch_update(Relaxed, Relaxed, |v| v.checked_sub(1));
+        if d.is_ackable() {
+            if let Ok(rt) = tokio::runtime::Handle::try_current() {
+                rt.spawn(async move {
+                    let _ = d.ack().await;
+                });
+            }
         }
     }
 
     /// Ends the subscription now (the same as dropping it).
     pub fn unsubscribe(self) {}
+}
+
+/// Polls the merged subscriptions in turn from `next`, so a busy one cannot starve the rest.
+fn poll_merged(
+    subs: &mut [Option<Subscription>],
+    next: &mut usize,
+    cx: &mut Context<'_>,
+) -> Poll<Option<Delivery>> {
+    let n = subs.len();
+    for k in 0..n {
+        let i = (*next + k) % n;
+        let Some(sub) = &mut subs[i] else { continue };
+        match sub.poll_recv(cx) {
+            Poll::Ready(Some(d)) => {
+                *next = (i + 1) % n;
+                return Poll::Ready(Some(d));
+            }
+            Poll::Ready(None) => subs[i] = None,
+            Poll::Pending => {}
+        }
+    }
+    if subs.iter().all(Option::is_none) {
+        Poll::Ready(None)
+    } else {
+        Poll::Pending
+    }
 }
 
 impl Stream for Subscription {

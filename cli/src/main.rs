@@ -1,3 +1,200 @@
-//! The `busway` command.
+//! The `busway` command: check a config, show where a topic goes, publish, tail, and run the
+//! seven-engine demo.
 
-fn main() {}
+use std::ffi::OsString;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use busway_cli::commands::{self, TailLimits};
+use busway_cli::demo::{self, DemoOptions};
+use clap::{Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "busway",
+    version,
+    about = "Route a platform's messages to named buses."
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Validate a config (file + BUSWAY_* environment) without connecting, and print its
+    /// buses and routing table.
+    Check {
+        /// The config file.
+        file: PathBuf,
+    },
+    /// Print the bus or buses a topic is routed to.
+    Route {
+        /// The config file.
+        file: PathBuf,
+        /// The topic, e.g. marketdata.quotes.AAPL.
+        topic: String,
+    },
+    /// Publish one message through the router.
+    Pub {
+        /// The topic.
+        topic: String,
+        /// The payload, sent as the argument's bytes (which need not be UTF-8).
+        payload: OsString,
+        /// The config file.
+        #[arg(long)]
+        config: PathBuf,
+        /// A header, key=value (id, content_type, correlation_id, reply_to and source set
+        /// their header; other keys are free headers). Repeatable.
+        #[arg(long = "header", value_name = "KEY=VALUE", value_parser = parse_header)]
+        headers: Vec<(String, String)>,
+    },
+    /// Print messages matching a pattern, one line each: `topic payload`.
+    Tail {
+        /// The pattern, e.g. 'marketdata.quotes.*' or 'engine.>'.
+        pattern: String,
+        /// The config file.
+        #[arg(long)]
+        config: PathBuf,
+        /// Stop after this many messages.
+        #[arg(long)]
+        count: Option<u64>,
+        /// Stop after this many seconds.
+        #[arg(long, value_name = "SECS")]
+        timeout: Option<f64>,
+    },
+    /// Run a market-data feed and the seven engines wired through the router, then report
+    /// per engine and per bus, and check no engine uses the main bus.
+    Demo {
+        /// The config file (default: every bus in memory, as examples/demo.toml).
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// How long to run.
+        #[arg(long, default_value_t = 5.0, value_name = "N")]
+        seconds: f64,
+        /// Only these engines (features, factor, ml, strategy, portfolio, collateral,
+        /// websocket), comma-separated.
+        #[arg(long, value_delimiter = ',', value_name = "A,B")]
+        engines: Option<Vec<String>>,
+        /// Do not run the market-data feed in this process.
+        #[arg(long)]
+        no_feed: bool,
+        /// Symbols the feed quotes.
+        #[arg(long, default_value_t = 8, value_name = "N")]
+        symbols: usize,
+        /// Feed ticks per second; each tick quotes every symbol.
+        #[arg(long, default_value_t = 20.0, value_name = "HZ")]
+        rate: f64,
+    },
+}
+
+fn parse_header(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
+        _ => Err(format!("expected KEY=VALUE, got {s:?}")),
+    }
+}
+
+fn seconds(what: &str, secs: f64) -> Result<Duration, String> {
+    Duration::try_from_secs_f64(secs).map_err(|_| format!("{what}: {secs} is not a duration"))
+}
+
+fn fail(e: impl std::fmt::Display) -> ExitCode {
+    eprintln!("busway: error: {e}");
+    ExitCode::FAILURE
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let registry = busway_cli::registry();
+    match cli.command {
+        Command::Check { file } => match commands::check(&file, &registry) {
+            Ok(report) => {
+                print!("{report}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => fail(e),
+        },
+        Command::Route { file, topic } => match commands::route(&file, &topic) {
+            Ok(line) => {
+                print!("{line}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => fail(e),
+        },
+        Command::Pub {
+            topic,
+            payload,
+            config,
+            headers,
+        } => match commands::publish(
+            &config,
+            &topic,
+            &payload.into_encoded_bytes(),
+            &headers,
+            &registry,
+        )
+        .await
+        {
+            Ok(line) => {
+                eprint!("busway: {line}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => fail(e),
+        },
+        Command::Tail {
+            pattern,
+            config,
+            count,
+            timeout,
+        } => {
+            let timeout = match timeout.map(|t| seconds("--timeout", t)).transpose() {
+                Ok(t) => t,
+                Err(e) => return fail(e),
+            };
+            let limits = TailLimits { count, timeout };
+            let mut stdout = std::io::stdout().lock();
+            match commands::tail(&config, &pattern, limits, &registry, &mut stdout).await {
+                Ok(_) => ExitCode::SUCCESS,
+                Err(e) => fail(e),
+            }
+        }
+        Command::Demo {
+            config,
+            seconds: secs,
+            engines,
+            no_feed,
+            symbols,
+            rate,
+        } => {
+            let duration = match seconds("--seconds", secs) {
+                Ok(d) => d,
+                Err(e) => return fail(e),
+            };
+            if !(rate.is_finite() && rate > 0.0) {
+                return fail(format!("--rate: {rate} must be a positive number"));
+            }
+            let options = DemoOptions {
+                config,
+                duration,
+                engines,
+                feed: !no_feed,
+                symbols,
+                rate,
+            };
+            match demo::run(&options, &registry).await {
+                Ok(report) => {
+                    print!("{report}");
+                    if report.pass {
+                        ExitCode::SUCCESS
+                    } else {
+                        ExitCode::FAILURE
+                    }
+                }
+                Err(e) => fail(e),
+            }
+        }
+    }
+}

@@ -1,0 +1,253 @@
+//! `busway check`, `route`, `pub` and `tail`.
+
+use std::io::Write;
+use std::path::Path;
+use std::time::Duration;
+
+use busway::config::redact_url;
+use busway::{
+    Bus, Config, Error, ErrorKind, Message, Pattern, Registry, Result, Router, RoutingTable,
+    SubscribeOptions, Topic,
+};
+
+use crate::text::{escape_payload, table};
+
+/// Fails when a bus names a transport kind `registry` does not know, naming the file, the
+/// key and the known kinds (the same error building the bus would give, without connecting).
+///
+/// # Errors
+/// [`ErrorKind::UnknownTransport`].
+pub fn check_transports(config: &Config, registry: &Registry) -> Result<()> {
+    let kinds = registry.kinds();
+    for (name, bus) in &config.buses {
+        if !kinds.contains(&bus.transport.as_str()) {
+            return Err(Error::new(
+                ErrorKind::UnknownTransport,
+                format!(
+                    "{}: buses.{name}.transport: unknown transport {:?}; known transports: {}",
+                    config.source,
+                    bus.transport,
+                    kinds.join(", ")
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// `busway check FILE`: loads the config (file and `BUSWAY_*` environment), checks its
+/// transports are known and builds the routing table, without connecting to any broker.
+/// Returns the report: the buses (URLs redacted) and the routing table.
+///
+/// # Errors
+/// The first problem found, naming the file, the key and the reason.
+pub fn check(path: &Path, registry: &Registry) -> Result<String> {
+    let config = Config::load(path)?;
+    check_transports(&config, registry)?;
+    RoutingTable::from_config(&config)?;
+
+    let mut out = format!("config {} (app {:?})\n\nbuses\n", config.source, config.app);
+    let rows: Vec<Vec<String>> = config
+        .buses
+        .iter()
+        .map(|(name, bus)| {
+            let q = bus.queue_defaults();
+            vec![
+                name.clone(),
+                bus.transport.clone(),
+                bus.mode.to_string(),
+                bus.url.as_deref().map_or("-".to_string(), redact_url),
+                q.overflow.to_string(),
+                q.capacity.to_string(),
+            ]
+        })
+        .collect();
+    out.push_str(&table(
+        &["bus", "transport", "mode", "url", "overflow", "capacity"],
+        &rows,
+    ));
+    out.push_str("\nroutes (first match wins)\n");
+    let mut rows: Vec<Vec<String>> = config
+        .routes
+        .iter()
+        .enumerate()
+        .map(|(i, r)| {
+            vec![
+                (i + 1).to_string(),
+                r.pattern.as_str().to_string(),
+                r.to.join(", "),
+            ]
+        })
+        .collect();
+    rows.push(vec![
+        String::new(),
+        "(default)".to_string(),
+        match &config.default {
+            Some(to) => to.join(", "),
+            None => "none: unrouted topics fail with no_route".to_string(),
+        },
+    ]);
+    out.push_str(&table(&["#", "match", "to"], &rows));
+    out.push_str(&format!(
+        "\nok: {} buses, {} routes, default {}\n",
+        config.buses.len(),
+        config.routes.len(),
+        config
+            .default
+            .as_ref()
+            .map_or("none".to_string(), |d| d.join(", "))
+    ));
+    Ok(out)
+}
+
+/// `busway route FILE TOPIC`: the line `TOPIC -> BUS[, BUS]  (the rule that decided)`.
+///
+/// # Errors
+/// A bad config or topic, or [`ErrorKind::NoRoute`] when no rule and no default takes it.
+pub fn route(path: &Path, topic: &str) -> Result<String> {
+    let config = Config::load(path)?;
+    let table = RoutingTable::from_config(&config)?;
+    let topic = Topic::new(topic)?;
+    let buses: Vec<&str> = table.lookup(&topic)?.iter().map(|b| &**b).collect();
+    let why = config
+        .routes
+        .iter()
+        .position(|r| r.pattern.matches(&topic))
+        .map_or("default".to_string(), |i| {
+            format!("routes[{i}] match {:?}", config.routes[i].pattern.as_str())
+        });
+    Ok(format!("{topic} -> {}  ({why})\n", buses.join(", ")))
+}
+
+/// Applies one `--header key=value`: the well-known keys (`id`, `content_type`,
+/// `correlation_id`, `reply_to`, `source`) set their header, any other key is a free header.
+fn apply_header(message: &mut Message, key: &str, value: &str) -> Result<()> {
+    let h = &mut message.headers;
+    match key {
+        "id" => h.id = Some(value.to_string()),
+        "content_type" | "content-type" => h.content_type = Some(value.to_string()),
+        "correlation_id" => h.correlation_id = Some(value.to_string()),
+        "reply_to" => h.reply_to = Some(Topic::new(value)?),
+        "source" => h.source = Some(value.to_string()),
+        _ => h.insert(key, value),
+    }
+    Ok(())
+}
+
+/// `busway pub TOPIC PAYLOAD --config FILE`: builds the router, publishes one stamped
+/// message, flushes and closes. Returns a line saying where it went.
+///
+/// # Errors
+/// A bad config, topic or header; a bus that cannot be built; or the publish error
+/// ([`ErrorKind::NoRoute`] included).
+pub async fn publish(
+    config_path: &Path,
+    topic: &str,
+    payload: &[u8],
+    headers: &[(String, String)],
+    registry: &Registry,
+) -> Result<String> {
+    let config = Config::load(config_path)?;
+    let topic = Topic::new(topic)?;
+    let mut message = Message::new(topic.clone(), payload.to_vec())
+        .with_id(busway::new_message_id())
+        .stamped();
+    message.headers.source = Some(config.app.clone());
+    for (k, v) in headers {
+        apply_header(&mut message, k, v)?;
+    }
+    let router = Router::from_config(&config, registry).await?;
+    let result = async {
+        let buses: Vec<String> = router
+            .route(&topic)?
+            .iter()
+            .map(|b| b.to_string())
+            .collect();
+        router.publish(message).await?;
+        router.flush().await?;
+        Ok(format!(
+            "published {topic} ({} bytes) to {}\n",
+            payload.len(),
+            buses.join(", ")
+        ))
+    }
+    .await;
+    let closed = router.close().await;
+    let report = result?;
+    closed?;
+    Ok(report)
+}
+
+/// When `busway tail` stops.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct TailLimits {
+    /// Stop after this many messages.
+    pub count: Option<u64>,
+    /// Stop after this long, whatever arrived.
+    pub timeout: Option<Duration>,
+}
+
+/// `busway tail PATTERN --config FILE`: subscribes through the router and writes one line
+/// per message, `topic payload` (see [`escape_payload`]), until `limits` or Ctrl-C stop it.
+/// Says on stderr when the subscription is live. Returns the number of messages written.
+///
+/// # Errors
+/// A bad config or pattern, a bus that cannot be built, a refused subscription.
+pub async fn tail(
+    config_path: &Path,
+    pattern: &str,
+    limits: TailLimits,
+    registry: &Registry,
+    out: &mut dyn Write,
+) -> Result<u64> {
+    let config = Config::load(config_path)?;
+    let pattern = Pattern::new(pattern)?;
+    let router = Router::from_config(&config, registry).await?;
+    let result = async {
+        let mut sub = router
+            .subscribe(pattern.clone(), SubscribeOptions::new())
+            .await?;
+        eprintln!("busway: tailing {pattern} (config {})", config.source);
+        let deadline = limits.timeout.map(|t| tokio::time::Instant::now() + t);
+        let mut seen = 0u64;
+        if limits.count == Some(0) {
+            return Ok(0);
+        }
+        loop {
+            let next = tokio::select! {
+                d = sub.recv() => d,
+                _ = async {
+                    match deadline {
+                        Some(at) => tokio::time::sleep_until(at).await,
+                        None => std::future::pending().await,
+                    }
+                } => break,
+                _ = tokio::signal::ctrl_c() => break,
+            };
+            let Some(delivery) = next else { break };
+            let m = delivery.message();
+            let line = format!("{} {}\n", m.topic, escape_payload(&m.payload));
+            match out.write_all(line.as_bytes()).and_then(|()| out.flush()) {
+                Ok(()) => {}
+                // `busway tail ... | head` closing the pipe is a normal way to stop.
+                Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => break,
+                Err(e) => {
+                    return Err(
+                        Error::new(ErrorKind::Other, "cannot write to stdout").with_source(e)
+                    )
+                }
+            }
+            delivery.ack().await?;
+            seen += 1;
+            if limits.count.is_some_and(|n| seen >= n) {
+                break;
+            }
+        }
+        Ok(seen)
+    }
+    .await;
+    let closed = router.close().await;
+    let seen = result?;
+    closed?;
+    Ok(seen)
+}
