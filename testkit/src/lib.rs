@@ -2,6 +2,7 @@
 //! harnesses that start real `redis-server` / `nats-server` processes on free loopback ports.
 
 pub mod conformance;
+pub mod logs;
 pub mod nats;
 pub mod redis;
 mod server;
