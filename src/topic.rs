@@ -517,5 +517,25 @@ mod tests {
             let covered = topics.iter().all(|t| !b.matches(t) || a.matches(t));
             prop_assert_eq!(a.covers(&b), covered, "cover {} {}", p, q);
         }
+
+        // Over arbitrary short strings of the interesting characters: parsing never panics,
+        // a valid topic is exactly a literal pattern that matches it, and a pattern
+        // re-parses to itself.
+        #[test]
+        fn topics_are_exactly_the_literal_patterns(s in "[ab.*> \\x00-\\x7f]{0,10}") {
+            let topic = Topic::new(&s);
+            let pattern = Pattern::new(&s);
+            if let Ok(t) = &topic {
+                let p = pattern.as_ref().expect("a valid topic is a valid pattern");
+                prop_assert!(p.is_literal() && p.matches(t), "{:?}", s);
+                let back = p.as_topic();
+                prop_assert_eq!(back.as_ref(), Some(t));
+            }
+            if let Ok(p) = &pattern {
+                prop_assert_eq!(p.is_literal(), topic.is_ok(), "{:?}", s);
+                let again = Pattern::new(p.as_str()).unwrap();
+                prop_assert_eq!(&again, p);
+            }
+        }
     }
 }

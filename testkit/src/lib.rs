@@ -3,6 +3,7 @@
 
 pub mod conformance;
 pub mod faults;
+pub mod logs;
 pub mod nats;
 pub mod redis;
 mod server;

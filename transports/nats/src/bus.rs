@@ -324,6 +324,22 @@ impl NatsBus {
                 (Some(t), None) => url_token = Some(decode_userinfo(t)),
                 _ => {}
             }
+            // The credentials go through the connect options (which async-nats masks in its
+            // logs); the address it is given, and logs at debug level, holds none.
+            let addr = match one.split_once("://") {
+                Some((scheme, rest)) if addr.username().is_some() => {
+                    let at = rest[..rest.find(['/', '?']).unwrap_or(rest.len())]
+                        .rfind('@')
+                        .map_or(0, |i| i + 1);
+                    ServerAddr::from_str(&format!("{scheme}://{}", &rest[at..])).map_err(|e| {
+                        ctx.config_error(
+                            "url",
+                            format!("{:?} is not a NATS URL: {e}", redact_url(one)),
+                        )
+                    })?
+                }
+                _ => addr,
+            };
             addrs.push(addr);
         }
         if addrs.is_empty() {

@@ -15,6 +15,9 @@
 //! claim_idle_ms = 30000       # reclaim entries pending longer than this (default: ack timeout)
 //! max_deliveries = 5          # after this many deliveries an entry goes to dead_letter
 //! dead_letter = "engine.dead" # topic (on this bus) for entries that failed max_deliveries
+//! tls_ca = "/etc/busway/ca.pem"  # rediss:// only: trust this CA instead of the system's
+//! tls_cert = "client.pem"     # rediss:// only: client certificate (mutual TLS), with tls_key
+//! tls_key = "client.key"
 //! ```
 
 use std::fmt;
@@ -159,6 +162,17 @@ pub struct RedisOptions {
     /// Stream mode: the topic that receives entries past `max_deliveries` [unset].
     #[serde(default)]
     pub dead_letter: Option<String>,
+    /// `rediss://` only: a PEM file of the CA(s) that signed the server's certificate,
+    /// instead of the system's trust store [unset].
+    #[serde(default)]
+    pub tls_ca: Option<String>,
+    /// `rediss://` only: a PEM client certificate, for servers that verify clients
+    /// (mutual TLS); needs `tls_key` [unset].
+    #[serde(default)]
+    pub tls_cert: Option<String>,
+    /// `rediss://` only: the PEM private key of `tls_cert` [unset].
+    #[serde(default)]
+    pub tls_key: Option<String>,
 }
 
 impl Default for RedisOptions {
@@ -294,6 +308,27 @@ impl RedisConfig {
         }
         if o.key_prefix.is_empty() {
             return Err(("key_prefix", "must not be empty".into()));
+        }
+        let tls_key_set = o.tls_ca.is_some() || o.tls_cert.is_some() || o.tls_key.is_some();
+        if tls_key_set && !self.url.starts_with("rediss://") {
+            let key = match (&o.tls_ca, &o.tls_cert) {
+                (Some(_), _) => "tls_ca",
+                (None, Some(_)) => "tls_cert",
+                (None, None) => "tls_key",
+            };
+            return Err((
+                key,
+                format!(
+                    "applies to rediss:// URLs only; the url is {:?}",
+                    self.redacted_url()
+                ),
+            ));
+        }
+        if o.tls_cert.is_some() != o.tls_key.is_some() {
+            return Err((
+                "tls_cert",
+                "tls_cert and tls_key go together (a client certificate and its key)".into(),
+            ));
         }
         Ok(())
     }

@@ -394,6 +394,13 @@ impl Task {
                 }
             }
         };
+        // A foreign publisher is not bound by our max_payload; subscribers are promised it.
+        let max = self.inner.config.options.max_payload;
+        if message.payload.len() > max {
+            Counters::incr(&self.inner.stats.decode_errors);
+            tracing::debug!(bus = %self.inner.config.bus, channel, size = message.payload.len(), max_payload = max, "skipped a message larger than max_payload");
+            return;
+        }
         for tx in targets {
             tx.send(Delivery::new(message.clone()).with_reply_via(self.via.clone()))
                 .await;

@@ -608,7 +608,19 @@ impl Reader {
             Counters::incr(&self.inner.stats.decode_errors);
             return;
         };
-        match decode_entry(topic, fields) {
+        let max = self.inner.config.options.max_payload;
+        // A foreign producer is not bound by our max_payload; subscribers are promised it.
+        let decoded = decode_entry(topic, fields).and_then(|m| {
+            if m.payload.len() > max {
+                Err(format!(
+                    "payload of {} bytes exceeds max_payload {max}",
+                    m.payload.len()
+                ))
+            } else {
+                Ok(m)
+            }
+        });
+        match decoded {
             Ok(message) => {
                 let acker = RedisAcker {
                     inner: self.inner.clone(),

@@ -1,0 +1,163 @@
+//! Bytes from a foreign publisher (garbage, truncated, oversized) are counted in
+//! `decode_errors` and skipped, the subscription going on; an oversized publish is refused
+//! naming the limit. Each test starts its own redis-server.
+
+use std::time::Duration;
+
+use busway::{Bus, ErrorKind, Message, Mode, Pattern, SubscribeOptions, Topic};
+use busway_redis::{frame, RedisBus, RedisConfig, RedisOptions};
+use busway_testkit::redis::RedisServer;
+
+const WAIT: Duration = Duration::from_secs(10);
+const MAX: usize = 16;
+
+async fn bus(url: &str, mode: Mode) -> RedisBus {
+    let mut o = RedisOptions::default();
+    o.max_payload = MAX;
+    o.block_ms = 200;
+    o.rescan_ms = 200;
+    RedisBus::connect(
+        RedisConfig::new("main", url)
+            .app("test")
+            .mode(mode)
+            .options(o),
+    )
+    .await
+    .expect("connect")
+}
+
+fn topic(s: &str) -> Topic {
+    Topic::new(s).unwrap()
+}
+
+/// A plain redis client: the foreign publisher.
+async fn foreign(url: &str) -> redis::aio::MultiplexedConnection {
+    redis::Client::open(url)
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn broadcast_skips_garbage_truncated_and_oversized_frames() {
+    let Some(server) = RedisServer::start("broadcast_bad_frames") else {
+        return;
+    };
+    let bus = bus(&server.url(), Mode::Broadcast).await;
+    let mut sub = bus
+        .subscribe(Pattern::new("g.*").unwrap(), SubscribeOptions::new())
+        .await
+        .unwrap();
+    let mut full = Message::new(topic("g.x"), &b"payload"[..]).with_id("an-id");
+    full.headers.correlation_id = Some("c".into());
+    let good = frame::encode(&full);
+    let truncated = good[..good.len() - full.payload.len() - 2].to_vec();
+    let oversized = frame::encode(&Message::new(topic("g.x"), vec![7u8; MAX + 1]));
+    let bad: Vec<(&str, Vec<u8>)> = vec![
+        ("text", b"not a busway frame".to_vec()),
+        ("empty", Vec::new()),
+        ("truncated", truncated),
+        ("unknown version", vec![frame::MAGIC, 99, 0]),
+        (
+            "length past the end",
+            vec![frame::MAGIC, frame::VERSION, 0x01, 0x7f, b'a'],
+        ),
+        (
+            "bad reply_to",
+            [&[frame::MAGIC, frame::VERSION, 0x10, 9][..], b"bad topic"].concat(),
+        ),
+        ("oversized", oversized),
+    ];
+    let mut con = foreign(&server.url()).await;
+    for (_, bytes) in &bad {
+        let _: i64 = redis::cmd("PUBLISH")
+            .arg("g.x")
+            .arg(bytes.as_slice())
+            .query_async(&mut con)
+            .await
+            .unwrap();
+    }
+    // A well-formed foreign frame of the right size still gets through, then ours.
+    let _: i64 = redis::cmd("PUBLISH")
+        .arg("g.x")
+        .arg(good.as_slice())
+        .query_async(&mut con)
+        .await
+        .unwrap();
+    bus.publish(Message::new(topic("g.y"), &b"ok"[..]))
+        .await
+        .unwrap();
+    let d = sub.recv_timeout(WAIT).await.unwrap().unwrap();
+    assert_eq!(d.message(), &full, "the well-formed foreign frame");
+    let d = sub.recv_timeout(WAIT).await.unwrap().unwrap();
+    assert_eq!(&d.message().payload[..], b"ok", "the subscription goes on");
+    assert_eq!(
+        bus.stats().decode_errors,
+        bad.len() as u64,
+        "one count per bad frame: {:?}",
+        bad.iter().map(|(w, _)| *w).collect::<Vec<_>>()
+    );
+    assert!(
+        sub.recv_timeout(Duration::from_millis(300)).await.is_err(),
+        "nothing else is delivered"
+    );
+}
+
+#[tokio::test]
+async fn stream_skips_bad_and_oversized_entries() {
+    let Some(server) = RedisServer::start("stream_bad_entries") else {
+        return;
+    };
+    let bus = bus(&server.url(), Mode::Stream).await;
+    let mut sub = bus
+        .subscribe(
+            Pattern::new("s").unwrap(),
+            SubscribeOptions::new().group("g"),
+        )
+        .await
+        .unwrap();
+    let key = "busway:stream:s";
+    let big = "x".repeat(MAX + 1);
+    server.cli(&["XADD", key, "*", "payload", &big]);
+    server.cli(&["XADD", key, "*", "payload", "p", "ts", "notanumber"]);
+    server.cli(&["XADD", key, "*", "payload", "p", "reply_to", "bad topic"]);
+    server.cli(&["XADD", key, "*", "payload", "p", "unknown", "1"]);
+    bus.publish(Message::new(topic("s"), &b"ok"[..]))
+        .await
+        .unwrap();
+    let d = sub.recv_timeout(WAIT).await.unwrap().unwrap();
+    assert_eq!(&d.message().payload[..], b"ok");
+    d.ack().await.unwrap();
+    assert_eq!(bus.stats().decode_errors, 4);
+    // The bad entries were acked: nothing is pending, nothing comes back.
+    let pending = server.cli(&["XPENDING", key, "g"]);
+    assert!(pending.starts_with("0\n"), "XPENDING: {pending}");
+}
+
+#[tokio::test]
+async fn oversized_publish_is_refused_naming_the_limit() {
+    let Some(server) = RedisServer::start("oversized_publish") else {
+        return;
+    };
+    for mode in [Mode::Broadcast, Mode::Stream] {
+        let bus = bus(&server.url(), mode).await;
+        assert_eq!(bus.capabilities().max_payload, MAX);
+        bus.publish(Message::new(topic("big"), vec![0u8; MAX]))
+            .await
+            .expect("exactly max_payload is fine");
+        let err = bus
+            .publish(Message::new(topic("big"), vec![0u8; MAX + 1]))
+            .await
+            .unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::PayloadTooLarge, "{mode:?}: {err}");
+        let text = err.to_string();
+        assert!(
+            text.contains("\"main\"")
+                && text.contains("\"big\"")
+                && text.contains(&format!("{} bytes", MAX + 1))
+                && text.contains(&format!("limit of {MAX} bytes")),
+            "{mode:?}: {text}"
+        );
+    }
+}
