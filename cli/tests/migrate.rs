@@ -453,3 +453,39 @@ async fn audit_groups_redis_connections_by_app_bus_and_client_name() {
     assert!(text.contains("apps still connected: portfolio\n"), "{text}");
     portfolio.close().await.unwrap();
 }
+
+#[tokio::test]
+async fn audit_reads_nats_connections_from_the_monitoring_port() {
+    let test = "audit_reads_nats_connections_from_the_monitoring_port";
+    let Some(nats) = busway_testkit::nats::NatsServer::start(test) else {
+        return;
+    };
+    let text = format!(
+        "[app]\nname = \"features\"\n[buses.marketdata]\ntransport = \"nats\"\nurl = \"{}\"\n[default]\nto = \"marketdata\"\n",
+        nats.url()
+    );
+    let router = Router::from_config(&config(&text), &busway_cli::registry())
+        .await
+        .unwrap();
+    let monitor = format!("http://127.0.0.1:{}", nats.monitor_port());
+    let nats_url = nats.url();
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new(env!("CARGO_BIN_EXE_busway"))
+            .args(["audit", &nats_url, "--monitor", &monitor, "--json"])
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(json["kind"], "nats");
+    assert_eq!(json["apps"]["features"]["marketdata"], 1, "{json}");
+    assert_eq!(json["total_connections"], 1, "{json}");
+    assert!(json["cpu_percent"].as_f64().is_some(), "{json}");
+    router.close().await.unwrap();
+}
