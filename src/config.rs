@@ -29,6 +29,10 @@
 //!
 //! [default]
 //! to = "main"
+//!
+//! [router]
+//! dedup_window = 10000          # ids remembered by subscriptions on several buses (mirrors)
+//! drain_grace_ms = 500          # a reload's wait for in-flight messages on old buses
 //! ```
 //!
 //! Keys not listed in [`BusConfig`] belong to the bus's transport, which reads them with
@@ -67,6 +71,21 @@ pub struct Config {
     pub routes: Vec<RouteConfig>,
     /// Buses that carry topics no route matches.
     pub default: Option<Vec<String>>,
+    /// The `[router]` section.
+    pub router: RouterSettings,
+}
+
+/// The `[router]` section: the router's own knobs (unset keys take the defaults).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouterSettings {
+    /// Message ids a subscription listening on several buses remembers to drop duplicate
+    /// copies ([`DEFAULT_DEDUP_WINDOW`](crate::DEFAULT_DEDUP_WINDOW) when unset; 0 = off).
+    pub dedup_window: Option<usize>,
+    /// How long a reload waits for in-flight messages before ending subscriptions on buses
+    /// no longer used, in milliseconds
+    /// ([`DEFAULT_DRAIN_GRACE`](crate::DEFAULT_DRAIN_GRACE) when unset).
+    pub drain_grace_ms: Option<u64>,
 }
 
 /// One bus: its transport kind, mode, queue defaults and transport-specific keys.
@@ -190,6 +209,8 @@ struct RawConfig {
     routes: Vec<toml::Value>,
     #[serde(default)]
     default: Option<toml::Value>,
+    #[serde(default)]
+    router: Option<toml::Value>,
 }
 
 #[derive(Deserialize, Default)]
@@ -310,12 +331,19 @@ impl Config {
             }
             buses.insert(name, bus);
         }
+        let router = match raw.router {
+            Some(value) => {
+                RouterSettings::deserialize(value).map_err(|e| bad(source, "router", reason(&e)))?
+            }
+            None => RouterSettings::default(),
+        };
         let mut config = Config {
             source: source.to_string(),
             app,
             buses,
             routes: Vec::new(),
             default: None,
+            router,
         };
         for (i, value) in raw.routes.into_iter().enumerate() {
             let key = format!("routes[{i}]");

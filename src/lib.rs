@@ -35,7 +35,7 @@ mod topic;
 
 pub use bus::{request_via_inbox, Bus, Capabilities, Mode, INBOX_PREFIX};
 pub use codec::{BusExt, Codec};
-pub use config::{BusConfig, Config, RouteConfig};
+pub use config::{BusConfig, Config, RouteConfig, RouterSettings};
 pub use error::{Error, ErrorKind, Result};
 pub use memory::{MemoryBus, MemoryConfig, MemoryFactory};
 pub use message::{new_message_id, now_micros, Headers, Message};
@@ -43,7 +43,10 @@ pub use options::{
     Overflow, QueueDefaults, StartFrom, SubscribeOptions, DEFAULT_ACK_TIMEOUT, DEFAULT_CAPACITY,
 };
 pub use registry::{BuildContext, Registry, TransportFactory};
-pub use router::{Router, RouterBuilder, RoutingTable, DEFAULT_ROUTE_CACHE};
+pub use router::{
+    ReloadReport, Router, RouterBuilder, RoutingTable, DEFAULT_DEDUP_WINDOW, DEFAULT_DRAIN_GRACE,
+    DEFAULT_ROUTE_CACHE,
+};
 pub use stats::{Counters, Health, StatsSnapshot};
-pub use subscription::{Acker, Delivery, Subscription};
+pub use subscription::{Accept, Acker, Delivery, MergeHandle, Subscription};
 pub use topic::{Pattern, PatternToken, Topic, MAX_TOPIC_LEN};

@@ -15,10 +15,12 @@
 //!
 //! # Live state
 //! The table, the buses and the cache live together in one immutable state behind an
-//! [`ArcSwap`], so a later `reload` can swap all three at once: a publish sees either the old
-//! state or the new one, never half of each.
+//! [`ArcSwap`], so [`Router::reload`] swaps all three at once: a publish sees either the old
+//! state or the new one, never half of each. The router keeps a handle on each open
+//! subscription ([`MergeHandle`]) so a reload can add its parts on new buses before the swap
+//! and end the ones on buses it no longer needs after the drain.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::hash::BuildHasher;
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
@@ -31,17 +33,22 @@ use futures::future::{join_all, try_join_all, BoxFuture};
 use parking_lot::RwLock;
 
 use crate::bus::{Bus, Capabilities, Mode};
-use crate::config::{Config, RouteConfig};
+use crate::config::{BusConfig, Config, RouteConfig};
 use crate::error::{Error, ErrorKind, Result};
 use crate::message::{new_message_id, Message};
-use crate::options::SubscribeOptions;
+use crate::options::{StartFrom, SubscribeOptions};
 use crate::registry::{BuildContext, Registry};
 use crate::stats::{Counters, Health, StatsSnapshot};
-use crate::subscription::Subscription;
+use crate::subscription::{Accept, Delivery, MergeHandle, Subscription};
 use crate::topic::{Pattern, PatternToken, Topic};
 
 /// The number of topics a router caches when not told otherwise.
 pub const DEFAULT_ROUTE_CACHE: usize = 65_536;
+/// The message ids a router subscription on several buses remembers, when not told otherwise.
+pub const DEFAULT_DEDUP_WINDOW: usize = 10_000;
+/// How long a reload waits for in-flight messages to reach the old buses' subscriptions,
+/// when not told otherwise.
+pub const DEFAULT_DRAIN_GRACE: Duration = Duration::from_millis(500);
 
 /// One rule of a [`RoutingTable`].
 #[derive(Debug, Clone)]
@@ -455,6 +462,11 @@ struct RouterState {
     table: RoutingTable,
     /// Sorted by name.
     buses: NamedBuses,
+    /// Each bus's place in the router's [`BusSlots`], index for index with `buses`: a bus's
+    /// identity across reloads.
+    slots: Vec<u32>,
+    /// 0 for the state a router is built with, one more at each reload.
+    generation: u64,
     /// Targets of rule `i` at `i`, then the default's.
     targets: Vec<Arc<Targets>>,
     cache: RouteCache,
@@ -467,6 +479,7 @@ impl RouterState {
         buses: NamedBuses,
         slots: &[u32],
         cache_capacity: usize,
+        generation: u64,
     ) -> RouterState {
         let find = |name: &Arc<str>| -> (Arc<dyn Bus>, u32) {
             let i = buses
@@ -491,6 +504,8 @@ impl RouterState {
         RouterState {
             table,
             buses,
+            slots: slots.to_vec(),
+            generation,
             targets,
             cache: RouteCache::new(cache_capacity),
         }
@@ -520,8 +535,9 @@ impl RouterState {
             .is_ok_and(|t| t.names.iter().any(|n| &**n == name))
     }
 
-    /// The buses a subscription to `pattern` listens on, checked against `options`.
-    fn plan_subscribe(&self, pattern: &Pattern, options: &SubscribeOptions) -> Result<NamedBuses> {
+    /// The buses a subscription to `pattern` listens on (name, bus, slot), checked against
+    /// `options`.
+    fn plan_subscribe(&self, pattern: &Pattern, options: &SubscribeOptions) -> Result<Plan> {
         let names = self.table.buses_for_pattern(pattern);
         if names.is_empty() {
             return Err(Error::new(
@@ -535,17 +551,28 @@ impl RouterState {
         names
             .into_iter()
             .map(|name| {
-                let bus = self
-                    .bus(&name)
-                    .expect("the table was validated against these buses")
-                    .clone();
+                let i = self
+                    .buses
+                    .binary_search_by(|(n, _)| (**n).cmp(&*name))
+                    .expect("the table was validated against these buses");
+                let bus = self.buses[i].1.clone();
                 bus.capabilities()
                     .check_subscribe(&name, pattern, options)?;
-                Ok((name, bus))
+                Ok((name, bus, self.slots[i]))
             })
             .collect()
     }
+
+    /// The rule a router subscription's part on bus `name` keeps deliveries by: what this
+    /// state's table puts on that bus.
+    fn accept(self: &Arc<Self>, name: Arc<str>) -> Accept {
+        let state = self.clone();
+        Arc::new(move |d: &Delivery| state.carries(&d.message().topic, &name))
+    }
 }
+
+/// Where a subscription listens: bus name, bus, slot.
+type Plan = Vec<(Arc<str>, Arc<dyn Bus>, u32)>;
 
 /// Builds a [`Router`] from buses and rules in code. Errors surface at [`RouterBuilder::build`].
 ///
@@ -567,6 +594,23 @@ pub struct RouterBuilder {
     routes: Vec<(String, Vec<String>)>,
     default: Option<Vec<String>>,
     cache_capacity: usize,
+    settings: Settings,
+}
+
+/// The router's own knobs, set at build time.
+#[derive(Debug, Clone, Copy)]
+struct Settings {
+    dedup_window: usize,
+    drain_grace: Duration,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            dedup_window: DEFAULT_DEDUP_WINDOW,
+            drain_grace: DEFAULT_DRAIN_GRACE,
+        }
+    }
 }
 
 impl Default for RouterBuilder {
@@ -576,6 +620,7 @@ impl Default for RouterBuilder {
             routes: Vec::new(),
             default: None,
             cache_capacity: DEFAULT_ROUTE_CACHE,
+            settings: Settings::default(),
         }
     }
 }
@@ -610,12 +655,35 @@ impl RouterBuilder {
         self
     }
 
+    /// How many message ids a router subscription listening on two buses or more remembers
+    /// to drop duplicate copies (default [`DEFAULT_DEDUP_WINDOW`]; `0` turns de-duplication
+    /// off). Memory: about 32 bytes per id, per such subscription.
+    pub fn dedup_window(mut self, ids: usize) -> Self {
+        self.settings.dedup_window = ids;
+        self
+    }
+
+    /// How long a reload waits, after swapping the table and flushing the old buses, for
+    /// messages already in flight to reach the old buses' subscriptions before it ends them
+    /// (default [`DEFAULT_DRAIN_GRACE`]).
+    pub fn drain_grace(mut self, grace: Duration) -> Self {
+        self.settings.drain_grace = grace;
+        self
+    }
+
     /// Validates and builds.
     ///
     /// # Errors
     /// [`ErrorKind::InvalidConfig`] for no bus, a bus name added twice, an invalid pattern
     /// (`routes[i].match`), and everything [`RoutingTable::new`] rejects.
     pub fn build(self) -> Result<Router> {
+        let (cache_capacity, settings) = (self.cache_capacity, self.settings);
+        let (table, buses) = self.validate()?;
+        Router::assemble(table, buses, cache_capacity, settings)
+    }
+
+    /// The validated table and the buses.
+    fn validate(self) -> Result<(RoutingTable, NamedBuses)> {
         if self.buses.is_empty() {
             return Err(Error::config("a router needs at least one bus"));
         }
@@ -638,7 +706,7 @@ impl RouterBuilder {
             buses.iter().map(|(n, _)| &**n),
             None,
         )?;
-        Router::assemble(table, buses, self.cache_capacity)
+        Ok((table, buses))
     }
 }
 
@@ -649,12 +717,15 @@ impl RouterBuilder {
 ///   copies with the same message id (one is generated when the message has none), so
 ///   subscribers listening on several mirror buses can de-duplicate.
 /// - `subscribe`: on every bus that can carry a matching topic
-///   ([`RoutingTable::buses_for_pattern`]), merged into one stream that keeps only the
-///   deliveries the table would have put on the bus they came from
-///   ([`Subscription::with_filter`]: a dropped delivery is acked when ackable, so a stream
-///   bus does not redeliver it forever). Its stats and `pending` are the sums over its
-///   per-bus subscriptions, and count only what passes the filter as delivered.
-///   A subscriber listening on two buses of one mirror gets each message from both.
+///   ([`RoutingTable::buses_for_pattern`]), merged into one stream
+///   ([`Subscription::merge_live`]) that keeps only the deliveries the table would have put
+///   on the bus they came from (a dropped delivery is acked when ackable, so a stream bus
+///   does not redeliver it forever). Its stats and `pending` are the sums over its per-bus
+///   subscriptions, and count only what passes the filter as delivered.
+///   A subscription listening on two buses or more (a mirror) delivers each message id once
+///   within its de-duplication window ([`RouterBuilder::dedup_window`], `[router]
+///   dedup_window`); copies dropped count in its stats' `duplicates`. A subscription on one
+///   bus keeps no window. [`Router::reload`] moves open subscriptions to the new buses.
 /// - `request`: sent on the first bus of the topic's route, with that bus's `request`.
 /// - `flush`, `close`: every bus. `close` is idempotent.
 /// - `stats`: the sum over buses (plus the router's own routing failures); per bus with
@@ -668,6 +739,63 @@ pub struct Router {
     closed: AtomicBool,
     /// Failures the router itself decides: no route, closed.
     counters: Counters,
+    cache_capacity: usize,
+    settings: Settings,
+    /// The open subscriptions, so a reload can move them.
+    live: parking_lot::Mutex<Vec<Arc<LiveSub>>>,
+    /// Subscribes read it, a reload writes it while it re-plans subscriptions and swaps the
+    /// state: a subscription is either moved by a reload or made on the new state.
+    sub_gate: tokio::sync::RwLock<()>,
+    /// One reload at a time.
+    reload_gate: tokio::sync::Mutex<()>,
+    /// How each bus was built, for buses from a config: a reload keeps a bus whose app and
+    /// config did not change.
+    specs: parking_lot::Mutex<BTreeMap<String, (String, BusConfig)>>,
+}
+
+/// An open router subscription, as a reload sees it.
+struct LiveSub {
+    pattern: Pattern,
+    options: SubscribeOptions,
+    handle: MergeHandle,
+    /// The slots of the buses it listens on.
+    parts: parking_lot::Mutex<Vec<u32>>,
+}
+
+/// What a reload changed.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ReloadReport {
+    /// Buses built for the new table (new names, or a changed config under an old name).
+    pub added: Vec<String>,
+    /// Buses the new table no longer has, drained and closed.
+    pub removed: Vec<String>,
+    /// Buses kept as they were.
+    pub kept: Vec<String>,
+    /// Open subscriptions re-planned against the new table.
+    pub subscriptions: usize,
+    /// Of those, the ones that now listen on another set of buses.
+    pub moved: usize,
+}
+
+impl fmt::Display for ReloadReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let list = |v: &[String]| {
+            if v.is_empty() {
+                "none".to_string()
+            } else {
+                v.join(", ")
+            }
+        };
+        write!(
+            f,
+            "buses added: {}; removed: {}; kept: {}; subscriptions moved: {} of {}",
+            list(&self.added),
+            list(&self.removed),
+            list(&self.kept),
+            self.moved,
+            self.subscriptions
+        )
+    }
 }
 
 impl fmt::Debug for Router {
@@ -694,6 +822,7 @@ impl Router {
         table: RoutingTable,
         mut buses: NamedBuses,
         cache_capacity: usize,
+        settings: Settings,
     ) -> Result<Router> {
         buses.sort_by(|a, b| a.0.cmp(&b.0));
         let slots = BusSlots::new();
@@ -701,12 +830,18 @@ impl Router {
             .iter()
             .map(|(_, bus)| slots.push(bus.clone()))
             .collect::<Result<Vec<u32>>>()?;
-        let state = RouterState::new(table, buses, &indexes, cache_capacity);
+        let state = RouterState::new(table, buses, &indexes, cache_capacity, 0);
         Ok(Router {
             state: ArcSwap::from_pointee(state),
             slots,
             closed: AtomicBool::new(false),
             counters: Counters::default(),
+            cache_capacity,
+            settings,
+            live: parking_lot::Mutex::new(Vec::new()),
+            sub_gate: tokio::sync::RwLock::new(()),
+            reload_gate: tokio::sync::Mutex::new(()),
+            specs: parking_lot::Mutex::new(BTreeMap::new()),
         })
     }
 
@@ -718,34 +853,207 @@ impl Router {
     /// fails to build, the buses already built are closed first.
     pub async fn from_config(config: &Config, registry: &Registry) -> Result<Router> {
         // The table first: a bad table should not open connections.
-        let table = RoutingTable::from_config(config)?;
-        if config.buses.is_empty() {
-            return Err(Error::config(format!(
-                "{}: buses: a router needs at least one bus",
-                config.source
-            )));
+        let table = table_of(config)?;
+        let buses = build_buses(config, registry, |_| None).await?;
+        let settings = Settings {
+            dedup_window: config.router.dedup_window.unwrap_or(DEFAULT_DEDUP_WINDOW),
+            drain_grace: config
+                .router
+                .drain_grace_ms
+                .map_or(DEFAULT_DRAIN_GRACE, Duration::from_millis),
+        };
+        let router = Router::assemble(table, buses, DEFAULT_ROUTE_CACHE, settings)?;
+        *router.specs.lock() = specs_of(config);
+        Ok(router)
+    }
+
+    /// Swaps in the routing table and buses of `config`, without restarting and without
+    /// losing a message in flight.
+    ///
+    /// # Behavior
+    /// - A bus whose name, config and app are unchanged is kept as it is; any other bus of
+    ///   `config` is built (a changed config under an old name is a new bus); buses `config`
+    ///   no longer has are drained and closed at the end.
+    /// - Every open subscription of this router is re-planned against the new table: it
+    ///   subscribes on the buses the new table adds for its pattern *before* the swap (so
+    ///   nothing published after the swap is missed; a stream subscription starts there at
+    ///   new messages), and its parts on buses it no longer needs are ended only after the
+    ///   drain: the old buses are flushed, [`RouterBuilder::drain_grace`] passes, and what
+    ///   each part already holds is still delivered. During the switch a subscription hears
+    ///   both the old and the new buses, so order across them is not kept; copies of one
+    ///   message (a mirror) are dropped by its de-duplication window.
+    /// - Publishes see the old state or the new one, never a mix (one atomic swap).
+    /// - `[router]` settings and the cache size stay as built.
+    ///
+    /// # Errors
+    /// Nothing changes on an error: the config's table errors, a bus that cannot be built
+    /// (the buses already built for this reload are closed), [`ErrorKind::NoRoute`] or
+    /// [`ErrorKind::Unsupported`] naming an open subscription the new table cannot carry,
+    /// a subscribe that fails on a new bus, [`ErrorKind::Closed`] after `close`.
+    pub async fn reload(&self, config: &Config, registry: &Registry) -> Result<ReloadReport> {
+        let _one = self.reload_gate.lock().await;
+        self.check_open()?;
+        let table = table_of(config)?;
+        let old = self.state.load_full();
+        let specs = self.specs.lock().clone();
+        let want = specs_of(config);
+        let keep = |name: &str| -> Option<Arc<dyn Bus>> {
+            (specs.contains_key(name) && specs.get(name) == want.get(name))
+                .then(|| old.bus(name).cloned())
+                .flatten()
+        };
+        let buses = build_buses(config, registry, keep).await?;
+        let fresh: Vec<Arc<dyn Bus>> = buses
+            .iter()
+            .filter(|(_, b)| !old.buses.iter().any(|(_, o)| Arc::ptr_eq(o, b)))
+            .map(|(_, b)| b.clone())
+            .collect();
+        match self.install(table, buses).await {
+            Ok(report) => {
+                *self.specs.lock() = want;
+                Ok(report)
+            }
+            Err(e) => {
+                close_all(&fresh).await;
+                Err(e)
+            }
         }
-        let mut buses: NamedBuses = Vec::with_capacity(config.buses.len());
-        for (name, bus_config) in &config.buses {
-            let ctx = BuildContext {
-                app: &config.app,
-                bus: name,
-                config: bus_config,
-                source: &config.source,
-            };
-            match registry.build(ctx).await {
-                Ok(bus) => buses.push((name.as_str().into(), bus)),
-                Err(e) => {
-                    for (_, bus) in &buses {
-                        if let Err(close) = bus.close().await {
-                            tracing::warn!(bus = bus.name(), error = %close, "closing after a failed build");
-                        }
-                    }
-                    return Err(e);
+    }
+
+    /// [`Router::reload`] for a router built in code: the table and buses of `builder`
+    /// replace this router's (its cache size and settings are ignored). A bus is kept when
+    /// `builder` names the same `Arc` as this router has; buses no longer named are drained
+    /// and closed. On an error nothing changes (and the new buses are not closed: they are
+    /// the caller's).
+    ///
+    /// # Errors
+    /// What [`RouterBuilder::build`] rejects, and as [`Router::reload`].
+    pub async fn reload_with(&self, builder: RouterBuilder) -> Result<ReloadReport> {
+        let _one = self.reload_gate.lock().await;
+        self.check_open()?;
+        let (table, buses) = builder.validate()?;
+        let report = self.install(table, buses).await?;
+        self.specs.lock().clear();
+        Ok(report)
+    }
+
+    /// Swaps in `table` over `buses` and moves the open subscriptions; see [`Router::reload`].
+    /// The caller holds `reload_gate`.
+    async fn install(&self, table: RoutingTable, mut buses: NamedBuses) -> Result<ReloadReport> {
+        buses.sort_by(|a, b| a.0.cmp(&b.0));
+        let old = self.state.load_full();
+        let mut report = ReloadReport::default();
+        let mut slots = Vec::with_capacity(buses.len());
+        for (name, bus) in &buses {
+            match old.buses.iter().position(|(_, o)| Arc::ptr_eq(o, bus)) {
+                Some(i) => {
+                    report.kept.push(name.to_string());
+                    slots.push(old.slots[i]);
+                }
+                None => {
+                    report.added.push(name.to_string());
+                    slots.push(self.slots.push(bus.clone())?);
                 }
             }
         }
-        Router::assemble(table, buses, DEFAULT_ROUTE_CACHE)
+        let retired: Vec<(Arc<str>, Arc<dyn Bus>)> = old
+            .buses
+            .iter()
+            .zip(&old.slots)
+            .filter(|(_, slot)| !slots.contains(slot))
+            .map(|(b, _)| b.clone())
+            .collect();
+        report.removed = retired.iter().map(|(n, _)| n.to_string()).collect();
+        let generation = old.generation + 1;
+        let new = Arc::new(RouterState::new(
+            table,
+            buses,
+            &slots,
+            self.cache_capacity,
+            generation,
+        ));
+
+        // Re-plan every open subscription and subscribe on its new buses, holding off new
+        // subscriptions until the swap.
+        let gate = self.sub_gate.write().await;
+        let live = self.live_subs();
+        let mut moves = Vec::with_capacity(live.len());
+        for ls in &live {
+            let plan = new.plan_subscribe(&ls.pattern, &ls.options).map_err(|e| {
+                e.context(format_args!(
+                    "the new routing table cannot carry an open subscription to {:?}",
+                    ls.pattern.as_str()
+                ))
+            })?;
+            let current = ls.parts.lock().clone();
+            let mut options = ls.options.clone();
+            options.start = StartFrom::New;
+            let mut added = Vec::new();
+            for (name, bus, slot) in &plan {
+                if current.contains(slot) {
+                    continue;
+                }
+                // On an error the subscriptions made so far are dropped with `moves`.
+                let sub = bus
+                    .subscribe(ls.pattern.clone(), options.clone())
+                    .await
+                    .map_err(|e| {
+                        e.context(format_args!("resubscribing {:?}", ls.pattern.as_str()))
+                    })?;
+                added.push((name.clone(), *slot, sub));
+            }
+            moves.push((ls.clone(), plan, current, added));
+        }
+        for (ls, plan, current, added) in &mut moves {
+            report.subscriptions += 1;
+            let kept: Vec<&(Arc<str>, Arc<dyn Bus>, u32)> = plan
+                .iter()
+                .filter(|(_, _, s)| current.contains(s))
+                .collect();
+            if kept.len() != current.len() || !added.is_empty() {
+                report.moved += 1;
+            }
+            for (name, _, slot) in kept {
+                ls.handle
+                    .accept_also(u64::from(*slot), generation, new.accept(name.clone()));
+            }
+            for (name, slot, sub) in added.drain(..) {
+                ls.handle
+                    .add(u64::from(slot), sub, generation, Some(new.accept(name)));
+            }
+            *ls.parts.lock() = plan.iter().map(|(_, _, s)| *s).collect();
+        }
+        self.state.store(new.clone());
+        drop(gate);
+
+        // Drain: what was published on the old state reaches its buses' subscriptions, then
+        // the parts that are no longer needed end after their backlog.
+        let flushed = join_all(old.buses.iter().map(|(_, b)| b.flush())).await;
+        for ((name, _), r) in old.buses.iter().zip(flushed) {
+            if let Err(e) = r {
+                tracing::warn!(bus = &**name, error = %e, "flushing during a reload");
+            }
+        }
+        tokio::time::sleep(self.settings.drain_grace).await;
+        for (ls, plan, current, _) in &moves {
+            for slot in current {
+                if plan.iter().any(|(_, _, s)| s == slot) {
+                    ls.handle
+                        .forget_before_after_backlog(u64::from(*slot), generation);
+                } else {
+                    ls.handle.end_after_backlog(u64::from(*slot));
+                }
+            }
+        }
+        close_all(&retired.into_iter().map(|(_, b)| b).collect::<Vec<_>>()).await;
+        Ok(report)
+    }
+
+    /// The open subscriptions, forgetting the ones that were dropped or ended.
+    fn live_subs(&self) -> Vec<Arc<LiveSub>> {
+        let mut live = self.live.lock();
+        live.retain(|ls| !ls.handle.is_closed());
+        live.clone()
     }
 
     /// The bus names `topic` goes to (several for a mirror), from the route cache.
@@ -811,6 +1119,69 @@ impl Router {
         self.state.load().resolve(topic).inspect_err(|_| {
             Counters::incr(&self.counters.errors);
         })
+    }
+}
+
+/// The routing table of `config`, which must name at least one bus.
+fn table_of(config: &Config) -> Result<RoutingTable> {
+    let table = RoutingTable::from_config(config)?;
+    if config.buses.is_empty() {
+        return Err(Error::config(format!(
+            "{}: buses: a router needs at least one bus",
+            config.source
+        )));
+    }
+    Ok(table)
+}
+
+fn specs_of(config: &Config) -> BTreeMap<String, (String, BusConfig)> {
+    config
+        .buses
+        .iter()
+        .map(|(name, c)| (name.clone(), (config.app.clone(), c.clone())))
+        .collect()
+}
+
+/// Every bus of `config`: the one `keep` returns for its name, or a new one from `registry`.
+/// When a build fails, the buses built here so far are closed.
+async fn build_buses(
+    config: &Config,
+    registry: &Registry,
+    keep: impl Fn(&str) -> Option<Arc<dyn Bus>>,
+) -> Result<NamedBuses> {
+    let mut buses: NamedBuses = Vec::with_capacity(config.buses.len());
+    let mut built: Vec<Arc<dyn Bus>> = Vec::new();
+    for (name, bus_config) in &config.buses {
+        if let Some(bus) = keep(name) {
+            buses.push((name.as_str().into(), bus));
+            continue;
+        }
+        let ctx = BuildContext {
+            app: &config.app,
+            bus: name,
+            config: bus_config,
+            source: &config.source,
+        };
+        match registry.build(ctx).await {
+            Ok(bus) => {
+                built.push(bus.clone());
+                buses.push((name.as_str().into(), bus));
+            }
+            Err(e) => {
+                close_all(&built).await;
+                return Err(e);
+            }
+        }
+    }
+    Ok(buses)
+}
+
+/// Closes buses, logging (not returning) failures: used on paths that already have an outcome.
+async fn close_all(buses: &[Arc<dyn Bus>]) {
+    for bus in buses {
+        if let Err(e) = bus.close().await {
+            tracing::warn!(bus = bus.name(), error = %e, "closing a bus");
+        }
     }
 }
 
@@ -894,30 +1265,42 @@ impl Bus for Router {
 
     async fn subscribe(&self, pattern: Pattern, options: SubscribeOptions) -> Result<Subscription> {
         self.check_open()?;
-        // The subscription filters against the state it was made with; a reload will
-        // resubscribe it against the new one.
+        let _gate = self.sub_gate.read().await;
         let state = self.state.load_full();
         let plan = state
             .plan_subscribe(&pattern, &options)
             .inspect_err(|_| Counters::incr(&self.counters.errors))?;
         let subs = try_join_all(
             plan.iter()
-                .map(|(_, bus)| bus.subscribe(pattern.clone(), options.clone())),
+                .map(|(_, bus, _)| bus.subscribe(pattern.clone(), options.clone())),
         )
         .await?;
-        let mut subs: Vec<Subscription> = plan
+        let slots: Vec<u32> = plan.iter().map(|(_, _, s)| *s).collect();
+        let parts = plan
             .into_iter()
             .zip(subs)
-            .map(|((name, _), sub)| {
-                let state = state.clone();
-                sub.with_filter(move |d| state.carries(&d.message().topic, &name))
-            })
+            .map(|((name, _, slot), sub)| (u64::from(slot), sub, Some(state.accept(name))))
             .collect();
-        if subs.len() == 1 {
-            // One bus, the common case: its own subscription, filtered.
-            return Ok(subs.pop().expect("one subscription"));
+        // One part (the common case) keeps no de-duplication window until a reload adds one.
+        let (sub, handle) = Subscription::merge_live(
+            pattern.clone(),
+            state.generation,
+            parts,
+            self.settings.dedup_window,
+        );
+        let live = Arc::new(LiveSub {
+            pattern,
+            options,
+            handle,
+            parts: parking_lot::Mutex::new(slots),
+        });
+        let mut all = self.live.lock();
+        // Forget dropped subscriptions now and then, so the list stays near the open count.
+        if all.len() >= 64 && all.len().is_power_of_two() {
+            all.retain(|ls| !ls.handle.is_closed());
         }
-        Ok(Subscription::merge(pattern, subs))
+        all.push(live);
+        Ok(sub)
     }
 
     async fn request(&self, message: Message, timeout: Duration) -> Result<Message> {

@@ -47,6 +47,12 @@ pub struct Counters {
     pub reconnects: AtomicU64,
     /// Entries moved to a dead-letter topic after too many deliveries.
     pub dead_lettered: AtomicU64,
+    /// Copies of an already delivered message dropped by a subscription's de-duplication
+    /// window (a router subscription listening on several buses of a mirror).
+    pub duplicates: AtomicU64,
+    /// Message ids pushed out of a full de-duplication window: a copy arriving later than
+    /// that many newer ids would be delivered again.
+    pub dedup_evictions: AtomicU64,
     health: AtomicU8,
 }
 
@@ -83,6 +89,8 @@ impl Counters {
             connections: self.connections.load(Relaxed).max(0) as u64,
             reconnects: self.reconnects.load(Relaxed),
             dead_lettered: self.dead_lettered.load(Relaxed),
+            duplicates: self.duplicates.load(Relaxed),
+            dedup_evictions: self.dedup_evictions.load(Relaxed),
             health: self.health(),
         }
     }
@@ -109,6 +117,10 @@ pub struct StatsSnapshot {
     pub reconnects: u64,
     /// Entries moved to a dead-letter topic.
     pub dead_lettered: u64,
+    /// Duplicate copies dropped by a de-duplication window.
+    pub duplicates: u64,
+    /// Ids pushed out of a full de-duplication window.
+    pub dedup_evictions: u64,
     /// Health at the time of the snapshot.
     pub health: Health,
 }
@@ -131,6 +143,8 @@ impl StatsSnapshot {
         self.connections += other.connections;
         self.reconnects += other.reconnects;
         self.dead_lettered += other.dead_lettered;
+        self.duplicates += other.duplicates;
+        self.dedup_evictions += other.dedup_evictions;
         if other.health != Health::Up {
             self.health = other.health;
         }
@@ -141,7 +155,7 @@ impl fmt::Display for StatsSnapshot {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "health={} published={} delivered={} dropped={} redelivered={} errors={} decode_errors={} connections={} reconnects={} dead_lettered={}",
+            "health={} published={} delivered={} dropped={} redelivered={} errors={} decode_errors={} connections={} reconnects={} dead_lettered={} duplicates={} dedup_evictions={}",
             self.health,
             self.published,
             self.delivered,
@@ -151,7 +165,9 @@ impl fmt::Display for StatsSnapshot {
             self.decode_errors,
             self.connections,
             self.reconnects,
-            self.dead_lettered
+            self.dead_lettered,
+            self.duplicates,
+            self.dedup_evictions
         )
     }
 }

@@ -1,7 +1,8 @@
 //! `busway check`, `route`, `pub` and `tail`.
 
 use std::io::Write;
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use busway::config::redact_url;
@@ -178,6 +179,40 @@ pub async fn publish(
     Ok(report)
 }
 
+/// Reloads `router` from the config file at `path` (with the `BUSWAY_*` environment) each
+/// time the process gets SIGHUP ([`Router::reload`]: open subscriptions move to the new
+/// buses, nothing in flight is lost), saying on stderr what changed; a config that fails
+/// keeps the old one, with the error on stderr. Runs until the returned task is aborted.
+///
+/// # Errors
+/// [`ErrorKind::Other`] when the signal handler cannot be installed.
+pub fn reload_on_hangup(
+    router: Arc<Router>,
+    path: PathBuf,
+    registry: Registry,
+) -> Result<tokio::task::JoinHandle<()>> {
+    use tokio::signal::unix::{signal, SignalKind};
+    // Installed before returning: SIGHUP's default action would end the process.
+    let mut hangups = signal(SignalKind::hangup()).map_err(|e| {
+        Error::new(ErrorKind::Other, "cannot install the SIGHUP handler").with_source(e)
+    })?;
+    Ok(tokio::spawn(async move {
+        while hangups.recv().await.is_some() {
+            let outcome = match Config::load(&path) {
+                Ok(config) => router.reload(&config, &registry).await,
+                Err(e) => Err(e),
+            };
+            match outcome {
+                Ok(report) => eprintln!("busway: reloaded {}: {report}", path.display()),
+                Err(e) => eprintln!(
+                    "busway: reload of {} failed, keeping the running config: {e}",
+                    path.display()
+                ),
+            }
+        }
+    }))
+}
+
 /// When `busway tail` stops.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct TailLimits {
@@ -189,7 +224,8 @@ pub struct TailLimits {
 
 /// `busway tail PATTERN --config FILE`: subscribes through the router and writes one line
 /// per message, `topic payload` (see [`escape_payload`]), until `limits` or Ctrl-C stop it.
-/// Says on stderr when the subscription is live. Returns the number of messages written.
+/// Says on stderr when the subscription is live. SIGHUP reloads the config file
+/// ([`reload_on_hangup`]). Returns the number of messages written.
 ///
 /// # Errors
 /// A bad config or pattern, a bus that cannot be built, a refused subscription.
@@ -202,8 +238,10 @@ pub async fn tail(
 ) -> Result<u64> {
     let config = Config::load(config_path)?;
     let pattern = Pattern::new(pattern)?;
-    let router = Router::from_config(&config, registry).await?;
+    let router = Arc::new(Router::from_config(&config, registry).await?);
+    let reloader = reload_on_hangup(router.clone(), config_path.to_path_buf(), registry.clone());
     let result = async {
+        let _stop_reloading = AbortOnDrop(reloader?);
         let mut sub = router
             .subscribe(pattern.clone(), SubscribeOptions::new())
             .await?;
@@ -250,4 +288,13 @@ pub async fn tail(
     let seen = result?;
     closed?;
     Ok(seen)
+}
+
+/// Aborts a task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }

@@ -1,10 +1,11 @@
 //! The library half of the `busway` command: the subcommands (`check`, `route`, `pub`,
-//! `tail`) and the seven-engine demo, kept out of `main.rs` so tests and other binaries can
+//! `tail`, `audit`) and the seven-engine demo, kept out of `main.rs` so tests and other binaries can
 //! drive them.
 //!
 //! Start-up code is the only place that knows transport crates exist: [`registry`] is where
 //! they are registered. Everything else, the demo engines included, sees `Arc<dyn Bus>`.
 
+pub mod audit;
 pub mod commands;
 pub mod demo;
 pub mod text;

@@ -69,6 +69,20 @@ enum Command {
         #[arg(long, value_name = "SECS")]
         timeout: Option<f64>,
     },
+    /// Connections to a broker per busway app and bus and per other client, and its CPU use.
+    Audit {
+        /// redis://HOST:PORT, or a NATS monitoring URL http://HOST:8222.
+        url: String,
+        /// Print one JSON object.
+        #[arg(long)]
+        json: bool,
+        /// How long to sample the server's CPU counters (Redis).
+        #[arg(long, default_value_t = 500, value_name = "N")]
+        interval_ms: u64,
+        /// The NATS monitoring URL, when URL is nats://.
+        #[arg(long, value_name = "URL")]
+        monitor: Option<String>,
+    },
     /// Run a market-data feed and the seven engines wired through the router, then report
     /// per engine and per bus, and check no engine uses the main bus.
     Demo {
@@ -167,6 +181,28 @@ async fn main() -> ExitCode {
             let mut stdout = std::io::stdout().lock();
             match commands::tail(&config, &pattern, limits, &registry, &mut stdout).await {
                 Ok(_) => ExitCode::SUCCESS,
+                Err(e) => fail(e),
+            }
+        }
+        Command::Audit {
+            url,
+            json,
+            interval_ms,
+            monitor,
+        } => {
+            let options = busway_cli::audit::AuditOptions {
+                interval: Duration::from_millis(interval_ms),
+                monitor,
+            };
+            match busway_cli::audit::audit(&url, &options).await {
+                Ok(r) if json => {
+                    println!("{}", r.to_json());
+                    ExitCode::SUCCESS
+                }
+                Ok(r) => {
+                    print!("{}", r.to_text());
+                    ExitCode::SUCCESS
+                }
                 Err(e) => fail(e),
             }
         }

@@ -188,7 +188,24 @@ pub async fn run(options: &DemoOptions, registry: &Registry) -> Result<DemoRepor
     check_transports(&config, registry)?;
     let engines = pick_engines(options.engines.as_deref())?;
     let router = Arc::new(Router::from_config(&config, registry).await?);
+    // With a config file, SIGHUP reloads it while the engines run.
+    let reloader = match &options.config {
+        Some(path) => {
+            match crate::commands::reload_on_hangup(router.clone(), path.clone(), registry.clone())
+            {
+                Ok(task) => Some(task),
+                Err(e) => {
+                    let _ = router.close().await;
+                    return Err(e);
+                }
+            }
+        }
+        None => None,
+    };
     let result = run_with(options, &config, router.clone(), engines).await;
+    if let Some(task) = reloader {
+        task.abort();
+    }
     let closed = router.close().await;
     let report = result?;
     closed?;

@@ -358,6 +358,10 @@ impl Bus for RedisBus {
         let flushed = inner.flush().await;
         inner.closed.store(true, Relaxed);
         let _ = inner.shutdown.send(true);
+        // The writer drops its connection when it stops; this is the other handle on it, so
+        // a closed bus holds no connection even while the bus value lives on (a router keeps
+        // the buses a reload retired).
+        inner.set_cmd_connection(None);
         inner.pubsub.close_all();
         inner.stream.close_all();
         flushed

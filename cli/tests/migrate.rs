@@ -1,0 +1,491 @@
+//! The migration toolkit against real Redis servers: mirror de-duplication across a memory
+//! and a Redis bus, reload under load between memory and Redis with exact counts, SIGHUP
+//! reload of `busway tail`, and `busway audit`.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use busway::{Bus, Config, Message, Pattern, Router, SubscribeOptions, Subscription, Topic};
+use busway_testkit::redis::RedisServer;
+
+const WAIT: Duration = Duration::from_secs(10);
+
+fn msg(t: &str, payload: impl Into<String>) -> Message {
+    Message::new(Topic::new(t).unwrap(), payload.into().into_bytes())
+}
+
+fn config(text: &str) -> Config {
+    Config::from_toml(text, "test.toml").unwrap()
+}
+
+async fn wait_for(what: &str, cond: impl Fn() -> bool) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while !cond() {
+        assert!(tokio::time::Instant::now() < deadline, "timed out: {what}");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_mirror_over_memory_and_redis_delivers_each_message_once() {
+    let test = "a_mirror_over_memory_and_redis_delivers_each_message_once";
+    let Some(redis) = RedisServer::start(test) else {
+        return;
+    };
+    let text = format!(
+        r#"
+[buses.mem]
+transport = "memory"
+[buses.red]
+transport = "redis"
+url = "{}"
+[[routes]]
+match = "orders.>"
+to = ["mem", "red"]
+[router]
+dedup_window = 1000
+"#,
+        redis.url()
+    );
+    let router = Router::from_config(&config(&text), &busway_cli::registry())
+        .await
+        .unwrap();
+    let mut sub = router
+        .subscribe(Pattern::new("orders.>").unwrap(), SubscribeOptions::new())
+        .await
+        .unwrap();
+    for i in 0..200 {
+        router
+            .publish(msg("orders.new", i.to_string()))
+            .await
+            .unwrap();
+    }
+    router.flush().await.unwrap();
+    let mut seqs = BTreeSet::new();
+    for _ in 0..200 {
+        let d = sub.recv_timeout(WAIT).await.unwrap().unwrap();
+        let seq: u32 = std::str::from_utf8(&d.message().payload)
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert!(seqs.insert(seq), "message {seq} twice");
+    }
+    // The remaining copies are taken and dropped; nothing else may come.
+    if let Ok(Some(d)) = sub.recv_timeout(Duration::from_millis(500)).await {
+        panic!("an extra delivery: {:?}", d.message());
+    }
+    let stats = sub.stats();
+    assert_eq!((stats.delivered, stats.duplicates), (200, 200), "{stats}");
+    let per_bus = router.bus_stats();
+    assert!(
+        per_bus.iter().all(|(_, s)| s.published == 200),
+        "{per_bus:?}"
+    );
+    router.close().await.unwrap();
+}
+
+/// Publishes sequence numbers until `stop`; `sent` is how many were accepted.
+fn publisher(
+    router: Arc<Router>,
+    stop: Arc<AtomicBool>,
+    sent: Arc<AtomicU64>,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut i = 0u64;
+        while !stop.load(Ordering::Relaxed) {
+            router
+                .publish(msg("orders.new", i.to_string()))
+                .await
+                .expect("publish during reload");
+            i += 1;
+            sent.store(i, Ordering::Relaxed);
+            if i.is_multiple_of(16) {
+                // A steady stream rather than a flood the subscriber's queue must absorb.
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        }
+    })
+}
+
+fn receiver(
+    mut sub: Subscription,
+    got: Arc<Mutex<Vec<u64>>>,
+) -> tokio::task::JoinHandle<Subscription> {
+    tokio::spawn(async move {
+        while let Ok(Some(d)) = sub.recv_timeout(Duration::from_secs(3)).await {
+            let seq = std::str::from_utf8(&d.message().payload)
+                .unwrap()
+                .parse()
+                .unwrap();
+            got.lock().unwrap().push(seq);
+        }
+        sub
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reload_moves_a_topic_between_memory_and_redis_under_load() {
+    let test = "reload_moves_a_topic_between_memory_and_redis_under_load";
+    let Some(redis) = RedisServer::start(test) else {
+        return;
+    };
+    let table = |to: &str| {
+        config(&format!(
+            r#"
+[app]
+name = "mover"
+[buses.a]
+transport = "memory"
+[buses.b]
+transport = "redis"
+url = "{}"
+[[routes]]
+match = "orders.>"
+to = {to}
+[default]
+to = "a"
+[router]
+drain_grace_ms = 200
+"#,
+            redis.url()
+        ))
+    };
+    let registry = busway_cli::registry();
+    let router = Arc::new(
+        Router::from_config(&table("\"a\""), &registry)
+            .await
+            .unwrap(),
+    );
+    let (a, b) = (router.bus("a").unwrap(), router.bus("b").unwrap());
+    let sub = router
+        .subscribe(Pattern::new("orders.>").unwrap(), SubscribeOptions::new())
+        .await
+        .unwrap();
+    let got = Arc::new(Mutex::new(Vec::new()));
+    let rx = receiver(sub, got.clone());
+    let (stop, sent) = (
+        Arc::new(AtomicBool::new(false)),
+        Arc::new(AtomicU64::new(0)),
+    );
+    let tx = publisher(router.clone(), stop.clone(), sent.clone());
+    let count = || got.lock().unwrap().len();
+    // memory -> mirror over memory and Redis -> Redis -> memory, each step under load.
+    for to in ["[\"a\", \"b\"]", "\"b\"", "\"a\""] {
+        let at = count();
+        wait_for("traffic", || count() > at + 500).await;
+        let report = router.reload(&table(to), &registry).await.unwrap();
+        assert_eq!(report.kept, ["a", "b"], "{report}");
+    }
+    let at = count();
+    wait_for("traffic after the last move", || count() > at + 500).await;
+    stop.store(true, Ordering::Relaxed);
+    tx.await.unwrap();
+    let sent = sent.load(Ordering::Relaxed);
+    wait_for("everything received", || count() as u64 >= sent).await;
+    let sub = rx.await.unwrap();
+    let got = got.lock().unwrap().clone();
+    let distinct: BTreeSet<u64> = got.iter().copied().collect();
+    let lost = (0..sent).filter(|i| !distinct.contains(i)).count();
+    let duplicates = got.len() - distinct.len();
+    assert_eq!(
+        (lost, duplicates),
+        (0, 0),
+        "sent {sent}, received {}",
+        got.len()
+    );
+    assert!(a.stats().published > 0 && b.stats().published > 0);
+    let stats = sub.stats();
+    assert!(stats.duplicates > 0, "the mirror step made copies: {stats}");
+    assert_eq!(stats.delivered, sent, "{stats}");
+    router.close().await.unwrap();
+}
+
+/// A `busway` process whose output goes to files.
+struct Spawned {
+    child: std::process::Child,
+    dir: tempfile::TempDir,
+}
+
+impl Spawned {
+    fn start(args: &[&str]) -> Spawned {
+        let dir = tempfile::tempdir().unwrap();
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_busway"));
+        cmd.args(args)
+            .stdin(Stdio::null())
+            .stdout(std::fs::File::create(dir.path().join("stdout")).unwrap())
+            .stderr(std::fs::File::create(dir.path().join("stderr")).unwrap());
+        for (k, _) in std::env::vars().filter(|(k, _)| k.starts_with("BUSWAY_")) {
+            cmd.env_remove(k);
+        }
+        Spawned {
+            child: cmd.spawn().unwrap(),
+            dir,
+        }
+    }
+
+    fn read(&self, name: &str) -> String {
+        std::fs::read_to_string(self.dir.path().join(name)).unwrap()
+    }
+
+    fn wait_stderr(&self, needle: &str) {
+        let deadline = Instant::now() + WAIT;
+        while !self.read("stderr").contains(needle) {
+            assert!(
+                Instant::now() < deadline,
+                "no {needle:?} in {}",
+                self.read("stderr")
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Waits for the exit (60 s at most): (exit code, stdout, stderr).
+    fn finish(mut self) -> (Option<i32>, String, String) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let status = loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                break status;
+            }
+            if Instant::now() > deadline {
+                self.child.kill().unwrap();
+                self.child.wait().unwrap();
+                panic!("busway did not finish: {}", self.read("stderr"));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        (status.code(), self.read("stdout"), self.read("stderr"))
+    }
+}
+
+fn write(path: &Path, text: &str) {
+    std::fs::write(path, text).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_moves_a_running_tail_to_the_new_bus() {
+    let test = "sighup_moves_a_running_tail_to_the_new_bus";
+    let (Some(old), Some(new)) = (RedisServer::start(test), RedisServer::start(test)) else {
+        return;
+    };
+    let text = |to: &str| {
+        format!(
+            r#"
+[app]
+name = "tailer"
+[buses.old]
+transport = "redis"
+url = "{}"
+[buses.new]
+transport = "redis"
+url = "{}"
+[[routes]]
+match = "orders.>"
+to = "{to}"
+[default]
+to = "old"
+[router]
+drain_grace_ms = 100
+"#,
+            old.url(),
+            new.url()
+        )
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let path: PathBuf = dir.path().join("busway.toml");
+    write(&path, &text("old"));
+    let tail = Spawned::start(&[
+        "tail",
+        "orders.>",
+        "--config",
+        path.to_str().unwrap(),
+        "--count",
+        "2",
+        "--timeout",
+        "30",
+    ]);
+    tail.wait_stderr("tailing orders.>");
+    let registry = busway_cli::registry();
+    let before = Router::from_config(&Config::load(&path).unwrap(), &registry)
+        .await
+        .unwrap();
+    before.publish(msg("orders.x", "on old")).await.unwrap();
+    before.close().await.unwrap();
+
+    write(&path, &text("new"));
+    let status = Command::new("kill")
+        .args(["-HUP", &tail.child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    tail.wait_stderr("busway: reloaded");
+    let after = Router::from_config(&Config::load(&path).unwrap(), &registry)
+        .await
+        .unwrap();
+    assert_eq!(
+        &*after.route(&Topic::new("orders.x").unwrap()).unwrap()[0],
+        "new"
+    );
+    after.publish(msg("orders.x", "on new")).await.unwrap();
+    after.close().await.unwrap();
+    let (code, stdout, stderr) = tail.finish();
+    assert_eq!(code, Some(0), "{stderr}");
+    assert_eq!(stdout, "orders.x on old\norders.x on new\n", "{stderr}");
+    assert!(
+        stderr.contains("kept: new, old"),
+        "the routing changed, not the buses: {stderr}"
+    );
+}
+
+#[tokio::test]
+async fn audit_groups_redis_connections_by_app_bus_and_client_name() {
+    let test = "audit_groups_redis_connections_by_app_bus_and_client_name";
+    let Some(redis) = RedisServer::start(test) else {
+        return;
+    };
+    let url = redis.url();
+    let app = |name: &str, buses: &[&str]| {
+        let mut text = format!("[app]\nname = \"{name}\"\n");
+        for bus in buses {
+            text.push_str(&format!(
+                "[buses.{bus}]\ntransport = \"redis\"\nurl = \"{url}\"\n"
+            ));
+        }
+        text.push_str(&format!("[default]\nto = \"{}\"\n", buses[0]));
+        config(&text)
+    };
+    let registry = busway_cli::registry();
+    // portfolio: main with a subscription (command + pub/sub = 2), engine publish-only (1).
+    let portfolio = Router::from_config(&app("portfolio", &["main", "engine"]), &registry)
+        .await
+        .unwrap();
+    let _sub = portfolio
+        .bus("main")
+        .unwrap()
+        .subscribe(Pattern::new("x.>").unwrap(), SubscribeOptions::new())
+        .await
+        .unwrap();
+    // ml: main only, publish-only (1).
+    let ml = Router::from_config(&app("ml", &["main"]), &registry)
+        .await
+        .unwrap();
+    for r in [&portfolio, &ml] {
+        r.publish(msg("x.y", "hi")).await.unwrap();
+        r.flush().await.unwrap();
+    }
+    // Two clients that are not busway: one named, one unnamed.
+    let client = redis::Client::open(url.as_str()).unwrap();
+    let mut named = client.get_multiplexed_async_connection().await.unwrap();
+    let _: () = redis::cmd("CLIENT")
+        .arg("SETNAME")
+        .arg("legacy-engine")
+        .query_async(&mut named)
+        .await
+        .unwrap();
+    let mut unnamed = client.get_multiplexed_async_connection().await.unwrap();
+    let _: String = redis::cmd("PING").query_async(&mut unnamed).await.unwrap();
+
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new(env!("CARGO_BIN_EXE_busway"))
+            .args(["audit", &url, "--json", "--interval-ms", "100"])
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(json["kind"], "redis");
+    assert_eq!(json["apps"]["portfolio"]["main"], 2, "{json}");
+    assert_eq!(json["apps"]["portfolio"]["engine"], 1, "{json}");
+    assert_eq!(json["apps"]["ml"]["main"], 1, "{json}");
+    let other: Vec<(String, u64)> = json["other"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|o| {
+            (
+                o["name"].as_str().unwrap().to_string(),
+                o["connections"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        other,
+        [
+            ("(unnamed)".to_string(), 1),
+            ("legacy-engine".to_string(), 1)
+        ],
+        "{json}"
+    );
+    assert_eq!(json["total_connections"], 6, "{json}");
+    assert!(
+        json["cpu_percent"].as_f64().is_some_and(|p| p >= 0.0),
+        "{json}"
+    );
+
+    // The text form answers the migration's question; once ml closes (and the server has
+    // seen its connection go), ml is gone from it.
+    // Closed but not dropped: a closed bus holds no connection.
+    ml.close().await.unwrap();
+    let url = redis.url();
+    let deadline = Instant::now() + WAIT;
+    let text = loop {
+        let url = url.clone();
+        let out = tokio::task::spawn_blocking(move || {
+            Command::new(env!("CARGO_BIN_EXE_busway"))
+                .args(["audit", &url, "--interval-ms", "20"])
+                .output()
+                .unwrap()
+        })
+        .await
+        .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        if !text.contains(" ml ") || Instant::now() > deadline {
+            break text;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(text.contains("apps still connected: portfolio\n"), "{text}");
+    portfolio.close().await.unwrap();
+}
+
+#[tokio::test]
+async fn audit_reads_nats_connections_from_the_monitoring_port() {
+    let test = "audit_reads_nats_connections_from_the_monitoring_port";
+    let Some(nats) = busway_testkit::nats::NatsServer::start(test) else {
+        return;
+    };
+    let text = format!(
+        "[app]\nname = \"features\"\n[buses.marketdata]\ntransport = \"nats\"\nurl = \"{}\"\n[default]\nto = \"marketdata\"\n",
+        nats.url()
+    );
+    let router = Router::from_config(&config(&text), &busway_cli::registry())
+        .await
+        .unwrap();
+    let monitor = format!("http://127.0.0.1:{}", nats.monitor_port());
+    let nats_url = nats.url();
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new(env!("CARGO_BIN_EXE_busway"))
+            .args(["audit", &nats_url, "--monitor", &monitor, "--json"])
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(json["kind"], "nats");
+    assert_eq!(json["apps"]["features"]["marketdata"], 1, "{json}");
+    assert_eq!(json["total_connections"], 1, "{json}");
+    assert!(json["cpu_percent"].as_f64().is_some(), "{json}");
+    router.close().await.unwrap();
+}
