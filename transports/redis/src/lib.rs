@@ -16,6 +16,7 @@
 //! See the README for connection counts, framing, the stream key layout and the outage
 //! policy.
 
+mod ack;
 mod bus;
 mod config;
 mod conn;

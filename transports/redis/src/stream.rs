@@ -37,6 +37,7 @@ use busway::{
     SubscribeOptions, Subscription, Topic, DEFAULT_ACK_TIMEOUT,
 };
 
+use crate::ack::AckBatcher;
 use crate::bus::Inner;
 use crate::config::RedisConfig;
 use crate::conn::{is_connection_error, ConnCount};
@@ -45,12 +46,15 @@ use crate::conn::{is_connection_error, ConnCount};
 #[derive(Debug)]
 pub(crate) struct StreamState {
     subs: Mutex<Vec<QueueSender>>,
+    /// Acks of every subscription of the bus, batched.
+    pub(crate) acks: AckBatcher,
 }
 
 impl StreamState {
     pub(crate) fn new(_config: &RedisConfig) -> StreamState {
         StreamState {
             subs: Mutex::new(Vec::new()),
+            acks: AckBatcher::default(),
         }
     }
 
@@ -203,7 +207,7 @@ struct Nack {
 
 struct RedisAcker {
     inner: Arc<Inner>,
-    key: String,
+    key: Arc<str>,
     group: Arc<str>,
     id: String,
     nacks: mpsc::UnboundedSender<Nack>,
@@ -228,22 +232,12 @@ impl std::fmt::Debug for Nack {
 #[async_trait]
 impl Acker for RedisAcker {
     async fn ack(&self) -> Result<()> {
-        let mut con = self.inner.cmd_connection()?;
-        redis::cmd("XACK")
-            .arg(&self.key)
-            .arg(&*self.group)
-            .arg(&self.id)
-            .exec_async(&mut con)
-            .await
-            .map_err(|e| {
-                Counters::incr(&self.inner.stats.errors);
-                self.inner.connector.error("XACK", e)
-            })
+        crate::ack::ack(&self.inner, &self.key, &self.group, &self.id).await
     }
 
     async fn nack(&self, delay: Option<Duration>) -> Result<()> {
         let _ = self.nacks.send(Nack {
-            key: self.key.clone(),
+            key: self.key.to_string(),
             id: self.id.clone(),
             due: Instant::now() + delay.unwrap_or_default(),
         });
@@ -624,7 +618,7 @@ impl Reader {
             Ok(message) => {
                 let acker = RedisAcker {
                     inner: self.inner.clone(),
-                    key: key.to_string(),
+                    key: key.into(),
                     group: self.group.clone(),
                     id,
                     nacks: self.nack_tx.clone(),

@@ -399,3 +399,54 @@ async fn connections_per_subscription_are_named() {
     );
     assert_eq!(bus.stats().connections, 3);
 }
+
+/// `INFO commandstats` calls of one command.
+fn calls(server: &RedisServer, command: &str) -> u64 {
+    let stats = server.cli(&["INFO", "commandstats"]);
+    let prefix = format!("cmdstat_{command}:calls=");
+    stats
+        .lines()
+        .find_map(|l| l.strip_prefix(prefix.as_str()))
+        .and_then(|rest| rest.split(',').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0)
+}
+
+#[tokio::test]
+async fn concurrent_acks_share_xack_commands_and_are_all_confirmed() {
+    let Some(server) = RedisServer::start("stream_ack_batch") else {
+        return;
+    };
+    let bus = bus(&server.url(), |_| {}).await;
+    let mut sub = bus
+        .subscribe(pat("batch.t"), SubscribeOptions::new().group("g"))
+        .await
+        .unwrap();
+    for i in 0..500 {
+        bus.publish(Message::new(topic("batch.t"), i.to_string()))
+            .await
+            .unwrap();
+    }
+    let mut deliveries = Vec::new();
+    for _ in 0..500 {
+        deliveries.push(next(&mut sub).await);
+    }
+    assert!(pending(&server, "busway:stream:batch.t", "g").starts_with("500"));
+    let before = calls(&server, "xack");
+    let results = futures::future::join_all(deliveries.iter().map(|d| d.ack())).await;
+    assert!(results.iter().all(Result::is_ok), "{results:?}");
+    // Returned Ok = acked on the server: nothing is pending any more.
+    assert_eq!(pending(&server, "busway:stream:batch.t", "g"), "0");
+    let xacks = calls(&server, "xack") - before;
+    assert!(
+        xacks < 50,
+        "500 concurrent acks took {xacks} XACK commands; they should share them"
+    );
+    // A sequential ack after the batch still works (the batcher is idle again).
+    bus.publish(Message::new(topic("batch.t"), "last"))
+        .await
+        .unwrap();
+    next(&mut sub).await.ack().await.unwrap();
+    assert_eq!(pending(&server, "busway:stream:batch.t", "g"), "0");
+    bus.close().await.unwrap();
+}

@@ -1,0 +1,215 @@
+//! Stream-mode acks that share round trips.
+//!
+//! `Delivery::ack` must not return `Ok` before the server confirmed the `XACK`, so an ack
+//! cannot be deferred; but acks made while another is in flight can travel together. The
+//! batcher does flat combining:
+//!
+//! - An ack made while none is in flight is sent at once by its own caller (one `XACK`, no
+//!   task hop: a consumer that acks one delivery at a time pays exactly one round trip, as
+//!   before).
+//! - Acks made while one is in flight wait in a list. When the round trip in flight ends,
+//!   one spawned drain task sends the whole list as one pipeline with one
+//!   `XACK key group id1 id2 ...` per key and group, completes every waiter with the answer
+//!   for its command, and repeats until the list is empty.
+//!
+//! So the number of round trips (and of XACK commands the server parses) grows with the
+//! number of *waves* of acks, not with the number of acks: a consumer that acks a batch
+//! concurrently (`join_all`) or many subscriptions acking at once share them.
+//!
+//! A waiter whose answer is lost (the task sending it was cancelled or the runtime shut
+//! down) acks again itself: `XACK` is idempotent, so at worst an id is acked twice.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use parking_lot::Mutex;
+use redis::Value;
+use tokio::sync::oneshot;
+
+use busway::{Counters, Error, Result};
+
+use crate::bus::Inner;
+
+/// One ack waiting for the round trip in flight to end.
+struct Waiting {
+    key: Arc<str>,
+    group: Arc<str>,
+    id: String,
+    done: oneshot::Sender<Result<()>>,
+}
+
+#[derive(Default)]
+struct State {
+    /// An XACK round trip is in flight (a caller's own, or the drain task's).
+    busy: bool,
+    waiting: Vec<Waiting>,
+}
+
+/// The per-bus ack batcher (see the module docs).
+#[derive(Default)]
+pub(crate) struct AckBatcher {
+    state: Mutex<State>,
+}
+
+impl std::fmt::Debug for AckBatcher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let s = self.state.lock();
+        f.debug_struct("AckBatcher")
+            .field("busy", &s.busy)
+            .field("waiting", &s.waiting.len())
+            .finish()
+    }
+}
+
+/// Clears `busy` when the caller's own round trip ends (or its future is dropped), handing
+/// whatever queued up meanwhile to a drain task.
+struct Leader<'a>(&'a Arc<Inner>);
+
+impl Drop for Leader<'_> {
+    fn drop(&mut self) {
+        let inner = self.0;
+        let mut s = inner.stream.acks.state.lock();
+        if s.waiting.is_empty() {
+            s.busy = false;
+            return;
+        }
+        // `busy` stays set: the drain task owns the round trips until the list is empty.
+        drop(s);
+        match tokio::runtime::Handle::try_current() {
+            Ok(rt) => {
+                rt.spawn(drain(inner.clone()));
+            }
+            Err(_) => {
+                // No runtime to send them on: the waiters see their answer lost and retry.
+                let mut s = inner.stream.acks.state.lock();
+                s.waiting.clear();
+                s.busy = false;
+            }
+        }
+    }
+}
+
+/// Acks one entry; `Ok` once the server answered the `XACK` that carried it.
+pub(crate) async fn ack(
+    inner: &Arc<Inner>,
+    key: &Arc<str>,
+    group: &Arc<str>,
+    id: &str,
+) -> Result<()> {
+    loop {
+        let rx = {
+            let mut s = inner.stream.acks.state.lock();
+            if s.busy {
+                let (done, rx) = oneshot::channel();
+                s.waiting.push(Waiting {
+                    key: key.clone(),
+                    group: group.clone(),
+                    id: id.to_string(),
+                    done,
+                });
+                Some(rx)
+            } else {
+                s.busy = true;
+                None
+            }
+        };
+        match rx {
+            Some(rx) => match rx.await {
+                Ok(result) => return result,
+                // Whoever was to send it is gone; ack again (idempotent).
+                Err(_) => continue,
+            },
+            None => break,
+        }
+    }
+    let _leader = Leader(inner);
+    let mut con = inner.cmd_connection()?;
+    redis::cmd("XACK")
+        .arg(&**key)
+        .arg(&**group)
+        .arg(id)
+        .exec_async(&mut con)
+        .await
+        .map_err(|e| {
+            Counters::incr(&inner.stats.errors);
+            inner.connector.error("XACK", e)
+        })
+}
+
+/// Sends the waiting acks, one pipeline per wave, until none is left.
+async fn drain(inner: Arc<Inner>) {
+    loop {
+        let batch = {
+            let mut s = inner.stream.acks.state.lock();
+            if s.waiting.is_empty() {
+                s.busy = false;
+                return;
+            }
+            std::mem::take(&mut s.waiting)
+        };
+        send(&inner, batch).await;
+    }
+}
+
+/// A stream key and a group: what one `XACK` command addresses.
+type KeyGroup = (Arc<str>, Arc<str>);
+
+/// One pipeline: one `XACK` per key and group with all of their ids.
+async fn send(inner: &Inner, batch: Vec<Waiting>) {
+    let mut commands: Vec<(KeyGroup, Vec<Waiting>)> = Vec::new();
+    let mut index: HashMap<KeyGroup, usize> = HashMap::new();
+    for w in batch {
+        let k = (w.key.clone(), w.group.clone());
+        match index.get(&k) {
+            Some(&i) => commands[i].1.push(w),
+            None => {
+                index.insert(k.clone(), commands.len());
+                commands.push((k, vec![w]));
+            }
+        }
+    }
+    let mut pipe = redis::pipe();
+    pipe.ignore_errors();
+    for ((key, group), ws) in &commands {
+        let cmd = pipe.cmd("XACK").arg(&**key).arg(&**group);
+        for w in ws {
+            cmd.arg(&w.id);
+        }
+    }
+    let replies: Result<Vec<Value>> = match inner.cmd_connection() {
+        Ok(mut con) => pipe
+            .query_async(&mut con)
+            .await
+            .map_err(|e| inner.connector.error("XACK", e)),
+        Err(e) => Err(e),
+    };
+    match replies {
+        Ok(replies) => {
+            for ((_, ws), reply) in commands.into_iter().zip(replies) {
+                let result = match reply {
+                    Value::ServerError(e) => {
+                        Err(inner.connector.error("XACK", redis::RedisError::from(e)))
+                    }
+                    _ => Ok(()),
+                };
+                for w in ws {
+                    let _ = w.done.send(match &result {
+                        Ok(()) => Ok(()),
+                        Err(e) => {
+                            Counters::incr(&inner.stats.errors);
+                            Err(Error::new(e.kind(), e.message().to_string()))
+                        }
+                    });
+                }
+            }
+        }
+        Err(e) => {
+            for w in commands.into_iter().flat_map(|(_, ws)| ws) {
+                Counters::incr(&inner.stats.errors);
+                let _ = w
+                    .done
+                    .send(Err(Error::new(e.kind(), e.message().to_string())));
+            }
+        }
+    }
+}
