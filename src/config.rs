@@ -258,6 +258,20 @@ fn bad(source: &str, key: &str, why: impl fmt::Display) -> Error {
     Error::config(format!("{source}: {key}: {why}"))
 }
 
+/// Deserializes the value at `key` as `T`; an error names the key down to the offending
+/// field (`buses.a.capacity`), which serde alone would not.
+fn typed<T: DeserializeOwned>(value: toml::Value, source: &str, key: &str) -> Result<T> {
+    serde_path_to_error::deserialize(value).map_err(|e| {
+        let path = e.path().to_string();
+        let key = if path.is_empty() || path == "." {
+            key.to_string()
+        } else {
+            format!("{key}.{path}")
+        };
+        bad(source, &key, reason(e.inner()))
+    })
+}
+
 impl Config {
     /// Reads and validates a config file (without environment overrides).
     ///
@@ -325,16 +339,14 @@ impl Config {
                     "a bus name must be ASCII letters, digits, '-' or '_'",
                 ));
             }
-            let bus = BusConfig::deserialize(value).map_err(|e| bad(source, &key, reason(&e)))?;
+            let bus = typed::<BusConfig>(value, source, &key)?;
             if bus.transport.is_empty() {
                 return Err(bad(source, &format!("{key}.transport"), "is empty"));
             }
             buses.insert(name, bus);
         }
         let router = match raw.router {
-            Some(value) => {
-                RouterSettings::deserialize(value).map_err(|e| bad(source, "router", reason(&e)))?
-            }
+            Some(value) => typed::<RouterSettings>(value, source, "router")?,
             None => RouterSettings::default(),
         };
         let mut config = Config {
@@ -347,7 +359,7 @@ impl Config {
         };
         for (i, value) in raw.routes.into_iter().enumerate() {
             let key = format!("routes[{i}]");
-            let r = RawRoute::deserialize(value).map_err(|e| bad(source, &key, reason(&e)))?;
+            let r = typed::<RawRoute>(value, source, &key)?;
             let pattern =
                 Pattern::new(&r.pattern).map_err(|e| bad(source, &format!("{key}.match"), e))?;
             config.routes.push(RouteConfig {
@@ -356,8 +368,7 @@ impl Config {
             });
         }
         if let Some(value) = raw.default {
-            let d =
-                RawDefault::deserialize(value).map_err(|e| bad(source, "default", reason(&e)))?;
+            let d = typed::<RawDefault>(value, source, "default")?;
             config.default = Some(d.to.into_vec());
         }
         config.validate()?;
@@ -487,8 +498,7 @@ pub(crate) fn options_from_table<T: DeserializeOwned>(
     source: &str,
     key_prefix: &str,
 ) -> Result<T> {
-    T::deserialize(toml::Value::Table(table.clone()))
-        .map_err(|e| bad(source, key_prefix, reason(&e)))
+    typed(toml::Value::Table(table.clone()), source, key_prefix)
 }
 
 #[cfg(test)]
@@ -557,7 +567,7 @@ to = "main"
         let cases: &[(&str, &str)] = &[
             (
                 "[buses.a]\ntransport = \"memory\"\nmode = \"strem\"\n",
-                "cfg.toml: buses.a: unknown variant `strem`",
+                "cfg.toml: buses.a.mode: unknown variant `strem`",
             ),
             (
                 "[buses.a]\nmode = \"stream\"\n",
@@ -565,7 +575,7 @@ to = "main"
             ),
             (
                 "[buses.a]\ntransport = \"memory\"\ncapacity = \"big\"\n",
-                "cfg.toml: buses.a: invalid type",
+                "cfg.toml: buses.a.capacity: invalid type",
             ),
             (
                 "[buses.a]\ntransport = \"memory\"\n[[routes]]\nmatch = \"x.>\"\nto = \"b\"\n",
@@ -577,7 +587,7 @@ to = "main"
             ),
             (
                 "[buses.a]\ntransport = \"memory\"\n[[routes]]\npattern = \"x\"\nto = \"a\"\n",
-                "cfg.toml: routes[0]: unknown field `pattern`",
+                "cfg.toml: routes[0].pattern: unknown field `pattern`",
             ),
             (
                 "[default]\nto = \"nope\"\n",

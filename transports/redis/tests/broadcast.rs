@@ -453,11 +453,11 @@ async fn factory_config_errors_name_file_and_key() {
     let cases = [
         (
             "url = \"redis://127.0.0.1:1\"\nframing = \"rawx\"",
-            "cfg.toml: buses.main: unknown variant `rawx`",
+            "cfg.toml: buses.main.framing: unknown variant `rawx`",
         ),
         (
             "url = \"redis://127.0.0.1:1\"\nbogus = 1",
-            "cfg.toml: buses.main: unknown field `bogus`",
+            "cfg.toml: buses.main.bogus: unknown field `bogus`",
         ),
         ("", "cfg.toml: buses.main.url: is required"),
         (
