@@ -339,6 +339,38 @@ impl Subscription {
         futures::future::poll_fn(|cx| self.poll_recv(cx)).await
     }
 
+    /// A delivery that is already queued, without waiting; `None` when nothing is queued
+    /// now (or the subscription ended).
+    pub fn try_recv(&mut self) -> Option<Delivery> {
+        let mut cx = Context::from_waker(futures::task::noop_waker_ref());
+        match self.poll_recv(&mut cx) {
+            Poll::Ready(d) => d,
+            Poll::Pending => None,
+        }
+    }
+
+    /// Waits for one delivery, then takes those already queued behind it, up to `limit` in
+    /// all, appending them to `buf`. Returns how many were added; 0 means the subscription
+    /// ended. Consumers that ack a batch concurrently (`futures::future::join_all`) let a
+    /// stream transport settle the batch in one round trip instead of one per delivery.
+    pub async fn recv_many(&mut self, buf: &mut Vec<Delivery>, limit: usize) -> usize {
+        let Some(first) = self.recv().await else {
+            return 0;
+        };
+        buf.push(first);
+        let mut n = 1;
+        while n < limit {
+            match self.try_recv() {
+                Some(d) => {
+                    buf.push(d);
+                    n += 1;
+                }
+                None => break,
+            }
+        }
+        n
+    }
+
     /// The next delivery within `timeout`: `Ok(None)` when the subscription ended,
     /// a [`ErrorKind::Timeout`] error when nothing came in time.
     pub async fn recv_timeout(&mut self, timeout: Duration) -> Result<Option<Delivery>> {

@@ -403,3 +403,25 @@ fn memory_config_builders() {
         (Mode::Stream, 1, 5, 3)
     );
 }
+
+#[tokio::test]
+async fn recv_many_takes_what_is_queued_up_to_the_limit() {
+    let bus = MemoryBus::new("batch");
+    let mut sub = bus
+        .subscribe(Pattern::new("b.>").unwrap(), SubscribeOptions::new())
+        .await
+        .unwrap();
+    assert!(sub.try_recv().is_none(), "nothing queued yet");
+    for i in 0..5u8 {
+        bus.publish(Message::try_new("b.x", vec![i]).unwrap())
+            .await
+            .unwrap();
+    }
+    let mut batch = Vec::new();
+    assert_eq!(sub.recv_many(&mut batch, 3).await, 3);
+    assert_eq!(sub.recv_many(&mut batch, 3).await, 2, "only two were left");
+    let payloads: Vec<u8> = batch.iter().map(|d| d.message().payload[0]).collect();
+    assert_eq!(payloads, vec![0, 1, 2, 3, 4], "in publish order");
+    bus.close().await.unwrap();
+    assert_eq!(sub.recv_many(&mut batch, 3).await, 0, "ended after close");
+}

@@ -53,11 +53,20 @@ pub(crate) async fn run(plan: &Plan, broker: &Broker) -> Result<SideResult> {
             .await?;
         let tally = run.tally(i);
         readers.push(tokio::spawn(async move {
-            while let Some(d) = sub.recv().await {
-                if ack && d.ack().await.is_err() {
-                    tally.error();
+            // Take what is queued (up to the raw side's read count of 256) and ack it as a
+            // batch, concurrently: the way a stream consumer keeps up, and what the raw
+            // baseline does with one XACK per read.
+            let mut batch = Vec::with_capacity(256);
+            while sub.recv_many(&mut batch, 256).await > 0 {
+                if ack {
+                    let acks = futures::future::join_all(batch.iter().map(|d| d.ack())).await;
+                    for _ in acks.iter().filter(|r| r.is_err()) {
+                        tally.error();
+                    }
                 }
-                tally.record(&d.message().payload);
+                for d in batch.drain(..) {
+                    tally.record(&d.message().payload);
+                }
             }
         }));
     }
@@ -84,7 +93,7 @@ pub(crate) async fn run(plan: &Plan, broker: &Broker) -> Result<SideResult> {
         plan.mode,
         plan.subscribers,
         plan.queue_capacity(),
-        if ack { ", each delivery acked" } else { "" },
+        if ack { ", each delivery acked (what is queued, up to 256, acked concurrently)" } else { "" },
         plan.inflight
     );
     let mut result = run.finish(what, published).await;
