@@ -164,7 +164,15 @@ impl Inner {
                 }
             }
         };
-        match tokio::time::timeout(self.config.publish_timeout(), send).await {
+        // The command buffer almost always has room: try once before arming a timer.
+        let mut send = std::pin::pin!(send);
+        let sent = match futures::poll!(send.as_mut()) {
+            std::task::Poll::Ready(r) => Ok(r),
+            std::task::Poll::Pending => {
+                tokio::time::timeout(self.config.publish_timeout(), send).await
+            }
+        };
+        match sent {
             Ok(Ok(())) => Ok(()),
             Ok(Err(e)) => Err(self.publish_error(&topic, e.to_string(), e.kind() == async_nats::client::PublishErrorKind::MaxPayloadExceeded, e)),
             Err(_) => Err(Error::new(
@@ -273,11 +281,9 @@ impl Inner {
 
     fn max_payload(&self) -> usize {
         // The server's limit covers headers too; leave them room.
-        self.client
-            .server_info()
-            .max_payload
-            .saturating_sub(4096)
-            .max(1)
+        // An atomic load: `server_info()` would clone the whole INFO (strings, URL lists)
+        // under a lock on every publish.
+        self.client.max_payload().saturating_sub(4096).max(1)
     }
 }
 
