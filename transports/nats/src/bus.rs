@@ -554,8 +554,10 @@ impl Bus for NatsBus {
             return Err(inner.failed(inner.disconnected_error(&message.topic)));
         }
         let result = match &inner.stream {
+            // Boxed: the JetStream publish future is large, and inlined here it would make
+            // every core publish future (moved into async_trait's box) as large.
             Some(stream) if !is_inbox(message.topic.as_str()) => {
-                stream.publish(inner, message).await
+                Box::pin(stream.publish(inner, message)).await
             }
             _ => inner.publish_core(message).await,
         };
