@@ -19,6 +19,7 @@ use busway::{
 use parking_lot::Mutex;
 
 use crate::config::{Framing, NatsConfig, OnDisconnect};
+use crate::drops::{ClientDrops, ProbeSender, SETTLE_EVERY};
 use crate::headers;
 use crate::jetstream::StreamSetup;
 
@@ -43,6 +44,8 @@ pub(crate) struct Inner {
     pub(crate) queue: QueueDefaults,
     pub(crate) counters: Arc<Counters>,
     pub(crate) stream: Option<StreamSetup>,
+    /// What async-nats dropped for slow consumers (see `drops`).
+    pub(crate) client_drops: Arc<ClientDrops>,
     closed: AtomicBool,
     subs: Mutex<HashMap<u64, SubEntry>>,
     next_sub: AtomicU64,
@@ -52,6 +55,8 @@ pub(crate) struct Inner {
 struct SubEntry {
     tx: QueueSender,
     task: tokio::task::AbortHandle,
+    /// Core pumps only: answers once its async-nats channel is empty.
+    probe: Option<ProbeSender>,
 }
 
 /// Dropped with a subscription: stops its pump (which unsubscribes or deletes its consumer).
@@ -85,6 +90,7 @@ impl Inner {
         self: &Arc<Self>,
         tx: QueueSender,
         task: tokio::task::AbortHandle,
+        probe: Option<ProbeSender>,
     ) -> SubGuard {
         let id = self.next_sub.fetch_add(1, Ordering::Relaxed);
         self.subs.lock().insert(
@@ -92,6 +98,7 @@ impl Inner {
             SubEntry {
                 tx,
                 task: task.clone(),
+                probe,
             },
         );
         SubGuard {
@@ -157,7 +164,15 @@ impl Inner {
                 }
             }
         };
-        match tokio::time::timeout(self.config.publish_timeout(), send).await {
+        // The command buffer almost always has room: try once before arming a timer.
+        let mut send = std::pin::pin!(send);
+        let sent = match futures::poll!(send.as_mut()) {
+            std::task::Poll::Ready(r) => Ok(r),
+            std::task::Poll::Pending => {
+                tokio::time::timeout(self.config.publish_timeout(), send).await
+            }
+        };
+        match sent {
             Ok(Ok(())) => Ok(()),
             Ok(Err(e)) => Err(self.publish_error(&topic, e.to_string(), e.kind() == async_nats::client::PublishErrorKind::MaxPayloadExceeded, e)),
             Err(_) => Err(Error::new(
@@ -206,8 +221,15 @@ impl Inner {
         let answer =
             tokio::time::timeout(timeout, self.client.request(subject, bytes::Bytes::new())).await;
         match answer {
-            Ok(Ok(_)) => Ok(()),
-            Ok(Err(e)) if e.kind() == RequestErrorKind::NoResponders => Ok(()),
+            Ok(Ok(_)) => {
+                self.client_drops.took();
+                Ok(())
+            }
+            Ok(Err(e)) if e.kind() == RequestErrorKind::NoResponders => {
+                // The "no responders" status is a message too.
+                self.client_drops.took();
+                Ok(())
+            }
             Ok(Err(e)) => Err(Error::new(
                 ErrorKind::Connection,
                 format!("bus {:?}: flush to {} failed", self.name, self.url),
@@ -229,13 +251,39 @@ impl Inner {
         }
     }
 
+    /// Settles the count of client-side drops (broadcast mode; see `drops`), attributing
+    /// new drops to the subscription when there is only one core subscription.
+    pub(crate) async fn settle_client_drops(&self) {
+        if self.mode != Mode::Broadcast {
+            return;
+        }
+        let stats = self.client.statistics();
+        if !self
+            .client_drops
+            .unsettled(stats.in_messages.load(Ordering::Relaxed))
+        {
+            return;
+        }
+        let (pumps, only): (Vec<ProbeSender>, Option<QueueSender>) = {
+            let subs = self.subs.lock();
+            let pumps: Vec<ProbeSender> = subs.values().filter_map(|e| e.probe.clone()).collect();
+            let only = match (pumps.len(), subs.values().find(|e| e.probe.is_some())) {
+                (1, Some(e)) => Some(e.tx.clone()),
+                _ => None,
+            };
+            (pumps, only)
+        };
+        let new = self.client_drops.settle(&stats, &pumps).await;
+        if let Some(tx) = only {
+            tx.stats().dropped.fetch_add(new, Ordering::Relaxed);
+        }
+    }
+
     fn max_payload(&self) -> usize {
         // The server's limit covers headers too; leave them room.
-        self.client
-            .server_info()
-            .max_payload
-            .saturating_sub(4096)
-            .max(1)
+        // An atomic load: `server_info()` would clone the whole INFO (strings, URL lists)
+        // under a lock on every publish.
+        self.client.max_payload().saturating_sub(4096).max(1)
     }
 }
 
@@ -261,7 +309,7 @@ fn connect_error(bus: &str, url: &str, e: async_nats::ConnectError) -> Error {
     )
 }
 
-fn handle_event(bus: &str, counters: &Counters, event: async_nats::Event) {
+fn handle_event(bus: &str, counters: &Counters, drops: &ClientDrops, event: async_nats::Event) {
     use async_nats::Event;
     match event {
         Event::Connected => {
@@ -271,8 +319,9 @@ fn handle_event(bus: &str, counters: &Counters, event: async_nats::Event) {
             tracing::warn!(bus, "disconnected from NATS; async-nats reconnects");
         }
         Event::SlowConsumer(sid) => {
-            // async-nats dropped a message because a subscription's channel was full.
-            Counters::incr(&counters.dropped);
+            // async-nats dropped a message because a subscription's channel was full. A lower
+            // bound: `stats()` reports the exact count once it settles (see `drops`).
+            drops.slow_consumer_event();
             tracing::debug!(bus, sid, "slow consumer: async-nats dropped a message");
         }
         Event::ServerError(e) => {
@@ -356,11 +405,13 @@ impl NatsBus {
             .connection_timeout(config.connect_timeout())
             .max_reconnects(config.max_reconnects)
             .require_tls(config.tls_required);
+        let client_drops = Arc::new(ClientDrops::default());
         {
             let counters = counters.clone();
+            let drops = client_drops.clone();
             let bus = ctx.bus.to_string();
             options = options.event_callback(move |event| {
-                handle_event(&bus, &counters, event);
+                handle_event(&bus, &counters, &drops, event);
                 async {}
             });
         }
@@ -413,21 +464,24 @@ impl NatsBus {
             Mode::Broadcast => None,
             Mode::Stream => Some(StreamSetup::ensure(&ctx, &config, &client).await?),
         };
-        Ok(NatsBus {
-            inner: Arc::new(Inner {
-                name: ctx.bus.to_string(),
-                url,
-                client,
-                mode: ctx.config.mode,
-                config,
-                queue,
-                counters,
-                stream,
-                closed: AtomicBool::new(false),
-                subs: Mutex::new(HashMap::new()),
-                next_sub: AtomicU64::new(0),
-            }),
-        })
+        let inner = Arc::new(Inner {
+            name: ctx.bus.to_string(),
+            url,
+            client,
+            mode: ctx.config.mode,
+            config,
+            queue,
+            counters,
+            stream,
+            client_drops,
+            closed: AtomicBool::new(false),
+            subs: Mutex::new(HashMap::new()),
+            next_sub: AtomicU64::new(0),
+        });
+        if inner.mode == Mode::Broadcast {
+            tokio::spawn(settle_loop(Arc::downgrade(&inner)));
+        }
+        Ok(NatsBus { inner })
     }
 
     /// The async-nats client (for raw access in tests and benches).
@@ -445,6 +499,21 @@ impl NatsBus {
 
     fn as_dyn(&self) -> Arc<dyn Bus> {
         Arc::new(self.clone())
+    }
+}
+
+/// Settles the client-side drop count while messages arrive, so `stats()` is exact shortly
+/// after traffic pauses even if nobody calls `flush`. Ends with the bus.
+async fn settle_loop(bus: Weak<Inner>) {
+    let mut tick = tokio::time::interval(SETTLE_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let Some(inner) = bus.upgrade() else { return };
+        if inner.is_closed() {
+            return;
+        }
+        inner.settle_client_drops().await;
     }
 }
 
@@ -501,8 +570,10 @@ impl Bus for NatsBus {
             return Err(inner.failed(inner.disconnected_error(&message.topic)));
         }
         let result = match &inner.stream {
+            // Boxed: the JetStream publish future is large, and inlined here it would make
+            // every core publish future (moved into async_trait's box) as large.
             Some(stream) if !is_inbox(message.topic.as_str()) => {
-                stream.publish(inner, message).await
+                Box::pin(stream.publish(inner, message)).await
             }
             _ => inner.publish_core(message).await,
         };
@@ -565,7 +636,9 @@ impl Bus for NatsBus {
         self.inner
             .round_trip()
             .await
-            .map_err(|e| self.inner.failed(e))
+            .map_err(|e| self.inner.failed(e))?;
+        self.inner.settle_client_drops().await;
+        Ok(())
     }
 
     async fn close(&self) -> Result<()> {
@@ -593,6 +666,7 @@ impl Bus for NatsBus {
     fn stats(&self) -> StatsSnapshot {
         let inner = &self.inner;
         let mut s = inner.counters.snapshot();
+        s.dropped += inner.client_drops.count();
         let connected = inner.is_connected();
         // async-nats counts every successful connect: the first is not a reconnect.
         let connects = inner.client.statistics().connects.load(Ordering::Relaxed);

@@ -122,8 +122,12 @@ pub struct NatsConfig {
     #[serde(default)]
     pub connect_timeout: Option<ConfigDuration>,
     /// async-nats's per-subscription channel, in messages, between the connection reader and
-    /// busway's pump task. Default: 4 x the bus's queue capacity, at least 8,192 and at most
-    /// 65,536. Messages arriving while it is full are dropped by the client and counted in
+    /// busway's pump task (one setting for the whole connection). Default: the bus's queue
+    /// capacity, at least 65,536 (async-nats's own default), so under `block` the channel
+    /// alone can hold a full subscription queue's worth while the pump catches up. The
+    /// channel allocates as it fills: the cost is memory only while a backlog exists (at
+    /// most queue capacity + `client_capacity` messages per subscription under `block`).
+    /// Messages arriving while it is full are dropped by the client and counted in
     /// `dropped`.
     #[serde(default)]
     pub client_capacity: Option<usize>,
@@ -212,11 +216,12 @@ impl NatsConfig {
     }
 
     /// The async-nats subscription channel size for a bus whose queue capacity is
-    /// `queue_capacity`.
+    /// `queue_capacity`: `client_capacity` if set, else the queue capacity but at least
+    /// 65,536. Never above what a tokio channel accepts.
     pub fn client_capacity(&self, queue_capacity: usize) -> usize {
         self.client_capacity
-            .unwrap_or_else(|| queue_capacity.saturating_mul(4).clamp(8192, 65_536))
-            .max(1)
+            .unwrap_or_else(|| queue_capacity.max(65_536))
+            .clamp(1, MAX_CLIENT_CAPACITY)
     }
 
     /// The delivery attempts before dead-lettering (default 5; 0 = unlimited).
@@ -224,6 +229,9 @@ impl NatsConfig {
         self.max_deliver.unwrap_or(5)
     }
 }
+
+/// tokio's bounded channels refuse more than `usize::MAX >> 3` permits; stay far below.
+const MAX_CLIENT_CAPACITY: usize = usize::MAX >> 4;
 
 fn secret(v: &Option<impl Sized>) -> Option<&'static str> {
     v.as_ref().map(|_| "***")
@@ -305,9 +313,9 @@ mod tests {
     #[test]
     fn client_capacity_follows_the_queue() {
         let c = NatsConfig::default();
-        assert_eq!(c.client_capacity(16), 8192);
-        assert_eq!(c.client_capacity(4096), 16_384);
-        assert_eq!(c.client_capacity(1 << 20), 65_536);
+        assert_eq!(c.client_capacity(16), 65_536);
+        assert_eq!(c.client_capacity(200_000), 200_000);
+        assert_eq!(c.client_capacity(1 << 20), 1 << 20);
         let c = parse("client_capacity = 64").unwrap();
         assert_eq!(c.client_capacity(4096), 64);
     }

@@ -10,10 +10,11 @@ use busway::{
     new_message_id, Bus, Counters, Delivery, Error, ErrorKind, Message, Pattern, Result,
     SubscribeOptions, Subscription, Topic,
 };
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 
 use crate::bus::Inner;
 use crate::config::Framing;
+use crate::drops::{ClientDrops, Probe};
 use crate::headers;
 
 /// A busway message from a NATS message. `reply` (the NATS reply subject) stands in for a
@@ -69,21 +70,55 @@ pub(crate) async fn subscribe(
     }
     let (capacity, overflow) = options.queue(inner.queue);
     let (tx, sub) = Subscription::channel(pattern, capacity, overflow, inner.counters.clone());
-    let task = tokio::spawn(pump(subscriber, tx.clone(), inner.counters.clone(), via));
-    let guard = inner.track(tx, task.abort_handle());
+    let (probe, probes) = tokio::sync::mpsc::unbounded_channel();
+    let taken = Taken {
+        subscriber,
+        drops: inner.client_drops.clone(),
+    };
+    let task = tokio::spawn(pump(taken, probes, tx.clone(), inner.counters.clone(), via));
+    let guard = inner.track(tx, task.abort_handle(), Some(probe));
     Ok(sub.with_guard(guard))
+}
+
+/// An async-nats subscriber whose every message taken out is counted (see `drops`), also
+/// those still in its channel when the subscription goes away (they are not a slow
+/// consumer's loss).
+struct Taken {
+    subscriber: async_nats::Subscriber,
+    drops: Arc<ClientDrops>,
+}
+
+impl Drop for Taken {
+    fn drop(&mut self) {
+        while let Some(Some(_)) = self.subscriber.next().now_or_never() {
+            self.drops.took();
+        }
+    }
 }
 
 /// Moves messages from the async-nats subscriber into busway's queue. Under a dropping policy
 /// it never waits, so async-nats's own channel stays near empty; under `block` it waits, and
-/// what async-nats then drops for the full channel is counted from its slow-consumer events.
+/// what async-nats then drops for the full channel is counted (see `drops`). Between
+/// messages it answers probes: "my async-nats channel is empty".
 async fn pump(
-    mut subscriber: async_nats::Subscriber,
+    mut taken: Taken,
+    mut probes: tokio::sync::mpsc::UnboundedReceiver<Probe>,
     tx: QueueSender,
     bus_counters: Arc<Counters>,
     via: Arc<dyn Bus>,
 ) {
-    while let Some(msg) = subscriber.next().await {
+    loop {
+        let next = tokio::select! {
+            biased;
+            next = taken.subscriber.next() => next,
+            Some(probe) = probes.recv() => {
+                // `biased`: the subscriber was polled just before and had nothing.
+                let _ = probe.send(());
+                continue;
+            }
+        };
+        let Some(msg) = next else { break };
+        taken.drops.took();
         let message = match to_message(
             msg.subject.as_str(),
             msg.payload,
@@ -137,8 +172,15 @@ pub(crate) async fn request(
     )
     .await;
     let reply = match reply {
-        Ok(Ok(reply)) => reply,
+        Ok(Ok(reply)) => {
+            inner.client_drops.took();
+            reply
+        }
         Ok(Err(e)) => {
+            if e.kind() == RequestErrorKind::NoResponders {
+                // The "no responders" status is a message too.
+                inner.client_drops.took();
+            }
             let (kind, why) = match e.kind() {
                 RequestErrorKind::NoResponders => (
                     ErrorKind::NoResponders,

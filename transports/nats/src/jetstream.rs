@@ -482,7 +482,7 @@ impl StreamSetup {
             capacity,
         };
         let task = tokio::spawn(pump.run(consumer));
-        let guard = inner.track(tx, task.abort_handle());
+        let guard = inner.track(tx, task.abort_handle(), None);
         let cleanup = ConsumerCleanup {
             inner: Arc::downgrade(inner),
             name: (!durable).then_some(name),

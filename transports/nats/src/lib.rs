@@ -29,6 +29,7 @@
 mod bus;
 pub mod config;
 mod core;
+mod drops;
 mod headers;
 mod jetstream;
 
