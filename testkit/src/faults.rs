@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use busway::{Bus, Health, Message, Subscription, Topic};
+use busway::{Bus, Health, Message, Overflow, Pattern, SubscribeOptions, Subscription, Topic};
 
 use crate::nats::NatsServer;
 use crate::redis::RedisServer;
@@ -432,4 +432,139 @@ pub fn rss_kib() -> Option<u64> {
         .find_map(|l| l.strip_prefix("VmRSS:"))
         .and_then(|v| v.split_whitespace().next())
         .and_then(|v| v.parse().ok())
+}
+
+/// Messages per timed round of [`slow_consumer_with_dropping_policy`].
+pub const SLOW_N: usize = 20_000;
+/// Timed rounds per configuration (the median is printed).
+const SLOW_ROUNDS: usize = 3;
+/// How long a subscriber may wait for one expected message.
+const SLOW_WAIT: Duration = Duration::from_secs(10);
+
+fn median(mut v: Vec<Duration>) -> Duration {
+    v.sort();
+    v[v.len() / 2]
+}
+
+/// Publishes `n` messages on `topic` and returns how long until `fast` had all of them, in
+/// order (panics on a loss).
+async fn publish_and_drain(
+    bus: &Arc<dyn Bus>,
+    fast: &mut Subscription,
+    topic: &Topic,
+    n: usize,
+) -> Duration {
+    let start = Instant::now();
+    let publisher = {
+        let bus = bus.clone();
+        let topic = topic.clone();
+        tokio::spawn(async move {
+            for i in 0..n {
+                bus.publish(Message::new(topic.clone(), i.to_string()))
+                    .await
+                    .unwrap();
+            }
+            bus.flush().await.unwrap();
+        })
+    };
+    for i in 0..n {
+        let d = fast
+            .recv_timeout(SLOW_WAIT)
+            .await
+            .unwrap_or_else(|e| panic!("fast subscriber got {i} of {n}: {e}"))
+            .expect("open");
+        assert_eq!(
+            d.message().payload,
+            i.to_string().as_bytes(),
+            "in order, none lost"
+        );
+    }
+    let took = start.elapsed();
+    publisher.await.unwrap();
+    took
+}
+
+/// A subscriber that stops reading, under `drop_newest`, next to one that reads: asserts the
+/// reading one gets every message in order and the stalled one holds exactly its capacity with
+/// every other message counted as dropped; prints (never asserts) the reading subscriber's
+/// throughput alone, beside a second reading subscriber, and beside the stalled one, as a
+/// `RESULT <label> slow_consumer ...` line for RELIABILITY.md.
+pub async fn slow_consumer_with_dropping_policy(bus: Arc<dyn Bus>, label: &str) {
+    let t = Topic::new("slow.t").unwrap();
+    let pattern = Pattern::exact(&t);
+    let mut fast = bus
+        .subscribe(pattern.clone(), SubscribeOptions::new().capacity(SLOW_N))
+        .await
+        .unwrap();
+    // Warm-up, then the baseline without a stalled subscriber.
+    publish_and_drain(&bus, &mut fast, &t, 1_000).await;
+    let mut alone = Vec::new();
+    for _ in 0..SLOW_ROUNDS {
+        alone.push(publish_and_drain(&bus, &mut fast, &t, SLOW_N).await);
+    }
+    // Control: a second subscriber that reads (the cost of a second subscriber alone).
+    let mut reader = bus
+        .subscribe(pattern.clone(), SubscribeOptions::new().capacity(SLOW_N))
+        .await
+        .unwrap();
+    let reading = tokio::spawn(async move {
+        let mut n = 0;
+        while reader
+            .recv_timeout(SLOW_WAIT)
+            .await
+            .ok()
+            .flatten()
+            .is_some()
+        {
+            n += 1;
+            if n == SLOW_ROUNDS * SLOW_N {
+                break;
+            }
+        }
+        n
+    });
+    let mut with_reader = Vec::new();
+    for _ in 0..SLOW_ROUNDS {
+        with_reader.push(publish_and_drain(&bus, &mut fast, &t, SLOW_N).await);
+    }
+    assert_eq!(
+        reading.await.unwrap(),
+        SLOW_ROUNDS * SLOW_N,
+        "the reading subscriber got all"
+    );
+
+    let capacity = 100;
+    let stalled = bus
+        .subscribe(
+            pattern,
+            SubscribeOptions::new()
+                .capacity(capacity)
+                .overflow(Overflow::DropNewest),
+        )
+        .await
+        .unwrap();
+    let mut with = Vec::new();
+    for _ in 0..SLOW_ROUNDS {
+        with.push(publish_and_drain(&bus, &mut fast, &t, SLOW_N).await);
+    }
+    let total = (SLOW_ROUNDS * SLOW_N) as u64;
+    wait_until(
+        "the stalled subscriber's drops to be counted",
+        SLOW_WAIT,
+        || stalled.stats().dropped + stalled.pending() as u64 >= total,
+    )
+    .await;
+    assert_eq!(stalled.pending(), capacity, "holds at most its capacity");
+    assert_eq!(stalled.stats().dropped, total - capacity as u64);
+    let (alone, with_reader, with) = (median(alone), median(with_reader), median(with));
+    let ratio = alone.as_secs_f64() / with.as_secs_f64();
+    let reader_ratio = with_reader.as_secs_f64() / with.as_secs_f64();
+    println!(
+        "RESULT {label} slow_consumer policy=drop_newest n={SLOW_N} rounds={SLOW_ROUNDS} median_alone_ms={} median_with_reading_sub_ms={} median_with_stalled_sub_ms={} ratio_vs_alone={ratio:.2} ratio_vs_reading_sub={reader_ratio:.2} stalled_dropped={} stalled_pending={}",
+        alone.as_millis(),
+        with_reader.as_millis(),
+        with.as_millis(),
+        stalled.stats().dropped,
+        stalled.pending()
+    );
 }

@@ -12,7 +12,9 @@ use std::time::{Duration, Instant};
 
 use busway::{Bus, ErrorKind, Message, Mode, Overflow, Pattern, SubscribeOptions, Topic};
 use busway_nats::NatsBus;
-use busway_testkit::faults::{restart_under_load, wait_until, Guarantee, LoadPlan};
+use busway_testkit::faults::{
+    restart_under_load, slow_consumer_with_dropping_policy, wait_until, Guarantee, LoadPlan,
+};
 use busway_testkit::nats::NatsServer;
 use common::{connect, WAIT};
 use futures::StreamExt;
@@ -242,52 +244,8 @@ async fn hung_broker_times_out_clearly_and_resumes() {
 // 3. Slow consumer
 // ---------------------------------------------------------------------------------------
 
-const N: usize = 20_000;
-/// Timed rounds per configuration (the median is printed).
-const ROUNDS: usize = 3;
-
-fn median(mut v: Vec<Duration>) -> Duration {
-    v.sort();
-    v[v.len() / 2]
-}
-
-/// Publishes `n` messages on `t` (from `publisher`) and returns how long until `fast` had all.
-async fn publish_and_drain(
-    publisher: &NatsBus,
-    fast: &mut busway::Subscription,
-    t: &str,
-    n: usize,
-) -> Duration {
-    let start = Instant::now();
-    let task = {
-        let publisher = publisher.clone();
-        let t = topic(t);
-        tokio::spawn(async move {
-            for i in 0..n {
-                publisher
-                    .publish(Message::new(t.clone(), i.to_string()))
-                    .await
-                    .unwrap();
-            }
-            publisher.flush().await.unwrap();
-        })
-    };
-    for i in 0..n {
-        let d = fast
-            .recv_timeout(WAIT)
-            .await
-            .unwrap_or_else(|e| panic!("fast subscriber got {i} of {n}: {e}"))
-            .expect("open");
-        assert_eq!(
-            d.message().payload,
-            i.to_string().as_bytes(),
-            "in order, none lost"
-        );
-    }
-    let took = start.elapsed();
-    task.await.unwrap();
-    took
-}
+// The drop-policy case is shared with the other transports: `slow_consumer_with_dropping_policy`
+// in busway-testkit.
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn core_slow_consumer_with_dropping_policy_does_not_hold_back_others() {
@@ -295,7 +253,7 @@ async fn core_slow_consumer_with_dropping_policy_does_not_hold_back_others() {
         return;
     };
     within("slow consumer (drop)", async {
-        // async-nats's per-subscription channel must hold a whole burst of N: the publisher
+        // async-nats's per-subscription channel must hold a whole burst: the publisher
         // outpaces the fast subscriber's pump on 2 cores, and what does not fit is dropped
         // by the client for the fast subscriber too (a sizing matter, not the stalled one).
         let bus = connect(
@@ -306,68 +264,7 @@ async fn core_slow_consumer_with_dropping_policy_does_not_hold_back_others() {
         )
         .await
         .unwrap();
-        let mut fast = bus
-            .subscribe(pat("slow.t"), SubscribeOptions::new().capacity(N))
-            .await
-            .unwrap();
-        publish_and_drain(&bus, &mut fast, "slow.t", 1_000).await;
-        let mut alone = Vec::new();
-        for _ in 0..ROUNDS {
-            alone.push(publish_and_drain(&bus, &mut fast, "slow.t", N).await);
-        }
-        // Control: a second subscriber that reads (the cost of a second subscriber alone).
-        let mut reader = bus
-            .subscribe(pat("slow.t"), SubscribeOptions::new().capacity(N))
-            .await
-            .unwrap();
-        let reading = tokio::spawn(async move {
-            let mut n = 0;
-            while reader.recv_timeout(WAIT).await.ok().flatten().is_some() {
-                n += 1;
-                if n == ROUNDS * N {
-                    break;
-                }
-            }
-            n
-        });
-        let mut with_reader = Vec::new();
-        for _ in 0..ROUNDS {
-            with_reader.push(publish_and_drain(&bus, &mut fast, "slow.t", N).await);
-        }
-        assert_eq!(reading.await.unwrap(), ROUNDS * N, "the reading subscriber got all");
-
-        let capacity = 100;
-        let stalled = bus
-            .subscribe(
-                pat("slow.t"),
-                SubscribeOptions::new()
-                    .capacity(capacity)
-                    .overflow(Overflow::DropNewest),
-            )
-            .await
-            .unwrap();
-        let mut with = Vec::new();
-        for _ in 0..ROUNDS {
-            with.push(publish_and_drain(&bus, &mut fast, "slow.t", N).await);
-        }
-        let total = (ROUNDS * N) as u64;
-        wait_until("the stalled subscriber's drops to be counted", WAIT, || {
-            stalled.stats().dropped + stalled.pending() as u64 >= total
-        })
-        .await;
-        assert_eq!(stalled.pending(), capacity, "holds at most its capacity");
-        assert_eq!(stalled.stats().dropped, total - capacity as u64);
-        let (alone, with_reader, with) = (median(alone), median(with_reader), median(with));
-        let ratio = alone.as_secs_f64() / with.as_secs_f64();
-        let reader_ratio = with_reader.as_secs_f64() / with.as_secs_f64();
-        println!(
-            "RESULT nats-core slow_consumer policy=drop_newest n={N} rounds={ROUNDS} median_alone_ms={} median_with_reading_sub_ms={} median_with_stalled_sub_ms={} ratio_vs_alone={ratio:.2} ratio_vs_reading_sub={reader_ratio:.2} stalled_dropped={} stalled_pending={}",
-            alone.as_millis(),
-            with_reader.as_millis(),
-            with.as_millis(),
-            stalled.stats().dropped,
-            stalled.pending()
-        );
+        slow_consumer_with_dropping_policy(Arc::new(bus), "nats-core").await;
     })
     .await;
 }
