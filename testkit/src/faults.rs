@@ -121,6 +121,36 @@ pub struct LoadReport {
     pub failure_examples: BTreeMap<String, String>,
 }
 
+impl LoadReport {
+    /// Prints the `RESULT` line and asserts what `guarantee` promises. At least once: every
+    /// publish that returned `Ok` was delivered. At most once: the bus was back within 2 s of
+    /// each broker return, delivery resumed, and the counted losses stay far below the total
+    /// (only what was published while the subscriber's connection was down may be lost).
+    pub fn check(&self, guarantee: Guarantee) {
+        self.print();
+        match guarantee {
+            Guarantee::AtLeastOnce => {
+                assert_eq!(
+                    self.lost, 0,
+                    "Ok'd publishes never delivered, e.g. {:?}: {self}",
+                    self.lost_examples
+                );
+                assert!(self.ok_publishes > 0, "{self}");
+            }
+            Guarantee::AtMostOnce => {
+                for ms in &self.reconnect_ms {
+                    assert!(
+                        *ms <= 2_000,
+                        "reconnected {ms} ms after the broker's return (limit 2 s): {self}"
+                    );
+                }
+                assert!(self.delivered > 0, "{self}");
+                assert!(self.lost < self.ok_publishes / 2, "{self}");
+            }
+        }
+    }
+}
+
 impl fmt::Display for LoadReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let failures: Vec<String> = self

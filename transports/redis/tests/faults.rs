@@ -76,18 +76,8 @@ async fn broadcast_restart_under_load_reconnects_and_counts_losses() {
             Guarantee::AtMostOnce,
         )
         .await;
-        report.print();
         println!("{}", bus.stats());
-        for ms in &report.reconnect_ms {
-            assert!(
-                *ms <= 2_000,
-                "reconnected {ms} ms after the broker's return (limit 2 s): {report}"
-            );
-        }
-        assert!(report.delivered > 0, "{report}");
-        // Under on_disconnect = buffer the losses are bounded by what was published while
-        // the pub/sub connection was down: far below the total.
-        assert!(report.lost < report.ok_publishes / 2, "{report}");
+        report.check(Guarantee::AtMostOnce);
     })
     .await;
 }
@@ -120,14 +110,8 @@ async fn stream_restart_under_load_delivers_every_ok_publish() {
             Guarantee::AtLeastOnce,
         )
         .await;
-        report.print();
         println!("{}", bus.stats());
-        assert_eq!(
-            report.lost, 0,
-            "Ok'd publishes never delivered, e.g. {:?}: {report}",
-            report.lost_examples
-        );
-        assert!(report.ok_publishes > 0, "{report}");
+        report.check(Guarantee::AtLeastOnce);
     })
     .await;
 }
