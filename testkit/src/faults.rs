@@ -598,3 +598,39 @@ pub async fn slow_consumer_with_dropping_policy(bus: Arc<dyn Bus>, label: &str) 
         stalled.pending()
     );
 }
+
+/// Slack on top of a configured timeout, for a loaded 2-core machine.
+pub const HUNG_SLACK: Duration = Duration::from_millis(1_500);
+
+/// Checks the error an operation gave while the broker was frozen (SIGSTOP): a timeout or
+/// connection error, naming the bus (`"<bus>"`), within `limit` + [`HUNG_SLACK`]. Prints a
+/// `RESULT <label>-hung <what> ...` line for RELIABILITY.md.
+pub fn check_hung_error(
+    label: &str,
+    what: &str,
+    bus: &str,
+    err: &busway::Error,
+    took: Duration,
+    limit: Duration,
+) {
+    println!(
+        "RESULT {label}-hung {what} kind={:?} after_ms={} error={err}",
+        err.kind(),
+        took.as_millis()
+    );
+    assert!(
+        matches!(
+            err.kind(),
+            busway::ErrorKind::Timeout | busway::ErrorKind::Connection
+        ),
+        "{what}: {err}"
+    );
+    assert!(
+        err.to_string().contains(&format!("{bus:?}")),
+        "{what}: names the bus: {err}"
+    );
+    assert!(
+        took <= limit + HUNG_SLACK,
+        "{what}: took {took:?}, limit {limit:?}"
+    );
+}

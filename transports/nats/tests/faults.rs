@@ -13,7 +13,8 @@ use std::time::{Duration, Instant};
 use busway::{Bus, ErrorKind, Message, Mode, Overflow, Pattern, SubscribeOptions, Topic};
 use busway_nats::NatsBus;
 use busway_testkit::faults::{
-    restart_under_load, slow_consumer_with_dropping_policy, wait_until, Guarantee, LoadPlan,
+    check_hung_error, restart_under_load, slow_consumer_with_dropping_policy, wait_until,
+    Guarantee, LoadPlan,
 };
 use busway_testkit::nats::NatsServer;
 use common::{connect, WAIT};
@@ -116,29 +117,6 @@ async fn jetstream_restart_under_load_delivers_every_ok_publish() {
 // ---------------------------------------------------------------------------------------
 
 const SHORT: Duration = Duration::from_millis(500);
-/// Slack on top of a configured timeout for a loaded 2-core machine.
-const SLACK: Duration = Duration::from_millis(1_500);
-
-fn check_hung_error(what: &str, err: &busway::Error, took: Duration, limit: Duration) {
-    println!(
-        "RESULT nats-hung {what} kind={:?} after_ms={} error={err}",
-        err.kind(),
-        took.as_millis()
-    );
-    assert!(
-        matches!(err.kind(), ErrorKind::Timeout | ErrorKind::Connection),
-        "{what}: {err}"
-    );
-    assert!(
-        err.to_string().contains("\"faults\""),
-        "{what}: names the bus: {err}"
-    );
-    assert!(
-        took <= limit + SLACK,
-        "{what}: took {took:?}, limit {limit:?}"
-    );
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hung_broker_times_out_clearly_and_resumes() {
     let Some(mut server) = NatsServer::start("faults_hung") else {
@@ -168,7 +146,14 @@ async fn hung_broker_times_out_clearly_and_resumes() {
             .publish(Message::new(topic("faults.hung"), "frozen"))
             .await
             .expect_err("a JetStream publish to a frozen server must fail");
-        check_hung_error("jetstream_publish", &err, t.elapsed(), SHORT);
+        check_hung_error(
+            "nats",
+            "jetstream_publish",
+            "faults",
+            &err,
+            t.elapsed(),
+            SHORT,
+        );
 
         // Core publishes are accepted into the client's buffer; flush reports the hang.
         core.publish(Message::new(topic("hung.c"), "queued"))
@@ -176,14 +161,14 @@ async fn hung_broker_times_out_clearly_and_resumes() {
             .unwrap();
         let t = Instant::now();
         let err = core.flush().await.expect_err("flush to a frozen server");
-        check_hung_error("core_flush", &err, t.elapsed(), SHORT);
+        check_hung_error("nats", "core_flush", "faults", &err, t.elapsed(), SHORT);
 
         let t = Instant::now();
         let err = core
             .request(Message::new(topic("hung.rpc"), "q"), SHORT)
             .await
             .expect_err("a request to a frozen server");
-        check_hung_error("core_request", &err, t.elapsed(), SHORT);
+        check_hung_error("nats", "core_request", "faults", &err, t.elapsed(), SHORT);
 
         let t = Instant::now();
         let err = js
@@ -191,7 +176,14 @@ async fn hung_broker_times_out_clearly_and_resumes() {
             .await
             .expect_err("a stream request to a frozen server");
         // The stream request publishes (PubAck wait) and then waits for the reply.
-        check_hung_error("jetstream_request", &err, t.elapsed(), SHORT * 2);
+        check_hung_error(
+            "nats",
+            "jetstream_request",
+            "faults",
+            &err,
+            t.elapsed(),
+            SHORT * 2,
+        );
 
         server.process().resume();
 
