@@ -235,7 +235,7 @@ fn parse_redis_cpu(info: &str) -> Option<f64> {
 
 /// utime + stime of a process from /proc/<pid>/stat, in seconds (clock ticks of 1/100 s, the
 /// Linux USER_HZ).
-fn proc_cpu_seconds(pid: u32) -> Option<f64> {
+pub(crate) fn proc_cpu_seconds(pid: u32) -> Option<f64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // The command name may hold spaces; the fields after its closing parenthesis start with
     // the state (field 3), so utime (14) and stime (15) are the 12th and 13th after it.

@@ -25,6 +25,11 @@ pub(crate) fn now_ns() -> u64 {
     ANCHOR.get_or_init(Instant::now).elapsed().as_nanos() as u64
 }
 
+/// CPU seconds this process has used so far.
+fn own_cpu_seconds() -> Option<f64> {
+    super::broker::proc_cpu_seconds(std::process::id())
+}
+
 /// Makes the payloads one publisher sends.
 #[derive(Debug, Clone)]
 pub(crate) struct Payloads {
@@ -123,6 +128,9 @@ pub(crate) struct SideResult {
     pub(crate) elapsed: Duration,
     /// Broker CPU seconds spent during the side (user + system), when known.
     pub(crate) broker_cpu_s: Option<f64>,
+    /// CPU seconds this bench process spent during the side (user + system, all threads):
+    /// the client's cost, steadier than a rate when other work shares the machine.
+    pub(crate) client_cpu_s: Option<f64>,
     pub(crate) latency: Option<Latency>,
     /// Drops the bus itself counted (`stats().dropped`; busway side only): a loss the bus
     /// did not count is a silent loss.
@@ -141,6 +149,12 @@ impl SideResult {
         let cpu = self.broker_cpu_s?;
         (self.published > 0).then(|| cpu * 1e6 / self.published as f64)
     }
+
+    /// This process's CPU microseconds per published message (publishing and delivering).
+    pub(crate) fn client_us_per_msg(&self) -> Option<f64> {
+        let cpu = self.client_cpu_s?;
+        (self.published > 0).then(|| cpu * 1e6 / self.published as f64)
+    }
 }
 
 /// One side's run: its subscribers' tallies and its clock.
@@ -150,6 +164,7 @@ pub(crate) struct Run {
     tallies: Vec<Arc<Tally>>,
     expected: Arc<AtomicU64>,
     start_ns: u64,
+    start_cpu_s: Option<f64>,
 }
 
 impl Run {
@@ -179,6 +194,7 @@ impl Run {
             tallies,
             expected,
             start_ns: 0,
+            start_cpu_s: None,
         }
     }
 
@@ -190,6 +206,7 @@ impl Run {
     /// Starts the clock; returns the publishing deadline of a `--seconds` run.
     pub(crate) fn start(&mut self) -> Option<tokio::time::Instant> {
         self.start_ns = now_ns();
+        self.start_cpu_s = own_cpu_seconds();
         self.plan.seconds.map(|s| tokio::time::Instant::now() + s)
     }
 
@@ -278,6 +295,10 @@ impl Run {
             errors,
             elapsed: Duration::from_nanos(end_ns.saturating_sub(self.start_ns)),
             broker_cpu_s: None,
+            client_cpu_s: self
+                .start_cpu_s
+                .zip(own_cpu_seconds())
+                .map(|(a, b)| b - a),
             latency,
             bus_dropped: None,
         }

@@ -62,6 +62,8 @@ fn side_json(s: &SideResult) -> Value {
         "deliveries_per_s": s.rate().map(|_| s.delivered as f64 / elapsed),
         "broker_cpu_s": s.broker_cpu_s,
         "broker_cpu_s_per_million": s.cpu_per_million(),
+        "client_cpu_s": s.client_cpu_s,
+        "client_cpu_us_per_msg": s.client_us_per_msg(),
         "p50_us": s.latency.map(|l| l.p50_us),
         "p99_us": s.latency.map(|l| l.p99_us),
         "p999_us": s.latency.map(|l| l.p999_us),
@@ -133,7 +135,7 @@ impl Report {
                 self.broker
             );
             println!(
-                "{:<8} {:<6} {:>5} {:>12} {:>12} {:>21} {:>9} {:>9} {:>9} {:>9} {:>7}",
+                "{:<8} {:<6} {:>5} {:>12} {:>12} {:>21} {:>9} {:>9} {:>9} {:>9} {:>9} {:>7}",
                 "shape",
                 "side",
                 "p/s",
@@ -144,6 +146,7 @@ impl Report {
                 "p99 us",
                 "p99.9 us",
                 "cpu s/M",
+                "cli us/m",
                 "ratio"
             );
         }
@@ -163,7 +166,7 @@ impl Report {
                 None => "n/a".to_string(),
             };
             println!(
-                "{:<8} {:<6} {:>5} {:>12} {:>12} {:>21} {:>9} {:>9} {:>9} {:>9} {:>7}",
+                "{:<8} {:<6} {:>5} {:>12} {:>12} {:>21} {:>9} {:>9} {:>9} {:>9} {:>9} {:>7}",
                 p.shape.as_str(),
                 side,
                 format!("{}/{}", p.publishers, p.subscribers),
@@ -178,6 +181,7 @@ impl Report {
                 num(s.latency.map(|l| l.p99_us), 1),
                 num(s.latency.map(|l| l.p999_us), 1),
                 num(s.cpu_per_million(), 2),
+                num(s.client_us_per_msg(), 2),
                 ratio.unwrap_or_else(|| "n/a".to_string()),
             );
             self.legend
@@ -189,7 +193,7 @@ impl Report {
     pub(crate) fn finish(&mut self) {
         if self.format == Format::Table && !self.legend.is_empty() {
             println!();
-            println!("ratio = busway msgs/s / raw msgs/s (latency: busway p99 / raw p99); cpu s/M = broker CPU seconds per million published messages");
+            println!("ratio = busway msgs/s / raw msgs/s (latency: busway p99 / raw p99); cpu s/M = broker CPU seconds per million published messages; cli us/m = this process's CPU microseconds per published message (client cost, both sides' own)");
             for l in self.legend.drain(..) {
                 println!("  {l}");
             }
