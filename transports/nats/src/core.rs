@@ -5,12 +5,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::client::RequestErrorKind;
-use busway::queue::QueueSender;
+use busway::queue::{QueueSender, TrySend};
 use busway::{
     new_message_id, Bus, Counters, Delivery, Error, ErrorKind, Message, Pattern, Result,
     SubscribeOptions, Subscription, Topic,
 };
 use futures::{FutureExt, StreamExt};
+use tokio::sync::mpsc::UnboundedReceiver;
 
 use crate::bus::Inner;
 use crate::config::Framing;
@@ -25,7 +26,15 @@ pub(crate) fn to_message(
     map: Option<&async_nats::HeaderMap>,
     reply: Option<&str>,
 ) -> Result<Message> {
-    let topic = Topic::new(subject)?;
+    with_topic(Topic::new(subject)?, payload, map, reply)
+}
+
+fn with_topic(
+    topic: Topic,
+    payload: bytes::Bytes,
+    map: Option<&async_nats::HeaderMap>,
+    reply: Option<&str>,
+) -> Result<Message> {
     let mut h = headers::decode(map)?;
     if h.reply_to.is_none() {
         if let Some(reply) = reply {
@@ -37,6 +46,56 @@ pub(crate) fn to_message(
         payload,
         headers: h,
     })
+}
+
+/// Turns one subscription's NATS messages into deliveries. Subjects repeat (an exact
+/// subscription sees one; a wildcard one often the same few), so the last topic is kept and
+/// a matching subject reuses it instead of being parsed and allocated again.
+struct Decoder {
+    last: Topic,
+    via: Arc<dyn Bus>,
+    drops: Arc<ClientDrops>,
+    bus_counters: Arc<Counters>,
+    sub_stats: Arc<Counters>,
+}
+
+impl Decoder {
+    /// The delivery for `msg`, or `None` (counted) when it does not decode.
+    fn delivery(&mut self, msg: async_nats::Message) -> Option<Delivery> {
+        self.drops.took();
+        let subject = msg.subject.as_str();
+        let topic = if subject == self.last.as_str() {
+            Ok(self.last.clone())
+        } else {
+            Topic::new(subject).inspect(|t| self.last = t.clone())
+        };
+        let decoded = topic.and_then(|topic| {
+            with_topic(
+                topic,
+                msg.payload,
+                msg.headers.as_ref(),
+                msg.reply.as_deref(),
+            )
+        });
+        match decoded {
+            Ok(message) => {
+                // Only a request can be answered: the bus handle rides along only then.
+                let answerable = message.headers.reply_to.is_some();
+                let delivery = Delivery::new(message);
+                Some(if answerable {
+                    delivery.with_reply_via(self.via.clone())
+                } else {
+                    delivery
+                })
+            }
+            Err(e) => {
+                Counters::incr(&self.bus_counters.decode_errors);
+                Counters::incr(&self.sub_stats.decode_errors);
+                tracing::debug!(subject = %msg.subject, error = %e, "skipped an undecodable NATS message");
+                None
+            }
+        }
+    }
 }
 
 pub(crate) async fn subscribe(
@@ -69,13 +128,25 @@ pub(crate) async fn subscribe(
         let _ = inner.round_trip().await;
     }
     let (capacity, overflow) = options.queue(inner.queue);
-    let (tx, sub) = Subscription::channel(pattern, capacity, overflow, inner.counters.clone());
     let (probe, probes) = tokio::sync::mpsc::unbounded_channel();
     let taken = Taken {
         subscriber,
         drops: inner.client_drops.clone(),
     };
-    let task = tokio::spawn(pump(taken, probes, tx.clone(), inner.counters.clone(), via));
+    // Any valid topic will do until the first message: a subject never equals it by chance
+    // in a way that matters (equal strings are the same topic).
+    let last = pattern
+        .as_topic()
+        .unwrap_or_else(|| Topic::new("_").expect("\"_\" is a valid topic"));
+    let (tx, sub) = Subscription::channel(pattern, capacity, overflow, inner.counters.clone());
+    let decoder = Decoder {
+        last,
+        via,
+        drops: inner.client_drops.clone(),
+        bus_counters: inner.counters.clone(),
+        sub_stats: tx.stats().clone(),
+    };
+    let task = tokio::spawn(pump(taken, probes, tx.clone(), decoder));
     let guard = inner.track(tx, task.abort_handle(), Some(probe));
     Ok(sub.with_guard(guard))
 }
@@ -102,10 +173,9 @@ impl Drop for Taken {
 /// messages it answers probes: "my async-nats channel is empty".
 async fn pump(
     mut taken: Taken,
-    mut probes: tokio::sync::mpsc::UnboundedReceiver<Probe>,
+    mut probes: UnboundedReceiver<Probe>,
     tx: QueueSender,
-    bus_counters: Arc<Counters>,
-    via: Arc<dyn Bus>,
+    mut decoder: Decoder,
 ) {
     loop {
         let next = tokio::select! {
@@ -118,26 +188,18 @@ async fn pump(
             }
         };
         let Some(msg) = next else { break };
-        taken.drops.took();
-        let message = match to_message(
-            msg.subject.as_str(),
-            msg.payload,
-            msg.headers.as_ref(),
-            msg.reply.as_deref(),
-        ) {
-            Ok(m) => m,
-            Err(e) => {
-                Counters::incr(&bus_counters.decode_errors);
-                Counters::incr(&tx.stats().decode_errors);
-                tracing::debug!(subject = %msg.subject, error = %e, "skipped an undecodable NATS message");
-                continue;
-            }
+        let Some(delivery) = decoder.delivery(msg) else {
+            continue;
         };
-        if !tx
-            .send(Delivery::new(message).with_reply_via(via.clone()))
-            .await
-        {
-            break;
+        match tx.try_send(delivery) {
+            TrySend::Closed(_) => break,
+            // Only a full `block` queue waits (and only then pays for a wake-up registration).
+            TrySend::Full(d) => {
+                if !tx.send(d).await {
+                    break;
+                }
+            }
+            _ => {}
         }
     }
     // The client closed (or the subscription went away): end the subscription.
