@@ -1,9 +1,12 @@
 //! [`NatsBus`]: one async-nats client per bus, core NATS (broadcast) or JetStream (stream).
 
 use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
 use std::str::FromStr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use async_nats::connection::State;
@@ -16,6 +19,7 @@ use busway::{
     QueueDefaults, Result, StatsSnapshot, SubscribeOptions, Subscription, Topic, TransportFactory,
     INBOX_PREFIX,
 };
+use futures::FutureExt;
 use parking_lot::Mutex;
 
 use crate::config::{Framing, NatsConfig, OnDisconnect};
@@ -125,6 +129,17 @@ impl Inner {
         )
     }
 
+    /// Counts a publish's outcome.
+    fn published(&self, result: Result<()>) -> Result<()> {
+        match result {
+            Ok(()) => {
+                Counters::incr(&self.counters.published);
+                Ok(())
+            }
+            Err(e) => Err(self.failed(e)),
+        }
+    }
+
     pub(crate) fn failed(&self, e: Error) -> Error {
         Counters::incr(&self.counters.errors);
         e
@@ -132,6 +147,22 @@ impl Inner {
 
     /// Core NATS publish (broadcast mode, and replies to inboxes in stream mode).
     pub(crate) async fn publish_core(&self, message: Message) -> Result<()> {
+        self.core_send(message)?.await
+    }
+
+    /// The core publish of `message`, prepared without waiting: a future that holds the
+    /// async-nats send and nothing else of the message (a publish future is boxed and moved
+    /// on every publish, so its size is a per-message cost).
+    pub(crate) fn core_send(
+        &self,
+        message: Message,
+    ) -> Result<
+        CoreSend<
+            '_,
+            impl Future<Output = std::result::Result<(), async_nats::PublishError>> + Send + '_,
+        >,
+    > {
+        use futures::future::Either;
         let Message {
             topic,
             payload,
@@ -141,51 +172,30 @@ impl Inner {
             Framing::Headers => headers::encode(&topic, &h)?,
             Framing::Raw => None,
         };
+        let reply = h
+            .reply_to
+            .as_ref()
+            .map(|r| async_nats::Subject::from(r.as_str()));
         let subject = async_nats::Subject::from(topic.as_str());
         let client = &self.client;
-        let send = async {
-            match (h.reply_to.as_ref(), map) {
-                (None, None) => client.publish(subject, payload).await,
-                (None, Some(map)) => client.publish_with_headers(subject, map, payload).await,
-                (Some(r), None) => {
-                    client
-                        .publish_with_reply(subject, r.as_str().to_string(), payload)
-                        .await
-                }
-                (Some(r), Some(map)) => {
-                    client
-                        .publish_with_reply_and_headers(
-                            subject,
-                            r.as_str().to_string(),
-                            map,
-                            payload,
-                        )
-                        .await
-                }
-            }
-        };
-        // The command buffer almost always has room: try once before arming a timer.
-        let mut send = std::pin::pin!(send);
-        let sent = match futures::poll!(send.as_mut()) {
-            std::task::Poll::Ready(r) => Ok(r),
-            std::task::Poll::Pending => {
-                tokio::time::timeout(self.config.publish_timeout(), send).await
-            }
-        };
-        match sent {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(e)) => Err(self.publish_error(&topic, e.to_string(), e.kind() == async_nats::client::PublishErrorKind::MaxPayloadExceeded, e)),
-            Err(_) => Err(Error::new(
-                ErrorKind::BufferFull,
-                format!(
-                    "bus {:?}: publish on {:?} found the client's outage buffer full (publish_buffer) for {:?} while {}",
-                    self.name,
-                    topic.as_str(),
-                    self.config.publish_timeout(),
-                    if self.is_connected() { "connected" } else { "disconnected" }
-                ),
+        let send = match (reply, map) {
+            (None, None) => Either::Left(Either::Left(client.publish(subject, payload))),
+            (None, Some(map)) => Either::Left(Either::Right(
+                client.publish_with_headers(subject, map, payload),
             )),
-        }
+            (Some(r), None) => {
+                Either::Right(Either::Left(client.publish_with_reply(subject, r, payload)))
+            }
+            (Some(r), Some(map)) => Either::Right(Either::Right(
+                client.publish_with_reply_and_headers(subject, r, map, payload),
+            )),
+        };
+        Ok(CoreSend {
+            send,
+            inner: self,
+            topic,
+            timer: None,
+        })
     }
 
     fn publish_error(
@@ -284,6 +294,59 @@ impl Inner {
         // An atomic load: `server_info()` would clone the whole INFO (strings, URL lists)
         // under a lock on every publish.
         self.client.max_payload().saturating_sub(4096).max(1)
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A core publish waiting for room in the client's command buffer, for at most
+    /// `publish_timeout` (see [`Inner::core_send`]).
+    pub(crate) struct CoreSend<'a, F> {
+        #[pin]
+        send: F,
+        inner: &'a Inner,
+        topic: Topic,
+        timer: Option<Pin<Box<tokio::time::Sleep>>>,
+    }
+}
+
+impl<F> Future for CoreSend<'_, F>
+where
+    F: Future<Output = std::result::Result<(), async_nats::PublishError>>,
+{
+    type Output = Result<()>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<()>> {
+        let this = self.project();
+        let inner = *this.inner;
+        if let Poll::Ready(sent) = this.send.poll(cx) {
+            return Poll::Ready(sent.map_err(|e| {
+                let too_large =
+                    e.kind() == async_nats::client::PublishErrorKind::MaxPayloadExceeded;
+                inner.publish_error(this.topic, e.to_string(), too_large, e)
+            }));
+        }
+        // The command buffer almost always has room: the timer is armed only when the send
+        // really waits. A send that is pending only because this task used up its Tokio
+        // budget (a publisher with many publishes in flight) is woken again at once by
+        // Tokio, and arming a timer for it would cost a clock read and a timer-wheel entry
+        // per publish.
+        if this.timer.is_none() && !tokio::task::coop::has_budget_remaining() {
+            return Poll::Pending;
+        }
+        let timeout = inner.config.publish_timeout();
+        let timer = this
+            .timer
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(timeout)));
+        std::task::ready!(timer.as_mut().poll(cx));
+        Poll::Ready(Err(Error::new(
+            ErrorKind::BufferFull,
+            format!(
+                "bus {:?}: publish on {:?} found the client's outage buffer full (publish_buffer) for {timeout:?} while {}",
+                inner.name,
+                this.topic.as_str(),
+                if inner.is_connected() { "connected" } else { "disconnected" }
+            ),
+        )))
     }
 }
 
@@ -402,6 +465,9 @@ impl NatsBus {
             .name(ctx.client_name())
             .subscription_capacity(config.client_capacity(queue.capacity))
             .client_capacity(config.publish_buffer.unwrap_or(8192).max(1))
+            // Every subject busway sends is a validated `Topic` (no whitespace, wildcards or
+            // empty tokens): async-nats need not scan it again on every publish.
+            .skip_subject_validation(true)
             .connection_timeout(config.connect_timeout())
             .max_reconnects(config.max_reconnects)
             .require_tls(config.tls_required);
@@ -560,29 +626,42 @@ impl Bus for NatsBus {
         caps
     }
 
-    async fn publish(&self, message: Message) -> Result<()> {
-        self.check_open()?;
-        let inner = &self.inner;
-        self.capabilities()
-            .check_payload(&inner.name, &message)
-            .map_err(|e| inner.failed(e))?;
-        if inner.config.on_disconnect == OnDisconnect::Fail && !inner.is_connected() {
-            return Err(inner.failed(inner.disconnected_error(&message.topic)));
+    // Written out rather than `async fn`: the checks and the preparation run before the
+    // future is boxed, so the box holds only the send (small enough for the allocator's
+    // per-thread cache) instead of the message, the send and the state between them.
+    fn publish<'life0, 'async_trait>(
+        &'life0 self,
+        message: Message,
+    ) -> Pin<Box<dyn Future<Output = Result<()>> + Send + 'async_trait>>
+    where
+        'life0: 'async_trait,
+        Self: 'async_trait,
+    {
+        let inner = &*self.inner;
+        let checked = self.check_open().and_then(|()| {
+            self.capabilities()
+                .check_payload(&inner.name, &message)
+                .map_err(|e| inner.failed(e))?;
+            if inner.config.on_disconnect == OnDisconnect::Fail && !inner.is_connected() {
+                return Err(inner.failed(inner.disconnected_error(&message.topic)));
+            }
+            Ok(())
+        });
+        if let Err(e) = checked {
+            return Box::pin(std::future::ready(Err(e)));
         }
-        let result = match &inner.stream {
-            // Boxed: the JetStream publish future is large, and inlined here it would make
-            // every core publish future (moved into async_trait's box) as large.
-            Some(stream) if !is_inbox(message.topic.as_str()) => {
-                Box::pin(stream.publish(inner, message)).await
-            }
-            _ => inner.publish_core(message).await,
-        };
-        match result {
-            Ok(()) => {
-                Counters::incr(&inner.counters.published);
-                Ok(())
-            }
-            Err(e) => Err(inner.failed(e)),
+        match &inner.stream {
+            Some(stream) if !is_inbox(message.topic.as_str()) => Box::pin(
+                stream
+                    .publish(inner, message)
+                    .map(move |r| inner.published(r)),
+            ),
+            // `map`, not an async block: the block would hold the send twice (captured, then
+            // awaited).
+            _ => match inner.core_send(message) {
+                Ok(send) => Box::pin(send.map(move |r| inner.published(r))),
+                Err(e) => Box::pin(std::future::ready(Err(inner.failed(e)))),
+            },
         }
     }
 
