@@ -29,7 +29,7 @@ pub(crate) fn to_message(
     with_topic(Topic::new(subject)?, payload, map, reply)
 }
 
-fn with_topic(
+pub(crate) fn with_topic(
     topic: Topic,
     payload: bytes::Bytes,
     map: Option<&async_nats::HeaderMap>,
@@ -48,11 +48,40 @@ fn with_topic(
     })
 }
 
-/// Turns one subscription's NATS messages into deliveries. Subjects repeat (an exact
-/// subscription sees one; a wildcard one often the same few), so the last topic is kept and
-/// a matching subject reuses it instead of being parsed and allocated again.
-struct Decoder {
+/// The topics of one subscription's subjects. Subjects repeat (an exact subscription sees
+/// one; a wildcard one often the same few), so the last topic is kept and a matching subject
+/// reuses it instead of being parsed and allocated again.
+#[derive(Debug)]
+pub(crate) struct SubjectTopics {
     last: Topic,
+}
+
+impl SubjectTopics {
+    pub(crate) fn new(pattern: &Pattern) -> SubjectTopics {
+        // Any valid topic will do until the first message: a subject never equals it by
+        // chance in a way that matters (equal strings are the same topic).
+        let last = pattern
+            .as_topic()
+            .unwrap_or_else(|| Topic::new("_").expect("\"_\" is a valid topic"));
+        SubjectTopics { last }
+    }
+
+    /// The topic named by `subject`.
+    ///
+    /// # Errors
+    /// When the subject is not a valid busway topic (a foreign publisher's).
+    pub(crate) fn topic(&mut self, subject: &str) -> Result<Topic> {
+        if subject == self.last.as_str() {
+            Ok(self.last.clone())
+        } else {
+            Topic::new(subject).inspect(|t| self.last = t.clone())
+        }
+    }
+}
+
+/// Turns one subscription's NATS messages into deliveries.
+struct Decoder {
+    topics: SubjectTopics,
     via: Arc<dyn Bus>,
     drops: Arc<ClientDrops>,
     bus_counters: Arc<Counters>,
@@ -63,13 +92,7 @@ impl Decoder {
     /// The delivery for `msg`, or `None` (counted) when it does not decode.
     fn delivery(&mut self, msg: async_nats::Message) -> Option<Delivery> {
         self.drops.took();
-        let subject = msg.subject.as_str();
-        let topic = if subject == self.last.as_str() {
-            Ok(self.last.clone())
-        } else {
-            Topic::new(subject).inspect(|t| self.last = t.clone())
-        };
-        let decoded = topic.and_then(|topic| {
+        let decoded = self.topics.topic(msg.subject.as_str()).and_then(|topic| {
             with_topic(
                 topic,
                 msg.payload,
@@ -133,14 +156,10 @@ pub(crate) async fn subscribe(
         subscriber,
         drops: inner.client_drops.clone(),
     };
-    // Any valid topic will do until the first message: a subject never equals it by chance
-    // in a way that matters (equal strings are the same topic).
-    let last = pattern
-        .as_topic()
-        .unwrap_or_else(|| Topic::new("_").expect("\"_\" is a valid topic"));
+    let topics = SubjectTopics::new(&pattern);
     let (tx, sub) = Subscription::channel(pattern, capacity, overflow, inner.counters.clone());
     let decoder = Decoder {
-        last,
+        topics,
         via,
         drops: inner.client_drops.clone(),
         bus_counters: inner.counters.clone(),

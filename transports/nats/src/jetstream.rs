@@ -39,7 +39,7 @@ use parking_lot::Mutex;
 
 use crate::bus::{Inner, NatsBus};
 use crate::config::{Framing, NatsConfig, Storage};
-use crate::core::to_message;
+use crate::core::{to_message, with_topic, SubjectTopics};
 use crate::headers;
 
 /// How long the server keeps a group-less subscription's consumer after its process vanished.
@@ -472,6 +472,7 @@ impl StreamSetup {
             self.ephemeral.lock().insert(name.clone());
         }
         let (capacity, overflow) = options.queue(inner.queue);
+        let topics = SubjectTopics::new(&pattern);
         let (tx, sub) = Subscription::channel(pattern, capacity, overflow, inner.counters.clone());
         let pump = Pump {
             inner: inner.clone(),
@@ -481,7 +482,7 @@ impl StreamSetup {
             durable,
             capacity,
         };
-        let task = tokio::spawn(pump.run(consumer));
+        let task = tokio::spawn(pump.run(consumer, topics));
         let guard = inner.track(tx, task.abort_handle(), None);
         let cleanup = ConsumerCleanup {
             inner: Arc::downgrade(inner),
@@ -563,7 +564,7 @@ struct Pump {
 }
 
 impl Pump {
-    async fn run(self, mut consumer: jetstream::consumer::PullConsumer) {
+    async fn run(self, mut consumer: jetstream::consumer::PullConsumer, mut topics: SubjectTopics) {
         let setup = self.inner.stream.as_ref().expect("stream mode");
         let mut backoff = Duration::from_millis(100);
         loop {
@@ -581,7 +582,7 @@ impl Pump {
                         match item {
                             Ok(msg) => {
                                 backoff = Duration::from_millis(100);
-                                if !self.handle(setup, msg).await {
+                                if !self.handle(setup, &mut topics, msg).await {
                                     return;
                                 }
                             }
@@ -630,19 +631,21 @@ impl Pump {
     }
 
     /// Handles one JetStream message; false when the subscription is gone.
-    async fn handle(&self, setup: &StreamSetup, msg: jetstream::Message) -> bool {
+    async fn handle(
+        &self,
+        setup: &StreamSetup,
+        topics: &mut SubjectTopics,
+        msg: jetstream::Message,
+    ) -> bool {
         let attempt = match msg.info() {
             Ok(info) => u32::try_from(info.delivered.max(1)).unwrap_or(u32::MAX),
             Err(_) => 1,
         };
         let (msg, acker) = msg.split();
         let counters = &self.inner.counters;
-        let decoded = to_message(
-            msg.subject.as_str(),
-            msg.payload.clone(),
-            msg.headers.as_ref(),
-            None,
-        );
+        let decoded = topics
+            .topic(msg.subject.as_str())
+            .and_then(|topic| with_topic(topic, msg.payload.clone(), msg.headers.as_ref(), None));
         let message = match decoded {
             Ok(m) => m,
             Err(e) => {
@@ -666,8 +669,7 @@ impl Pump {
             .with_attempt(attempt)
             .with_acker(Box::new(JsAcker {
                 acker,
-                bus: self.inner.name.clone(),
-                counters: counters.clone(),
+                inner: self.inner.clone(),
             }))
             .with_reply_via(self.via.clone());
         // A delivery a dropping policy discards is never acked: the server redelivers it
@@ -726,23 +728,25 @@ impl Pump {
 /// Acks, naks (with delay) a JetStream delivery.
 struct JsAcker {
     acker: jetstream::message::Acker,
-    bus: String,
-    counters: Arc<Counters>,
+    /// The bus's name and counters (one reference count, not a copy of the name).
+    inner: Arc<Inner>,
 }
 
 impl std::fmt::Debug for JsAcker {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("JsAcker").field("bus", &self.bus).finish()
+        f.debug_struct("JsAcker")
+            .field("bus", &self.inner.name)
+            .finish()
     }
 }
 
 impl JsAcker {
     async fn send(&self, kind: AckKind, what: &str) -> Result<()> {
         self.acker.ack_with(kind).await.map_err(|e| {
-            Counters::incr(&self.counters.errors);
+            Counters::incr(&self.inner.counters.errors);
             Error::new(
                 ErrorKind::Connection,
-                format!("bus {:?}: {what} failed: {e}", self.bus),
+                format!("bus {:?}: {what} failed: {e}", self.inner.name),
             )
         })
     }
