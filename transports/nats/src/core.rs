@@ -210,15 +210,14 @@ async fn pump(
         let Some(delivery) = decoder.delivery(msg) else {
             continue;
         };
-        match tx.try_send(delivery) {
-            TrySend::Closed(_) => break,
+        let open = match tx.try_send(delivery) {
+            TrySend::Closed(_) => false,
             // Only a full `block` queue waits (and only then pays for a wake-up registration).
-            TrySend::Full(d) => {
-                if !tx.send(d).await {
-                    break;
-                }
-            }
-            _ => {}
+            TrySend::Full(d) => tx.send(d).await,
+            _ => true,
+        };
+        if !open {
+            break;
         }
     }
     // The client closed (or the subscription went away): end the subscription.
