@@ -187,6 +187,12 @@ fn bad_options_are_refused_with_a_reason() {
         stderr.contains("--payload must be at least 1 byte"),
         "{stderr}"
     );
+    let (ok, _, stderr) = busway(
+        &["bench", "scenario", "--md-burst", "0"],
+        Duration::from_secs(60),
+    );
+    assert!(!ok);
+    assert!(stderr.contains("--md-burst"), "{stderr}");
 }
 
 fn broker_present(binary: &str, test: &str) -> bool {
@@ -278,6 +284,8 @@ fn scenario_reports_three_setups_and_the_comparison() {
         "2",
         "--md-rate",
         "200",
+        "--md-burst",
+        "5",
         "--logic-rate",
         "10",
         "--symbols",

@@ -70,6 +70,11 @@ pub(crate) struct ScenarioArgs {
     /// Market-data messages per second (one in five a trade, the rest quotes).
     #[arg(long, default_value_t = 1000.0)]
     md_rate: f64,
+    /// Market-data messages the feed publishes together at each tick, as a feed handler
+    /// passes on one exchange packet (1: evenly spaced). busway publishes a tick's messages
+    /// concurrently, so they share round trips; the one-Redis design awaits one XADD each.
+    #[arg(long, default_value_t = 1)]
+    md_burst: u64,
     /// Logic messages per second published by each engine.
     #[arg(long, default_value_t = 20.0)]
     logic_rate: f64,
@@ -239,6 +244,7 @@ impl Outcome {
 struct Traffic {
     symbols: Vec<String>,
     md_rate: f64,
+    md_burst: u64,
     logic_rate: f64,
     seconds: Duration,
     payload: usize,
@@ -249,6 +255,17 @@ impl Traffic {
     /// Market-data message `i`: (is a trade, symbol).
     fn md(&self, i: u64) -> (bool, &str) {
         (i % 5 == 4, &self.symbols[(i as usize) % self.symbols.len()])
+    }
+
+    /// Sleeps until market-data message `i` is due (the first of its tick); false once
+    /// `deadline` has passed.
+    async fn md_due(
+        &self,
+        began: tokio::time::Instant,
+        i: u64,
+        deadline: tokio::time::Instant,
+    ) -> bool {
+        pace(began, self.md_rate, i - i % self.md_burst, deadline).await
     }
 
     fn md_subscriber(engine: &str) -> bool {
@@ -284,23 +301,31 @@ impl Traffic {
 pub(crate) async fn run(args: ScenarioArgs) -> Result<()> {
     let positive = |x: f64| x > 0.0 && x.is_finite();
     if args.symbols == 0
+        || args.md_burst == 0
         || ![args.md_rate, args.logic_rate, args.seconds]
             .into_iter()
             .all(positive)
         || !(args.drain >= 0.0 && args.drain.is_finite())
     {
         return Err(busway::Error::config(
-            "--symbols, --md-rate, --logic-rate and --seconds must be positive, --drain at least 0",
+            "--symbols, --md-rate, --md-burst, --logic-rate and --seconds must be positive, --drain at least 0",
         ));
     }
     let traffic = Traffic {
         symbols: (0..args.symbols).map(|i| format!("SYM{i:03}")).collect(),
         md_rate: args.md_rate,
+        md_burst: args.md_burst,
         logic_rate: args.logic_rate,
         seconds: Duration::from_secs_f64(args.seconds),
         payload: args.payload.max(8),
         drain: Duration::from_secs_f64(args.drain),
     };
+    if !args.json {
+        println!(
+            "scenario: {} symbols, market data {} msgs/s in ticks of {}, logic {} msgs/s per engine, {} s per set-up",
+            args.symbols, args.md_rate, args.md_burst, args.logic_rate, args.seconds
+        );
+    }
     let mut outcomes = Vec::new();
     for setup in &args.setups {
         let outcome = match setup {
@@ -576,7 +601,7 @@ async fn before(t: &Traffic) -> Result<Outcome> {
         tokio::spawn(async move {
             let _idle = (read, state);
             let mut n = 0u64;
-            while pace(began, t.md_rate, n, deadline).await {
+            while t.md_due(began, n, deadline).await {
                 let (trade, symbol) = t.md(n);
                 let ok = redis::cmd("XADD")
                     .arg(md_stream(trade))
@@ -750,18 +775,19 @@ async fn via_busway(t: &Traffic, setup: Setup, transport: Transport) -> Result<O
             .collect::<Result<_>>()?;
         tokio::spawn(async move {
             let mut n = 0u64;
-            while pace(began, t.md_rate, n, deadline).await {
-                let (trade, _) = t.md(n);
-                let (q, tr) = &topics[(n as usize) % topics.len()];
-                let topic = if trade { tr } else { q };
-                if router
-                    .publish(Message::new(topic.clone(), stamped(t.payload)))
-                    .await
-                    .is_err()
-                {
+            while t.md_due(began, n, deadline).await {
+                // One tick: its messages published concurrently.
+                let tick = (n..n + t.md_burst).map(|i| {
+                    let (trade, _) = t.md(i);
+                    let (q, tr) = &topics[(i as usize) % topics.len()];
+                    let topic = if trade { tr } else { q };
+                    router.publish(Message::new(topic.clone(), stamped(t.payload)))
+                });
+                let results = futures::future::join_all(tick).await;
+                n += results.iter().filter(|r| r.is_ok()).count() as u64;
+                if results.iter().any(Result::is_err) {
                     break;
                 }
-                n += 1;
             }
             n
         })
