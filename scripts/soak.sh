@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Soak: the seven-engine demo on three private redis-servers (market data, engine, main) for
-# SECONDS (default 600), sampling the demo's resident memory every 10 s.
-# Usage: scripts/soak.sh [SECONDS] [extra busway demo args...]
+# SECONDS (default 600), sampling every 10 s the demo's resident memory, each server's memory
+# and, on the engine server, the entries held in busway streams and pending in their groups.
+# Usage: [SOAK_CONFIG=examples/demo-redis-stream.toml] scripts/soak.sh [SECONDS] [extra busway demo args...]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 seconds=${1:-600}; shift || true
@@ -24,10 +25,10 @@ done
 BUSWAY_BUS_MARKETDATA_URL="redis://127.0.0.1:${ports[marketdata]}" \
 BUSWAY_BUS_ENGINE_URL="redis://127.0.0.1:${ports[engine]}" \
 BUSWAY_BUS_MAIN_URL="redis://127.0.0.1:${ports[main]}" \
-  "$bin" demo --config examples/demo-redis.toml --seconds "$seconds" "$@" > "$dir/demo.out" 2>&1 &
+  "$bin" demo --config "${SOAK_CONFIG:-examples/demo-redis.toml}" --seconds "$seconds" "$@" > "$dir/demo.out" 2>&1 &
 demo=$!; pids+=($demo)
 sleep 5
-echo "elapsed_s rss_kib redis_used_memory_kib(marketdata,engine,main)"
+echo "elapsed_s rss_kib redis_used_memory_kib(marketdata,engine,main) engine_stream_entries engine_group_pending"
 start=$(date +%s)
 while kill -0 "$demo" 2>/dev/null; do
   rss=$(awk '/VmRSS/ {print $2}' "/proc/$demo/status" 2>/dev/null || echo -)
@@ -36,7 +37,15 @@ while kill -0 "$demo" 2>/dev/null; do
     m=$(redis-cli -p "${ports[$bus]}" info memory | awk -F: '/^used_memory:/ {printf "%d", $2/1024}')
     mem="$mem $m"
   done
-  [ "$rss" != "-" ] && echo "$(( $(date +%s) - start + 5 )) $rss$mem"
+  entries=0; pending=0
+  for key in $(redis-cli -p "${ports[engine]}" --scan --pattern 'busway:stream:*'); do
+    [ "$(redis-cli -p "${ports[engine]}" type "$key")" = stream ] || continue
+    entries=$(( entries + $(redis-cli -p "${ports[engine]}" xlen "$key") ))
+    for n in $(redis-cli -p "${ports[engine]}" xinfo groups "$key" | awk 'prev == "pending" {print} {prev = $0}'); do
+      pending=$(( pending + n ))
+    done
+  done
+  [ "$rss" != "-" ] && echo "$(( $(date +%s) - start + 5 )) $rss$mem $entries $pending"
   sleep 10
 done
 wait "$demo" || true

@@ -425,7 +425,11 @@ fn the_shipped_demo_config_is_the_built_in_one() {
     ]);
     assert!(run.ok(), "{run:?}");
     assert!(run.stdout.contains("migration check: PASS"), "{run:?}");
-    for example in ["examples/demo-redis.toml", "examples/demo-nats.toml"] {
+    for example in [
+        "examples/demo-redis.toml",
+        "examples/demo-redis-stream.toml",
+        "examples/demo-nats.toml",
+    ] {
         // Parses, and names only transports from the known set or the broker crates.
         let run = busway(&["route", &workspace_file(example), "engine.orders.AAPL"]);
         assert!(run.ok(), "{example}: {run:?}");
