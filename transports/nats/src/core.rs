@@ -195,7 +195,8 @@ async fn pump(
             TrySend::Closed(_) => break,
             // Only a full `block` queue waits (and only then pays for a wake-up registration).
             TrySend::Full(d) => {
-                if !tx.send(d).await {
+                let queued = tx.send(d).await;
+                if !queued {
                     break;
                 }
             }
