@@ -258,6 +258,7 @@ pub(crate) async fn join(
             keys: HashMap::new(),
             routes: HashMap::new(),
             turn: 0,
+            refused: HashSet::new(),
             con: Some((con, ConnCount::new(&inner.stats))),
             attempt: 0,
             down: false,
@@ -714,6 +715,8 @@ struct Task {
     routes: HashMap<Arc<str>, Vec<usize>>,
     /// Round-robin position within a group.
     turn: usize,
+    /// Keys found to hold something other than a stream: never read.
+    refused: HashSet<Arc<str>>,
     con: Option<(MultiplexedConnection, ConnCount)>,
     attempt: u32,
     down: bool,
@@ -913,6 +916,9 @@ impl Task {
         };
         let mut keys = member.keys.into_iter();
         while let Some((key, from)) = keys.next() {
+            if self.refused.contains(&key) {
+                continue;
+            }
             match self.catch_up(&m, &key, from).await {
                 Ok(from) => {
                     m.keys.insert(key.clone(), from);
@@ -1033,6 +1039,9 @@ impl Task {
         let mut result = Ok(());
         for t in topics {
             let key: Arc<str> = format!("{prefix}{t}").into();
+            if self.refused.contains(&key) {
+                continue;
+            }
             for i in 0..self.members.len() {
                 let m = &self.members[i];
                 if m.pattern.is_literal() || m.keys.contains_key(&key) || !m.pattern.matches_str(&t)
@@ -1205,8 +1214,41 @@ impl Task {
             return;
         }
         Counters::incr(&self.inner().stats.errors);
+        let wrong_type = server_code(&e) == Some("WRONGTYPE");
         tracing::warn!(bus = %self.inner().config.bus, error = %self.inner().connector.error("stream read", e), "stream read failed");
+        if wrong_type {
+            // One key that is not a stream (written by something else) fails the whole
+            // read: stop reading it, so the other keys go on.
+            self.refuse_foreign_keys().await;
+            return;
+        }
         tokio::time::sleep(self.inner().connector.backoff(3)).await;
+    }
+
+    /// Stops reading the keys that hold something other than a stream.
+    async fn refuse_foreign_keys(&mut self) {
+        let Ok(mut cmd) = self.inner().cmd_connection() else {
+            return;
+        };
+        let keys: Vec<Arc<str>> = self.keys.keys().cloned().collect();
+        let mut pipe = redis::pipe();
+        for key in &keys {
+            pipe.cmd("TYPE").arg(&**key);
+        }
+        let Ok(types) = pipe.query_async::<Vec<String>>(&mut cmd).await else {
+            return;
+        };
+        for (key, kind) in keys.into_iter().zip(types) {
+            if kind == "stream" || kind == "none" {
+                continue;
+            }
+            tracing::warn!(bus = %self.inner().config.bus, key = &*key, kind, "not reading a key that is not a stream");
+            for m in &mut self.members {
+                m.keys.remove(&key);
+            }
+            self.refused.insert(key);
+        }
+        self.rebuild();
     }
 
     /// Hands each entry read to its subscription(s).
@@ -1240,16 +1282,15 @@ impl Task {
         let Some(to) = self.routes.get(key) else {
             return;
         };
-        let open: Vec<Arc<Target>> = to
-            .iter()
-            .map(|&i| self.members[i].target.clone())
-            .filter(|t| !t.tx.is_closed())
-            .collect();
-        if open.is_empty() {
-            return;
-        }
         self.turn = self.turn.wrapping_add(1);
-        let target = &open[self.turn % open.len()];
+        let n = to.len();
+        let Some(target) = (0..n)
+            .map(|k| &self.members[to[(self.turn + k) % n]].target)
+            .find(|t| !t.tx.is_closed())
+            .cloned()
+        else {
+            return;
+        };
         deliver_group(&self.ctx, key, group, id, fields, attempt, &target.tx).await;
     }
 

@@ -722,6 +722,37 @@ async fn groupless_nack_ack_timeout_and_dead_letter_work_in_process() {
     );
 }
 
+#[tokio::test]
+async fn a_key_that_is_not_a_stream_does_not_stop_the_shared_reader() {
+    let Some(server) = RedisServer::start("stream_wrong_type") else {
+        return;
+    };
+    let bus = bus(&server.url(), |_| {}).await;
+    // Something else wrote a plain string under a key the index says is a topic.
+    server.cli(&["SET", "busway:stream:md.bad", "not a stream"]);
+    server.cli(&["SADD", "busway:topics", "md.bad"]);
+    let mut wild = bus
+        .subscribe(
+            pat("md.*"),
+            SubscribeOptions::new().start(StartFrom::Beginning),
+        )
+        .await
+        .unwrap();
+    let mut exact = bus
+        .subscribe(pat("md.ok"), SubscribeOptions::new())
+        .await
+        .unwrap();
+    bus.publish(Message::new(topic("md.ok"), &b"fine"[..]))
+        .await
+        .unwrap();
+    for sub in [&mut wild, &mut exact] {
+        let d = next(sub).await;
+        assert_eq!(&d.message().payload[..], b"fine");
+        d.ack().await.unwrap();
+    }
+    assert!(bus.stats().errors >= 1, "{}", bus.stats());
+}
+
 /// `INFO commandstats` calls of one command.
 fn calls(server: &RedisServer, command: &str) -> u64 {
     let stats = server.cli(&["INFO", "commandstats"]);
