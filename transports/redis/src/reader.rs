@@ -132,6 +132,8 @@ pub(crate) struct ReaderHandle {
     notify: Notify,
     /// Whether a subscription of this reader has a wildcard (new index topics concern it).
     wildcards: AtomicBool,
+    /// A waker task is running.
+    waking: AtomicBool,
 }
 
 impl fmt::Debug for ReaderHandle {
@@ -145,40 +147,63 @@ impl fmt::Debug for ReaderHandle {
 impl ReaderHandle {
     /// Makes the reader see its inbox promptly: wakes its blocked read with
     /// `CLIENT UNBLOCK`, retrying while the reader is between reads and has not yet built
-    /// its next one (an unblock sent then would be lost).
+    /// its next one (an unblock sent then would be lost). One waker task per reader at a
+    /// time: wakes that come while it runs are covered by it, so many subscriptions (or
+    /// new topics) at once cost a few unblocks, not one each.
     fn wake(self: &Arc<Self>, inner: &Arc<Inner>) {
-        let generation = self.wanted.fetch_add(1, SeqCst) + 1;
+        self.wanted.fetch_add(1, SeqCst);
         self.notify.notify_one();
+        if self.waking.swap(true, SeqCst) {
+            return;
+        }
         let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            self.waking.store(false, SeqCst);
             return;
         };
         let me = self.clone();
         let inner = Arc::downgrade(inner);
         rt.spawn(async move {
-            for _ in 0..100 {
-                if me.seen.load(SeqCst) >= generation {
+            let mut tries = 0u32;
+            loop {
+                if me.seen.load(SeqCst) >= me.wanted.load(SeqCst) {
+                    me.waking.store(false, SeqCst);
+                    // A wake that came just before the flag went down relied on this task.
+                    if me.seen.load(SeqCst) < me.wanted.load(SeqCst)
+                        && !me.waking.swap(true, SeqCst)
+                    {
+                        continue;
+                    }
                     return;
                 }
-                let id = me.client_id.load(SeqCst);
-                // Without a connection the reader rebuilds its read after reconnecting.
-                let Some(inner) = inner.upgrade().filter(|_| id != 0) else {
+                if tries >= 100 || !me.unblock(&inner).await {
+                    // Busy delivering, or reconnecting: it rebuilds its read at its next
+                    // turn anyway.
+                    me.waking.store(false, SeqCst);
                     return;
-                };
-                let Ok(mut cmd) = inner.cmd_connection() else {
-                    return;
-                };
-                drop(inner);
-                let unblocked: redis::RedisResult<i64> = redis::cmd("CLIENT")
-                    .arg("UNBLOCK")
-                    .arg(id)
-                    .query_async(&mut cmd)
-                    .await;
-                match unblocked {
-                    Ok(1) | Err(_) => return,
-                    Ok(_) => tokio::time::sleep(Duration::from_millis(2)).await,
                 }
+                tries += 1;
+                tokio::time::sleep(Duration::from_millis(1)).await;
             }
         });
+    }
+
+    /// Sends `CLIENT UNBLOCK` for the reader's connection; false when there is no reader
+    /// connection or no command connection to send it on.
+    async fn unblock(&self, inner: &Weak<Inner>) -> bool {
+        let id = self.client_id.load(SeqCst);
+        let Some(inner) = inner.upgrade().filter(|_| id != 0) else {
+            return false;
+        };
+        let Ok(mut cmd) = inner.cmd_connection() else {
+            return false;
+        };
+        drop(inner);
+        redis::cmd("CLIENT")
+            .arg("UNBLOCK")
+            .arg(id)
+            .query_async::<i64>(&mut cmd)
+            .await
+            .is_ok()
     }
 }
 
@@ -235,6 +260,7 @@ pub(crate) async fn join(
             seen: AtomicU64::new(0),
             notify: Notify::new(),
             wildcards: AtomicBool::new(false),
+            waking: AtomicBool::new(false),
         });
         // The first subscription is in the inbox before the reader can look at it, so the
         // reader never sees itself empty and retires at once.
