@@ -28,10 +28,15 @@
 //! When subscriptions come or go, the blocked read is woken (`CLIENT UNBLOCK <id>` on the
 //! command connection, the reader's id taken with `CLIENT ID` after each connect) so it
 //! reads the new key set at once rather than after `block_ms`. A key this process's writer
-//! adds to the topic index wakes the readers with a matching wildcard subscription the same
+//! adds to the topic index wakes the readers that have a wildcard subscription the same
 //! way; keys created by other processes are found by the rescan every `rescan_ms`.
 //!
 //! A reader opens its connection with its first subscription and closes it after its last.
+//!
+//! A group entry goes to a group mate whose queue has room before the reader waits for a
+//! full `block` queue, so a stalled member does not hold up its group; a full `block` queue
+//! of a group-less subscription holds up the group-less reader, as on the shared pub/sub
+//! connection.
 
 use std::collections::{HashMap, HashSet};
 use std::fmt;
@@ -46,7 +51,7 @@ use redis::aio::MultiplexedConnection;
 use redis::Value;
 use tokio::sync::Notify;
 
-use busway::queue::QueueSender;
+use busway::queue::{QueueSender, TrySend};
 use busway::{Acker, Bus, Counters, Delivery, Error, Message, Pattern, Result, Topic};
 
 use crate::bus::Inner;
@@ -488,7 +493,16 @@ async fn nack_group(
     // The delivery count before this claim.
     let delivered = pending_count(&mut cmd, key, group, id).await.unwrap_or(1);
     if let Some((id, fields, attempt)) = claim(ctx, &mut cmd, key, group, id, 0, delivered).await? {
-        deliver_group(ctx, key, group, id, fields, attempt, tx).await;
+        deliver_group(
+            ctx,
+            key,
+            group,
+            id,
+            fields,
+            attempt,
+            std::slice::from_ref(tx),
+        )
+        .await;
     }
     Ok(())
 }
@@ -531,8 +545,11 @@ async fn claim(
     Ok(Some((id, fields, delivered.saturating_add(1))))
 }
 
-/// Decodes and queues one group entry for `tx`; an undecodable entry is counted and acked,
-/// so it never blocks the group or comes back. Returns false when `tx` is gone.
+/// Decodes and queues one group entry for the first of `to` (subscriptions in turn order)
+/// with room, or, when every queue is full, waits for the first that is open; an
+/// undecodable entry is counted and acked, so it never blocks the group or comes back.
+/// Preferring a queue with room means one slow subscription of a group does not hold up
+/// the entries its group mates could take.
 async fn deliver_group(
     ctx: &Arc<Ctx>,
     key: &Arc<str>,
@@ -540,26 +557,10 @@ async fn deliver_group(
     id: String,
     fields: Vec<Value>,
     attempt: u32,
-    tx: &QueueSender,
-) -> bool {
-    match ctx.decode(key, fields) {
-        Ok(message) => {
-            if attempt > 1 {
-                ctx.redelivered(tx);
-            }
-            let acker = GroupAcker {
-                ctx: ctx.clone(),
-                key: key.clone(),
-                group: group.clone(),
-                id,
-                tx: tx.clone(),
-            };
-            let d = Delivery::new(message)
-                .with_attempt(attempt)
-                .with_acker(Box::new(acker))
-                .with_reply_via(ctx.via.clone());
-            tx.send(d).await
-        }
+    to: &[QueueSender],
+) {
+    let message = match ctx.decode(key, fields) {
+        Ok(message) => Arc::new(message),
         Err(why) => {
             ctx.undecodable(key, &id, &why);
             if let Ok(mut cmd) = ctx.inner.cmd_connection() {
@@ -570,9 +571,40 @@ async fn deliver_group(
                     .query_async(&mut cmd)
                     .await;
             }
-            true
+            return;
+        }
+    };
+    let delivery = |tx: &QueueSender| {
+        let acker = GroupAcker {
+            ctx: ctx.clone(),
+            key: key.clone(),
+            group: group.clone(),
+            id: id.clone(),
+            tx: tx.clone(),
+        };
+        Delivery::shared(message.clone())
+            .with_attempt(attempt)
+            .with_acker(Box::new(acker))
+            .with_reply_via(ctx.via.clone())
+    };
+    let counted = |tx: &QueueSender| {
+        if attempt > 1 {
+            ctx.redelivered(tx);
+        }
+    };
+    for tx in to {
+        match tx.try_send(delivery(tx)) {
+            TrySend::Queued | TrySend::Dropped => return counted(tx),
+            TrySend::Full(_) | TrySend::Closed(_) => {}
         }
     }
+    for tx in to {
+        if tx.send(delivery(tx)).await {
+            return counted(tx);
+        }
+    }
+    // Every subscription went away: the entry stays pending and is claimed after the
+    // claim time.
 }
 
 // ---------------------------------------------------------------------------------------
@@ -1310,14 +1342,12 @@ impl Task {
         };
         self.turn = self.turn.wrapping_add(1);
         let n = to.len();
-        let Some(target) = (0..n)
-            .map(|k| &self.members[to[(self.turn + k) % n]].target)
-            .find(|t| !t.tx.is_closed())
+        let in_turn: Vec<QueueSender> = (0..n)
+            .map(|k| &self.members[to[(self.turn + k) % n]].target.tx)
+            .filter(|tx| !tx.is_closed())
             .cloned()
-        else {
-            return;
-        };
-        deliver_group(&self.ctx, key, group, id, fields, attempt, &target.tx).await;
+            .collect();
+        deliver_group(&self.ctx, key, group, id, fields, attempt, &in_turn).await;
     }
 
     /// Every entry to every group-less subscription reading the key past where it started.

@@ -421,6 +421,42 @@ async fn groupless_subscriptions_read_on_from_their_last_id_after_a_restart() {
     assert!(bus.stats().reconnects >= 2, "{}", bus.stats());
 }
 
+#[tokio::test]
+async fn a_stalled_group_member_does_not_hold_up_its_group_mates() {
+    let Some(server) = RedisServer::start("stream_stalled_member") else {
+        return;
+    };
+    let bus = bus(&server.url(), |_| {}).await;
+    // Never read: its queue of one fills with the first entry it is handed.
+    let stalled = bus
+        .subscribe(
+            pat("work.q"),
+            SubscribeOptions::new()
+                .group("w")
+                .capacity(1)
+                .overflow(busway::Overflow::Block),
+        )
+        .await
+        .unwrap();
+    let mut busy = bus
+        .subscribe(pat("work.q"), SubscribeOptions::new().group("w"))
+        .await
+        .unwrap();
+    for i in 0..20u8 {
+        bus.publish(Message::new(topic("work.q"), vec![i]))
+            .await
+            .unwrap();
+    }
+    let mut got = Vec::new();
+    while got.len() + stalled.pending() < 20 {
+        let d = next(&mut busy).await;
+        got.push(d.message().payload[0]);
+        d.ack().await.unwrap();
+    }
+    assert_eq!(stalled.pending(), 1, "the stalled member holds one");
+    assert_eq!(got.len(), 19, "its group mate took the rest: {got:?}");
+}
+
 /// This bus's connections in `CLIENT LIST` (every one is named `busway:<app>:<bus>`).
 fn ours(server: &RedisServer) -> usize {
     server
