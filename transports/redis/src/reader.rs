@@ -15,9 +15,9 @@
 //! - **one reader for every subscription without a group**. It issues a plain
 //!   `XREAD COUNT n BLOCK ms STREAMS k1 k2 ... id1 id2 ...`, remembering the last id read per
 //!   key, and hands each entry to *every* group-less subscription reading that key. No consumer
-//!   group holds their pending entries: each subscription keeps its unacked deliveries in
-//!   process; `nack` and the ack timeout deliver them again, `max_deliveries` dead-letters
-//!   them. So a group-less stream subscription is at-least-once **within the process
+//!   group holds their pending entries: each subscription keeps the ids of its unacked
+//!   deliveries in process; `nack` and the ack timeout deliver them again (read again with
+//!   `XRANGE`), `max_deliveries` dead-letters them. So a group-less stream subscription is at-least-once **within the process
 //!   lifetime**, not across a crash of the subscriber (a restarted process starts afresh,
 //!   from `StartFrom`). Use a group for deliveries that must survive the subscriber.
 //!
@@ -611,9 +611,10 @@ async fn deliver_group(
 // group-less subscriptions
 // ---------------------------------------------------------------------------------------
 
-/// An entry handed to a group-less subscription and not yet acked.
+/// An entry handed to a group-less subscription and not yet acked. Only its id is kept (a
+/// redelivery reads the entry again), so unacked deliveries of a busy subscription (a
+/// dropping queue, a consumer that lags) cost a few bytes each, not a message each.
 struct Unacked {
-    message: Arc<Message>,
     deliveries: u32,
     /// When it is delivered again unless acked first.
     due: Instant,
@@ -688,7 +689,6 @@ async fn deliver_local(
     target.unacked.lock().insert(
         (key.clone(), id),
         Unacked {
-            message: message.clone(),
             deliveries: 1,
             due: Instant::now() + target.idle,
         },
@@ -710,32 +710,70 @@ async fn deliver_local(
     false
 }
 
-/// Delivers an unacked group-less entry again (nack or ack timeout), or dead-letters it
-/// past `max_deliveries`.
+/// Reads entry `id` of `key` again (`XRANGE key id id`); `None` when the stream no longer
+/// holds it.
+async fn fetch(ctx: &Ctx, key: &str, id: StreamId) -> Result<Option<Vec<Value>>> {
+    let mut cmd = ctx.inner.cmd_connection()?;
+    let id = id.to_string();
+    let reply: Value = redis::cmd("XRANGE")
+        .arg(key)
+        .arg(&id)
+        .arg(&id)
+        .query_async(&mut cmd)
+        .await
+        .map_err(|e| ctx.inner.connector.error("XRANGE", e))?;
+    Ok(entries(reply).into_iter().next().map(|(_, fields)| fields))
+}
+
+/// Delivers an unacked group-less entry again (nack or ack timeout), read again from its
+/// stream, or dead-letters it past `max_deliveries`.
 async fn redeliver_local(ctx: &Arc<Ctx>, target: &Arc<Target>, key: &Arc<str>, id: StreamId) {
     let entry = (key.clone(), id);
-    let again = {
-        let mut unacked = target.unacked.lock();
-        match unacked.get_mut(&entry) {
-            None => return, // acked meanwhile
-            Some(u) if ctx.exhausted(u.deliveries) => None,
-            Some(u) => {
-                u.deliveries = u.deliveries.saturating_add(1);
+    let exhausted = match target.unacked.lock().get(&entry) {
+        None => return, // acked meanwhile
+        Some(u) => ctx.exhausted(u.deliveries),
+    };
+    let fields = match fetch(ctx, key, id).await {
+        Ok(Some(fields)) => fields,
+        Ok(None) => {
+            target.unacked.lock().remove(&entry);
+            Counters::incr(&ctx.inner.stats.errors);
+            tracing::warn!(bus = %ctx.inner.config.bus, key = &**key, id = %id, "an unacked entry was trimmed from its stream (stream_maxlen) before it could be delivered again");
+            return;
+        }
+        Err(e) => {
+            // Tried again after the ack timeout.
+            if let Some(u) = target.unacked.lock().get_mut(&entry) {
                 u.due = Instant::now() + target.idle;
-                Some((u.message.clone(), u.deliveries))
             }
+            tracing::debug!(bus = %ctx.inner.config.bus, error = %e, "reading an entry to deliver again failed");
+            return;
         }
     };
-    let Some((message, attempt)) = again else {
-        let exhausted = target.unacked.lock().remove(&entry);
-        if let Some(u) = exhausted {
-            let message = Arc::try_unwrap(u.message).unwrap_or_else(|m| (*m).clone());
-            if let Err(e) = ctx.dead_letter(key, Some(message), u.deliveries).await {
-                Counters::incr(&ctx.inner.stats.errors);
-                tracing::warn!(bus = %ctx.inner.config.bus, error = %e, "dead-lettering failed; the entry is dropped");
-            }
+    // It decoded when first delivered; a foreign rewrite of the key is all that changes that.
+    let message = ctx.decode(key, fields).ok();
+    if exhausted {
+        let Some(u) = target.unacked.lock().remove(&entry) else {
+            return;
+        };
+        if let Err(e) = ctx.dead_letter(key, message, u.deliveries).await {
+            Counters::incr(&ctx.inner.stats.errors);
+            tracing::warn!(bus = %ctx.inner.config.bus, error = %e, "dead-lettering failed; the entry is dropped");
         }
         return;
+    }
+    let Some(message) = message else {
+        target.unacked.lock().remove(&entry);
+        return;
+    };
+    let attempt = {
+        let mut unacked = target.unacked.lock();
+        let Some(u) = unacked.get_mut(&entry) else {
+            return; // acked while it was read
+        };
+        u.deliveries = u.deliveries.saturating_add(1);
+        u.due = Instant::now() + target.idle;
+        u.deliveries
     };
     ctx.redelivered(&target.tx);
     let acker = LocalAcker {
@@ -744,7 +782,7 @@ async fn redeliver_local(ctx: &Arc<Ctx>, target: &Arc<Target>, key: &Arc<str>, i
         key: key.clone(),
         id,
     };
-    let d = Delivery::shared(message)
+    let d = Delivery::new(message)
         .with_attempt(attempt)
         .with_acker(Box::new(acker))
         .with_reply_via(ctx.via.clone());

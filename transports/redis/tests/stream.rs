@@ -457,6 +457,42 @@ async fn a_stalled_group_member_does_not_hold_up_its_group_mates() {
     assert_eq!(got.len(), 19, "its group mate took the rest: {got:?}");
 }
 
+#[tokio::test]
+async fn a_groupless_entry_deleted_before_its_redelivery_is_counted_not_delivered() {
+    let Some(server) = RedisServer::start("stream_groupless_trimmed") else {
+        return;
+    };
+    let bus = bus(&server.url(), |_| {}).await;
+    let mut sub = bus
+        .subscribe(pat("trim.t"), SubscribeOptions::new())
+        .await
+        .unwrap();
+    bus.publish(Message::new(topic("trim.t"), &b"gone"[..]))
+        .await
+        .unwrap();
+    bus.publish(Message::new(topic("trim.t"), &b"kept"[..]))
+        .await
+        .unwrap();
+    let gone = next(&mut sub).await;
+    let kept = next(&mut sub).await;
+    // The stream loses the first entry (as trimming by stream_maxlen would) before its nack.
+    let first = server.cli(&["XRANGE", "busway:stream:trim.t", "-", "+", "COUNT", "1"]);
+    let id = first.lines().next().unwrap().trim().to_string();
+    assert_eq!(
+        server.cli(&["XDEL", "busway:stream:trim.t", &id]).trim(),
+        "1"
+    );
+    let errors = bus.stats().errors;
+    gone.nack().await.unwrap();
+    kept.nack().await.unwrap();
+    let d = next(&mut sub).await;
+    assert_eq!(&d.message().payload[..], b"kept");
+    assert_eq!(d.attempt(), 2);
+    d.ack().await.unwrap();
+    nothing(&mut sub).await;
+    assert_eq!(bus.stats().errors, errors + 1, "{}", bus.stats());
+}
+
 /// This bus's connections in `CLIENT LIST` (every one is named `busway:<app>:<bus>`).
 fn ours(server: &RedisServer) -> usize {
     server
