@@ -1196,8 +1196,14 @@ impl Task {
     }
 
     /// Redelivers group-less deliveries unacked past their ack timeout.
+    ///
+    /// At most `read_count` per subscription per turn (each is read again from its stream),
+    /// as the group reclaim takes at most `read_count` per key: a subscription that leaves
+    /// many entries unacked (a dropping queue) does not stall the reader for long; the rest
+    /// follow at the next turns.
     async fn sweep(&mut self) {
         let now = Instant::now();
+        let count = self.inner().config.options.read_count.max(1);
         for i in 0..self.members.len() {
             let target = self.members[i].target.clone();
             let due: Vec<(Arc<str>, StreamId)> = target
@@ -1206,6 +1212,7 @@ impl Task {
                 .iter()
                 .filter(|(_, u)| u.due <= now)
                 .map(|(k, _)| k.clone())
+                .take(count)
                 .collect();
             for (key, id) in due {
                 redeliver_local(&self.ctx, &target, &key, id).await;
