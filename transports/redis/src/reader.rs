@@ -1145,10 +1145,16 @@ impl Task {
                     continue;
                 }
                 if let Some(group) = &self.ctx.group {
-                    let mut cmd = self.inner().cmd_connection()?;
-                    create_group(&mut cmd, &key, group, "0")
-                        .await
-                        .map_err(|e| self.inner().connector.error("XGROUP CREATE", e))?;
+                    let created = match self.inner().cmd_connection() {
+                        Ok(mut cmd) => create_group(&mut cmd, &key, group, "0")
+                            .await
+                            .map_err(|e| self.inner().connector.error("XGROUP CREATE", e)),
+                        Err(e) => Err(e),
+                    };
+                    if let Err(e) = created {
+                        result = Err(e);
+                        continue;
+                    }
                 }
                 match self.catch_up(&self.members[i], &key, StreamId::ZERO).await {
                     Ok(from) => {
@@ -1156,15 +1162,9 @@ impl Task {
                         self.keys.entry(key.clone()).or_insert(from);
                         changed = true;
                     }
-                    Err((progress, e)) => {
-                        // Taken from where it got to at the next rescan.
-                        if progress > StreamId::ZERO {
-                            self.members[i].keys.insert(key.clone(), progress);
-                            self.keys.entry(key.clone()).or_insert(progress);
-                            changed = true;
-                        }
-                        result = Err(e);
-                    }
+                    // Not added: the next rescan catches it up from its first entry again
+                    // (what was delivered may come twice; nothing is skipped).
+                    Err((_, e)) => result = Err(e),
                 }
             }
         }
@@ -1323,6 +1323,7 @@ impl Task {
             // One key that is not a stream (written by something else) fails the whole
             // read: stop reading it, so the other keys go on.
             self.refuse_foreign_keys().await;
+            tokio::time::sleep(Duration::from_millis(10)).await;
             return;
         }
         tokio::time::sleep(self.inner().connector.backoff(3)).await;
