@@ -328,9 +328,12 @@ fn scenario_reports_three_setups_and_the_comparison() {
         }
     }
     // Dual bus on Redis: per process one command connection on each bus, one pub/sub
-    // connection per market-data subscriber process (5), one reader per stream subscription (7).
+    // connection per market-data subscriber process (5), and on the engine bus one reader
+    // per consumer group in use per process: each of the 5 consuming engines reads its 7
+    // stream subscriptions between them in its own group (ml, strategy, portfolio,
+    // collateral, websocket).
     assert_eq!(lines[1]["brokers"][1]["connections"], 8 + 5, "{}", lines[1]);
-    assert_eq!(lines[1]["brokers"][2]["connections"], 8 + 7, "{}", lines[1]);
+    assert_eq!(lines[1]["brokers"][2]["connections"], 8 + 5, "{}", lines[1]);
     // NATS: one connection per process and bus.
     assert_eq!(lines[2]["brokers"][1]["connections"], 8, "{}", lines[2]);
     assert_eq!(lines[2]["brokers"][2]["connections"], 8, "{}", lines[2]);

@@ -22,6 +22,7 @@ mod config;
 mod conn;
 pub mod frame;
 mod pubsub;
+mod reader;
 mod stream;
 mod writer;
 

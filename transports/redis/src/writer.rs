@@ -281,6 +281,9 @@ impl Writer {
                     if self.indexed.insert(topic.clone()) {
                         pipe.cmd("SADD").arg(&opts.index_key).arg(topic.as_str());
                         extra = 1;
+                        // Wildcard subscriptions of this process read the new key at once
+                        // rather than at their next rescan.
+                        crate::reader::topic_indexed(&self.inner, topic);
                     }
                     let cmd =
                         pipe.cmd("XADD")

@@ -375,29 +375,501 @@ async fn restart_with_aof_loses_nothing_unacked() {
 }
 
 #[tokio::test]
-async fn connections_per_subscription_are_named() {
+async fn groupless_subscriptions_read_on_from_their_last_id_after_a_restart() {
+    let Some(mut server) = RedisServer::start_with_aof("stream_groupless_restart") else {
+        return;
+    };
+    let bus = bus(&server.url(), |_| {}).await;
+    let mut a = bus
+        .subscribe(pat("ticks"), SubscribeOptions::new())
+        .await
+        .unwrap();
+    let mut b = bus
+        .subscribe(pat("*"), SubscribeOptions::new())
+        .await
+        .unwrap();
+    for i in 1..=3u8 {
+        bus.publish(Message::new(topic("ticks"), vec![i]))
+            .await
+            .unwrap();
+    }
+    for s in [&mut a, &mut b] {
+        for i in 1..=3u8 {
+            let d = next(s).await;
+            assert_eq!(d.message().payload[0], i);
+            d.ack().await.unwrap();
+        }
+    }
+    server.kill();
+    server.restart();
+    // Published while the reader may still be reconnecting: it reads on after the last id
+    // it had, so these arrive, once each, and nothing before them comes back.
+    for i in 4..=6u8 {
+        bus.publish(Message::new(topic("ticks"), vec![i]))
+            .await
+            .unwrap();
+    }
+    for s in [&mut a, &mut b] {
+        for i in 4..=6u8 {
+            let d = next(s).await;
+            assert_eq!(d.message().payload[0], i, "{}", bus.stats());
+            d.ack().await.unwrap();
+        }
+    }
+    nothing(&mut a).await;
+    nothing(&mut b).await;
+    assert!(bus.stats().reconnects >= 2, "{}", bus.stats());
+}
+
+#[tokio::test]
+async fn a_stalled_group_member_does_not_hold_up_its_group_mates() {
+    let Some(server) = RedisServer::start("stream_stalled_member") else {
+        return;
+    };
+    let bus = bus(&server.url(), |_| {}).await;
+    // Never read: its queue of one fills with the first entry it is handed.
+    let stalled = bus
+        .subscribe(
+            pat("work.q"),
+            SubscribeOptions::new()
+                .group("w")
+                .capacity(1)
+                .overflow(busway::Overflow::Block),
+        )
+        .await
+        .unwrap();
+    let mut busy = bus
+        .subscribe(pat("work.q"), SubscribeOptions::new().group("w"))
+        .await
+        .unwrap();
+    for i in 0..20u8 {
+        bus.publish(Message::new(topic("work.q"), vec![i]))
+            .await
+            .unwrap();
+    }
+    let mut got = Vec::new();
+    while got.len() + stalled.pending() < 20 {
+        let d = next(&mut busy).await;
+        got.push(d.message().payload[0]);
+        d.ack().await.unwrap();
+    }
+    assert_eq!(stalled.pending(), 1, "the stalled member holds one");
+    assert_eq!(got.len(), 19, "its group mate took the rest: {got:?}");
+}
+
+#[tokio::test]
+async fn a_groupless_entry_deleted_before_its_redelivery_is_counted_not_delivered() {
+    let Some(server) = RedisServer::start("stream_groupless_trimmed") else {
+        return;
+    };
+    let bus = bus(&server.url(), |_| {}).await;
+    let mut sub = bus
+        .subscribe(pat("trim.t"), SubscribeOptions::new())
+        .await
+        .unwrap();
+    bus.publish(Message::new(topic("trim.t"), &b"gone"[..]))
+        .await
+        .unwrap();
+    bus.publish(Message::new(topic("trim.t"), &b"kept"[..]))
+        .await
+        .unwrap();
+    let gone = next(&mut sub).await;
+    let kept = next(&mut sub).await;
+    // The stream loses the first entry (as trimming by stream_maxlen would) before its nack.
+    let first = server.cli(&["XRANGE", "busway:stream:trim.t", "-", "+", "COUNT", "1"]);
+    let id = first.lines().next().unwrap().trim().to_string();
+    assert_eq!(
+        server.cli(&["XDEL", "busway:stream:trim.t", &id]).trim(),
+        "1"
+    );
+    let errors = bus.stats().errors;
+    gone.nack().await.unwrap();
+    kept.nack().await.unwrap();
+    let d = next(&mut sub).await;
+    assert_eq!(&d.message().payload[..], b"kept");
+    assert_eq!(d.attempt(), 2);
+    d.ack().await.unwrap();
+    nothing(&mut sub).await;
+    assert_eq!(bus.stats().errors, errors + 1, "{}", bus.stats());
+}
+
+/// This bus's connections in `CLIENT LIST` (every one is named `busway:<app>:<bus>`).
+fn ours(server: &RedisServer) -> usize {
+    server
+        .cli(&["CLIENT", "LIST"])
+        .lines()
+        .filter(|l| l.contains("name=busway:test:engine "))
+        .count()
+}
+
+/// Waits until the bus holds `n` connections (a reader closes its connection after its
+/// last subscription goes, in the background).
+async fn wait_connections(server: &RedisServer, bus: &RedisBus, n: usize) {
+    let deadline = Instant::now() + WAIT;
+    while ours(server) != n || bus.stats().connections != n as u64 {
+        assert!(
+            Instant::now() < deadline,
+            "want {n} connections, have {} ({} counted):\n{}",
+            ours(server),
+            bus.stats().connections,
+            server.cli(&["CLIENT", "LIST"])
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn connections_are_one_per_group_plus_one_for_all_groupless() {
     let Some(server) = RedisServer::start("stream_connections") else {
         return;
     };
     let bus = bus(&server.url(), |_| {}).await;
-    let _a = bus
+    assert_eq!(
+        ours(&server),
+        1,
+        "a bus without subscriptions holds its command connection"
+    );
+    let mut g = Vec::new();
+    let mut h = Vec::new();
+    let mut solo = Vec::new();
+    for p in ["a", "b.*"] {
+        g.push(
+            bus.subscribe(pat(p), SubscribeOptions::new().group("g"))
+                .await
+                .unwrap(),
+        );
+        h.push(
+            bus.subscribe(pat(p), SubscribeOptions::new().group("h"))
+                .await
+                .unwrap(),
+        );
+    }
+    for p in ["a", "b.*", "c"] {
+        solo.push(
+            bus.subscribe(pat(p), SubscribeOptions::new())
+                .await
+                .unwrap(),
+        );
+    }
+    // command + group g + group h + one for the group-less subscriptions
+    wait_connections(&server, &bus, 4).await;
+    drop(h);
+    wait_connections(&server, &bus, 3).await;
+    drop(solo);
+    wait_connections(&server, &bus, 2).await;
+    drop(g);
+    wait_connections(&server, &bus, 1).await;
+    // A group whose reader retired starts another with its next subscription.
+    let mut again = bus
         .subscribe(pat("a"), SubscribeOptions::new().group("g"))
         .await
         .unwrap();
-    let _b = bus
-        .subscribe(pat("b.*"), SubscribeOptions::new())
+    wait_connections(&server, &bus, 2).await;
+    bus.publish(Message::new(topic("a"), &b"x"[..]))
         .await
         .unwrap();
+    let d = next(&mut again).await;
+    assert_eq!(&d.message().payload[..], b"x");
+    d.ack().await.unwrap();
+}
+
+/// What one subscription of the seven-engine test is.
+struct Spec {
+    pattern: &'static str,
+    group: Option<&'static str>,
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn seven_engines_and_fifty_subscriptions_hold_the_documented_connections() {
+    let Some(server) = RedisServer::start("stream_seven_engines") else {
+        return;
+    };
+    let bus: std::sync::Arc<dyn Bus> = std::sync::Arc::new(bus(&server.url(), |_| {}).await);
+    const PATTERNS: [&str; 6] = ["px.a", "px.b", "ord.a", "px.*", "ord.*", "*.a"];
+    const GROUPS: [Option<&str>; 4] = [None, Some("risk"), Some("book"), Some("audit")];
+    let specs: Vec<Spec> = (0..50)
+        .map(|i| Spec {
+            pattern: PATTERNS[(i / 4) % PATTERNS.len()],
+            group: GROUPS[i % GROUPS.len()],
+        })
+        .collect();
+    // 7 engines share the bus and subscribe at the same time, 50 subscriptions between them;
+    // every delivery is forwarded (acked) tagged with its subscription's index.
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(usize, String)>();
+    let mut engines = Vec::new();
+    for engine in 0..7 {
+        let bus = bus.clone();
+        let tx = tx.clone();
+        let mine: Vec<(usize, &'static str, Option<&'static str>)> = specs
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| i % 7 == engine)
+            .map(|(i, s)| (i, s.pattern, s.group))
+            .collect();
+        engines.push(tokio::spawn(async move {
+            let mut readers = Vec::new();
+            for (i, p, group) in mine {
+                let mut options = SubscribeOptions::new();
+                if let Some(g) = group {
+                    options = options.group(g);
+                }
+                let mut sub = bus.subscribe(pat(p), options).await.unwrap();
+                let tx = tx.clone();
+                readers.push(tokio::spawn(async move {
+                    while let Some(d) = sub.recv().await {
+                        d.ack().await.unwrap();
+                        let text = String::from_utf8(d.message().payload.to_vec()).unwrap();
+                        if tx.send((i, text)).is_err() {
+                            return;
+                        }
+                    }
+                }));
+            }
+            readers
+        }));
+    }
+    drop(tx);
+    let mut readers = Vec::new();
+    for e in engines {
+        readers.extend(e.await.unwrap());
+    }
+    assert_eq!(readers.len(), 50);
+    // 1 command connection + 3 groups (risk, book, audit) + 1 for the group-less ones.
     let list = server.cli(&["CLIENT", "LIST"]);
-    let ours = list
-        .lines()
-        .filter(|l| l.contains("name=busway:test:engine "))
-        .count();
+    assert_eq!(ours(&server), 5, "{list}");
+    assert_eq!(bus.stats().connections, 5);
+
+    let topics = ["px.a", "px.b", "ord.a", "ord.b"];
+    for n in 0..10 {
+        for t in topics {
+            bus.publish(Message::new(topic(t), format!("{t}/{n}")))
+                .await
+                .unwrap();
+        }
+    }
+    let matches = |p: &str, t: &str| pat(p).matches(&topic(t));
+    // Group-less: every matching message to every such subscription. Groups: every message
+    // that some member matches, once across the group, to a member that matches it.
+    let mut want_groupless: std::collections::BTreeMap<usize, Vec<String>> = Default::default();
+    let mut want_groups: std::collections::BTreeMap<&str, Vec<String>> = Default::default();
+    for (i, s) in specs.iter().enumerate() {
+        if s.group.is_none() {
+            want_groupless.insert(i, Vec::new());
+        }
+    }
+    for n in 0..10 {
+        for t in topics {
+            let m = format!("{t}/{n}");
+            for (i, s) in specs.iter().enumerate() {
+                if s.group.is_none() && matches(s.pattern, t) {
+                    want_groupless.get_mut(&i).unwrap().push(m.clone());
+                }
+            }
+            for g in GROUPS.iter().flatten() {
+                if specs
+                    .iter()
+                    .any(|s| s.group == Some(*g) && matches(s.pattern, t))
+                {
+                    want_groups.entry(g).or_default().push(m.clone());
+                }
+            }
+        }
+    }
+    let total: usize = want_groupless.values().map(Vec::len).sum::<usize>()
+        + want_groups.values().map(Vec::len).sum::<usize>();
+    let mut got: Vec<(usize, String)> = Vec::new();
+    let deadline = Instant::now() + WAIT;
+    while got.len() < total && Instant::now() < deadline {
+        if let Ok(Some(d)) = tokio::time::timeout(Duration::from_millis(100), rx.recv()).await {
+            got.push(d);
+        }
+    }
+    // Anything more would be a duplicate or a misrouted message.
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    while let Ok(d) = rx.try_recv() {
+        got.push(d);
+    }
+    let mut got_groupless: std::collections::BTreeMap<usize, Vec<String>> =
+        want_groupless.keys().map(|&i| (i, Vec::new())).collect();
+    let mut got_groups: std::collections::BTreeMap<&str, Vec<String>> = Default::default();
+    for (i, m) in got {
+        let s = &specs[i];
+        let t = m.split('/').next().unwrap();
+        assert!(
+            matches(s.pattern, t),
+            "subscription {i} ({}) got {m}",
+            s.pattern
+        );
+        match s.group {
+            None => got_groupless.get_mut(&i).unwrap().push(m),
+            Some(g) => got_groups.entry(g).or_default().push(m),
+        }
+    }
+    for v in got_groupless.values_mut().chain(got_groups.values_mut()) {
+        v.sort();
+    }
+    for v in want_groupless.values_mut().chain(want_groups.values_mut()) {
+        v.sort();
+    }
     assert_eq!(
-        ours, 3,
-        "command + one reader per stream subscription:\n{list}"
+        got_groupless, want_groupless,
+        "group-less: every matching message each"
     );
-    assert_eq!(bus.stats().connections, 3);
+    assert_eq!(
+        got_groups, want_groups,
+        "groups: every message once per group"
+    );
+    // Still the same connections after all that traffic.
+    assert_eq!(ours(&server), 5);
+    for r in readers {
+        r.abort();
+    }
+}
+
+#[tokio::test]
+async fn a_blocked_reader_takes_new_subscriptions_and_keys_at_once() {
+    let Some(server) = RedisServer::start("stream_wake") else {
+        return;
+    };
+    // Reads block for a minute and wildcard rescans are a minute apart: everything below
+    // arrives within WAIT only because the readers are woken.
+    let bus = bus(&server.url(), |o| {
+        o.block_ms = 60_000;
+        o.rescan_ms = 60_000;
+    })
+    .await;
+    let _first = bus
+        .subscribe(pat("first"), SubscribeOptions::new())
+        .await
+        .unwrap();
+    let _first_g = bus
+        .subscribe(pat("first"), SubscribeOptions::new().group("g"))
+        .await
+        .unwrap();
+    // Both readers are now blocked on `first`; a new subscription adds a key.
+    let mut late = bus
+        .subscribe(pat("late"), SubscribeOptions::new())
+        .await
+        .unwrap();
+    let mut late_g = bus
+        .subscribe(pat("late"), SubscribeOptions::new().group("g"))
+        .await
+        .unwrap();
+    // Wildcards whose key does not exist yet: this process's first publish on a matching
+    // topic adds it to the index and wakes them.
+    let mut wild = bus
+        .subscribe(pat("md.*"), SubscribeOptions::new())
+        .await
+        .unwrap();
+    let mut wild_g = bus
+        .subscribe(pat("md.*"), SubscribeOptions::new().group("g"))
+        .await
+        .unwrap();
+    bus.publish(Message::new(topic("late"), &b"l"[..]))
+        .await
+        .unwrap();
+    bus.publish(Message::new(topic("md.new"), &b"m"[..]))
+        .await
+        .unwrap();
+    for (sub, want) in [
+        (&mut late, "l"),
+        (&mut late_g, "l"),
+        (&mut wild, "m"),
+        (&mut wild_g, "m"),
+    ] {
+        let d = next(sub).await;
+        assert_eq!(&d.message().payload[..], want.as_bytes());
+        d.ack().await.unwrap();
+    }
+    bus.close().await.unwrap();
+}
+
+#[tokio::test]
+async fn groupless_nack_ack_timeout_and_dead_letter_work_in_process() {
+    let Some(server) = RedisServer::start("stream_groupless_redelivery") else {
+        return;
+    };
+    let bus = bus(&server.url(), |o| {
+        o.max_deliveries = Some(3);
+        o.dead_letter = Some("dead.letters".into());
+    })
+    .await;
+    let mut dead = bus
+        .subscribe(pat("dead.letters"), SubscribeOptions::new().group("ops"))
+        .await
+        .unwrap();
+    let mut sub = bus
+        .subscribe(
+            pat("jobs.*"),
+            SubscribeOptions::new().ack_timeout(Duration::from_millis(300)),
+        )
+        .await
+        .unwrap();
+    let mut other = bus
+        .subscribe(pat("jobs.x"), SubscribeOptions::new())
+        .await
+        .unwrap();
+    bus.publish(Message::new(topic("jobs.x"), &b"j"[..]))
+        .await
+        .unwrap();
+    // The other subscription acks at once and is not disturbed by this one's redeliveries.
+    next(&mut other).await.ack().await.unwrap();
+    let d = next(&mut sub).await;
+    assert_eq!(d.attempt(), 1);
+    d.nack().await.unwrap();
+    let d = next(&mut sub).await;
+    assert_eq!(d.attempt(), 2);
+    drop(d); // neither acked nor nacked: back after the ack timeout
+    let d = next(&mut sub).await;
+    assert_eq!(d.attempt(), 3);
+    assert_eq!(&d.message().payload[..], b"j");
+    d.nack().await.unwrap();
+    let d = next(&mut dead).await;
+    assert_eq!(&d.message().payload[..], b"j");
+    assert_eq!(d.message().headers.get("dead_letter.topic"), Some("jobs.x"));
+    assert_eq!(d.message().headers.get("dead_letter.deliveries"), Some("3"));
+    d.ack().await.unwrap();
+    nothing(&mut sub).await;
+    nothing(&mut other).await;
+    assert_eq!(bus.stats().dead_lettered, 1);
+    // No consumer group holds group-less deliveries.
+    assert_eq!(
+        server
+            .cli(&["XINFO", "GROUPS", "busway:stream:jobs.x"])
+            .trim(),
+        ""
+    );
+}
+
+#[tokio::test]
+async fn a_key_that_is_not_a_stream_does_not_stop_the_shared_reader() {
+    let Some(server) = RedisServer::start("stream_wrong_type") else {
+        return;
+    };
+    let bus = bus(&server.url(), |_| {}).await;
+    // Something else wrote a plain string under a key the index says is a topic.
+    server.cli(&["SET", "busway:stream:md.bad", "not a stream"]);
+    server.cli(&["SADD", "busway:topics", "md.bad"]);
+    let mut wild = bus
+        .subscribe(
+            pat("md.*"),
+            SubscribeOptions::new().start(StartFrom::Beginning),
+        )
+        .await
+        .unwrap();
+    let mut exact = bus
+        .subscribe(pat("md.ok"), SubscribeOptions::new())
+        .await
+        .unwrap();
+    bus.publish(Message::new(topic("md.ok"), &b"fine"[..]))
+        .await
+        .unwrap();
+    for sub in [&mut wild, &mut exact] {
+        let d = next(sub).await;
+        assert_eq!(&d.message().payload[..], b"fine");
+        d.ack().await.unwrap();
+    }
+    assert!(bus.stats().errors >= 1, "{}", bus.stats());
 }
 
 /// `INFO commandstats` calls of one command.
