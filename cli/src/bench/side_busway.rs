@@ -43,14 +43,15 @@ pub(crate) async fn run(plan: &Plan, broker: &Broker) -> Result<SideResult> {
     let mut readers = Vec::new();
     let ack = plan.mode == Mode::Stream;
     for i in 0..plan.subscribers {
-        let mut sub = bus
-            .subscribe(
-                Pattern::exact(&topic),
-                SubscribeOptions::new()
-                    .capacity(plan.queue_capacity())
-                    .overflow(Overflow::Block),
-            )
-            .await?;
+        let mut options = SubscribeOptions::new()
+            .capacity(plan.queue_capacity())
+            .overflow(Overflow::Block);
+        if ack {
+            // A consumer group per subscriber, as the raw side reads: the broker keeps each
+            // subscriber's pending entries and takes its acks.
+            options = options.group(format!("bench-{i}"));
+        }
+        let mut sub = bus.subscribe(Pattern::exact(&topic), options).await?;
         let tally = run.tally(i);
         readers.push(tokio::spawn(async move {
             // Take what is queued (up to the raw side's read count of 256) and ack it as a
@@ -93,7 +94,7 @@ pub(crate) async fn run(plan: &Plan, broker: &Broker) -> Result<SideResult> {
         plan.mode,
         plan.subscribers,
         plan.queue_capacity(),
-        if ack { ", each delivery acked (what is queued, up to 256, acked concurrently)" } else { "" },
+        if ack { ", a consumer group each, each delivery acked (what is queued, up to 256, acked concurrently)" } else { "" },
         plan.inflight
     );
     let mut result = run.finish(what, published).await;

@@ -122,11 +122,18 @@ pub(crate) async fn ack(
             None => break,
         }
     }
+    // The leader's round trip is a large future; boxed, it is allocated once per wave
+    // instead of making every ack's (boxed) future that large.
+    Box::pin(lead(inner, key, group, id)).await
+}
+
+/// The ack of a caller that found no round trip in flight: its own `XACK`.
+async fn lead(inner: &Arc<Inner>, key: &str, group: &str, id: &str) -> Result<()> {
     let _leader = Leader(inner);
     let mut con = inner.cmd_connection()?;
     redis::cmd("XACK")
-        .arg(&**key)
-        .arg(&**group)
+        .arg(key)
+        .arg(group)
         .arg(id)
         .exec_async(&mut con)
         .await
