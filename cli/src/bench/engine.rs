@@ -295,10 +295,7 @@ impl Run {
             errors,
             elapsed: Duration::from_nanos(end_ns.saturating_sub(self.start_ns)),
             broker_cpu_s: None,
-            client_cpu_s: self
-                .start_cpu_s
-                .zip(own_cpu_seconds())
-                .map(|(a, b)| b - a),
+            client_cpu_s: self.start_cpu_s.zip(own_cpu_seconds()).map(|(a, b)| b - a),
             latency,
             bus_dropped: None,
         }
