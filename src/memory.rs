@@ -86,6 +86,10 @@ impl MemoryConfig {
     }
 }
 
+/// The maps looked up on every publish: topics are short strings, hashed by foldhash (seeded
+/// per process) rather than SipHash.
+type FastMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
+
 /// The cached topic -> subscriptions decision is dropped wholesale past this many topics, so
 /// publishing to an unbounded set of topics (reply inboxes) cannot grow it without bound.
 const MAX_CACHED_TOPICS: usize = 16 * 1024;
@@ -126,7 +130,7 @@ struct Inner {
     /// Broadcast subscriptions (every subscription in broadcast mode; reply inboxes in
     /// stream mode). Lock order: `table` before `cache`.
     table: RwLock<Table>,
-    cache: RwLock<HashMap<Topic, Arc<Targets>>>,
+    cache: RwLock<FastMap<Topic, Arc<Targets>>>,
     stream: Mutex<StreamState>,
     /// Wakes the stream-mode timer task (a nack with a delay, close).
     timer: Arc<Notify>,
@@ -145,7 +149,7 @@ struct Sub {
 
 #[derive(Default)]
 struct Table {
-    exact: HashMap<Topic, Vec<Arc<Sub>>>,
+    exact: FastMap<Topic, Vec<Arc<Sub>>>,
     wild: Vec<Arc<Sub>>,
 }
 
@@ -248,7 +252,7 @@ impl MemoryBus {
                 closed: AtomicBool::new(false),
                 next_id: AtomicU64::new(1),
                 table: RwLock::new(Table::default()),
-                cache: RwLock::new(HashMap::new()),
+                cache: RwLock::new(FastMap::default()),
                 stream: Mutex::new(StreamState::default()),
                 timer: Arc::new(Notify::new()),
                 timer_started: AtomicBool::new(false),
