@@ -185,12 +185,14 @@ fn dispatch_many_subs(c: &mut Criterion) {
         let subs: Vec<_> = patterns
             .iter()
             .map(|p| {
-                rt.block_on(bus.subscribe(
-                    p.clone(),
-                    SubscribeOptions::new()
-                        .capacity(1)
-                        .overflow(Overflow::DropOldest),
-                ))
+                rt.block_on(
+                    bus.subscribe(
+                        p.clone(),
+                        SubscribeOptions::new()
+                            .capacity(1)
+                            .overflow(Overflow::DropOldest),
+                    ),
+                )
                 .unwrap()
             })
             .collect();
