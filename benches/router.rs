@@ -2,7 +2,9 @@
 //! - publish through a `Router` on a cached topic vs straight to the same `MemoryBus`
 //!   (no subscriber, and one subscriber draining on another thread);
 //! - route lookup: the cached answer, a cache miss, and the table's own rule scan;
-//! - pattern matching and overlap tests.
+//! - pattern matching and overlap tests;
+//! - dispatch on a MemoryBus with 10, 100 and 1000 wildcard subscriptions of which one
+//!   matches, beside a naive scan of the same patterns per publish.
 //!
 //! `cargo bench -p busway --bench router`
 
@@ -161,5 +163,53 @@ fn patterns(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, publish, lookup, patterns);
+/// A MemoryBus decides a topic's subscriptions once and caches the answer, so a publish
+/// costs the same with 10 or 1000 subscriptions when one matches; the naive dispatcher
+/// tests every pattern on every publish.
+fn dispatch_many_subs(c: &mut Criterion) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let mut g = c.benchmark_group("dispatch_many_subs");
+    for n in [10usize, 100, 1000] {
+        let patterns: Vec<Pattern> = (0..n)
+            .map(|i| Pattern::new(format!("feed{i}.quotes.*")).unwrap())
+            .collect();
+        // The last subscription is the one that matches: the worst case for a scan.
+        let topic = Topic::new(format!("feed{}.quotes.AAPL", n - 1)).unwrap();
+        let m = Message::new(topic.clone(), Bytes::from(vec![7u8; 64]));
+        let bus = MemoryBus::new("md");
+        // Capacity 1, drop_oldest: the matching queue keeps its newest message, so every
+        // publish costs one push whatever the run length, with no consumer task.
+        let subs: Vec<_> = patterns
+            .iter()
+            .map(|p| {
+                rt.block_on(
+                    bus.subscribe(
+                        p.clone(),
+                        SubscribeOptions::new()
+                            .capacity(1)
+                            .overflow(Overflow::DropOldest),
+                    ),
+                )
+                .unwrap()
+            })
+            .collect();
+        g.bench_function(format!("memorybus/{n}"), |b| {
+            b.to_async(&rt).iter(|| bus.publish(m.clone()))
+        });
+        g.bench_function(format!("naive_scan/{n}"), |b| {
+            b.iter(|| {
+                let m = black_box(m.clone());
+                patterns.iter().filter(|p| p.matches(&m.topic)).count()
+            })
+        });
+        drop(subs);
+        rt.block_on(bus.close()).unwrap();
+    }
+    g.finish();
+}
+
+criterion_group!(benches, publish, lookup, patterns, dispatch_many_subs);
 criterion_main!(benches);

@@ -154,6 +154,8 @@ pub trait Bus: Send + Sync + fmt::Debug + 'static {
     ///   written to the connection (broadcast) or acknowledged by the broker (stream) for
     ///   broker transports.
     /// - Messages from one publisher on one topic arrive in publish order.
+    /// - A transport may do the work when `publish` is called rather than when its future is
+    ///   first polled (the memory transport does); the outcome is known only by awaiting it.
     ///
     /// # Errors
     /// [`ErrorKind::Closed`] after `close`; [`ErrorKind::PayloadTooLarge`] above

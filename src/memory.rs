@@ -11,8 +11,11 @@
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Weak};
+use std::task::Poll;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -83,6 +86,10 @@ impl MemoryConfig {
     }
 }
 
+/// The maps looked up on every publish: topics are short strings, hashed by foldhash (seeded
+/// per process) rather than SipHash.
+type FastMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
+
 /// The cached topic -> subscriptions decision is dropped wholesale past this many topics, so
 /// publishing to an unbounded set of topics (reply inboxes) cannot grow it without bound.
 const MAX_CACHED_TOPICS: usize = 16 * 1024;
@@ -92,6 +99,12 @@ const MAX_CACHED_TOPICS: usize = 16 * 1024;
 /// Cloning is cheap and every clone is the same bus. Publishing needs a Tokio runtime only
 /// when a subscription under `block` is full (the publisher then waits) or in stream mode
 /// (ack timeouts are timed by a background task).
+///
+/// A publish does its work when it is called, not when its future is polled: the message is
+/// in every matching subscription's queue (or its stream log) by the time `publish` returns
+/// the future, and the future is already complete, even if it is never awaited. Only when a
+/// `block` subscription's queue is full does the future wait, and the message reaches that
+/// subscription when the future is awaited; every other subscriber has it already.
 #[derive(Clone)]
 pub struct MemoryBus {
     inner: Arc<Inner>,
@@ -117,7 +130,7 @@ struct Inner {
     /// Broadcast subscriptions (every subscription in broadcast mode; reply inboxes in
     /// stream mode). Lock order: `table` before `cache`.
     table: RwLock<Table>,
-    cache: RwLock<HashMap<Topic, Arc<Targets>>>,
+    cache: RwLock<FastMap<Topic, Arc<Targets>>>,
     stream: Mutex<StreamState>,
     /// Wakes the stream-mode timer task (a nack with a delay, close).
     timer: Arc<Notify>,
@@ -136,7 +149,7 @@ struct Sub {
 
 #[derive(Default)]
 struct Table {
-    exact: HashMap<Topic, Vec<Arc<Sub>>>,
+    exact: FastMap<Topic, Vec<Arc<Sub>>>,
     wild: Vec<Arc<Sub>>,
 }
 
@@ -239,7 +252,7 @@ impl MemoryBus {
                 closed: AtomicBool::new(false),
                 next_id: AtomicU64::new(1),
                 table: RwLock::new(Table::default()),
-                cache: RwLock::new(HashMap::new()),
+                cache: RwLock::new(FastMap::default()),
                 stream: Mutex::new(StreamState::default()),
                 timer: Arc::new(Notify::new()),
                 timer_started: AtomicBool::new(false),
@@ -266,10 +279,13 @@ impl MemoryBus {
             .map(|_| Arc::new(self.clone()) as Arc<dyn Bus>)
     }
 
-    async fn publish_broadcast(&self, message: Message) -> Result<()> {
+    /// Hands `message` to the queue of every matching subscription (one member per group)
+    /// without waiting. Returns the deliveries that found their `block` queue full, for the
+    /// publisher to wait on; empty (no allocation) in the common case.
+    fn deliver_broadcast(&self, message: Message) -> Vec<(Arc<Sub>, Delivery)> {
         let targets = self.inner.targets(&message.topic);
         if targets.is_empty() {
-            return Ok(());
+            return Vec::new();
         }
         let reply = self.reply_handle(&message);
         let message = Arc::new(message);
@@ -277,12 +293,12 @@ impl MemoryBus {
             Some(bus) => Delivery::shared(m).with_reply_via(bus.clone()),
             None => Delivery::shared(m),
         };
-        let mut blocked: Vec<(&Arc<Sub>, Delivery)> = Vec::new();
+        let mut blocked: Vec<(Arc<Sub>, Delivery)> = Vec::new();
         let mut gone: Vec<&Arc<Sub>> = Vec::new();
         for sub in &targets.solo {
             match sub.tx.try_send(make(message.clone())) {
                 TrySend::Queued | TrySend::Dropped => {}
-                TrySend::Full(d) => blocked.push((sub, d)),
+                TrySend::Full(d) => blocked.push((sub.clone(), d)),
                 TrySend::Closed(_) => gone.push(sub),
             }
         }
@@ -308,20 +324,50 @@ impl MemoryBus {
             }
             // Every live member is full under `block`: wait for the first one tried.
             if let (Some(d), Some(member)) = (delivery, first_full) {
-                blocked.push((member, d));
+                blocked.push((member.clone(), d));
             }
         }
         for sub in gone {
             self.inner.remove_sub(sub.id, &sub.pattern);
         }
-        // Waiting only after every other subscriber was served: a full `block` queue delays
-        // the publisher, never the other subscribers of this message.
+        blocked
+    }
+
+    /// Waits for room in the full `block` queues, after every other subscriber was served:
+    /// a full queue delays the publisher, never the other subscribers of this message.
+    async fn wait_blocked(&self, blocked: Vec<(Arc<Sub>, Delivery)>) -> Result<()> {
         for (sub, d) in blocked {
             if !sub.tx.send(d).await {
                 self.inner.remove_sub(sub.id, &sub.pattern);
             }
         }
         Ok(())
+    }
+
+    /// Everything a publish does that needs no waiting; `Err(blocked)` holds what must
+    /// still wait for room under `block`.
+    fn publish_now(
+        &self,
+        message: Message,
+    ) -> std::result::Result<Result<()>, Vec<(Arc<Sub>, Delivery)>> {
+        let inner = &*self.inner;
+        if inner.closed.load(Ordering::Acquire) {
+            return Ok(Err(self.closed_error()));
+        }
+        if let Err(e) = inner.caps.check_payload(&inner.name, &message) {
+            return Ok(Err(e));
+        }
+        Counters::incr(&inner.stats.published);
+        if inner.config.mode == Mode::Stream && !is_inbox(message.topic.as_str()) {
+            self.publish_stream(message);
+            return Ok(Ok(()));
+        }
+        let blocked = self.deliver_broadcast(message);
+        if blocked.is_empty() {
+            Ok(Ok(()))
+        } else {
+            Err(blocked)
+        }
     }
 
     fn subscribe_broadcast(
@@ -418,6 +464,18 @@ impl Inner {
     }
 }
 
+/// The future of a publish that completed when it was made: ready at once with `Ok`, and
+/// zero-sized, so boxing it does not allocate.
+struct Published;
+
+impl Future for Published {
+    type Output = Result<()>;
+
+    fn poll(self: Pin<&mut Self>, _cx: &mut std::task::Context<'_>) -> Poll<Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+}
+
 #[async_trait]
 impl Bus for MemoryBus {
     fn name(&self) -> &str {
@@ -428,18 +486,22 @@ impl Bus for MemoryBus {
         self.inner.caps
     }
 
-    async fn publish(&self, message: Message) -> Result<()> {
-        let inner = &*self.inner;
-        if inner.closed.load(Ordering::Acquire) {
-            return Err(self.closed_error());
-        }
-        inner.caps.check_payload(&inner.name, &message)?;
-        Counters::incr(&inner.stats.published);
-        if inner.config.mode == Mode::Stream && !is_inbox(message.topic.as_str()) {
-            self.publish_stream(message);
-            Ok(())
-        } else {
-            self.publish_broadcast(message).await
+    // Written as `async_trait` expands it, not as an `async fn`: the work is done here,
+    // synchronously, and the common outcome is returned as a zero-sized ready future, whose
+    // box allocates nothing. Only a publish that must wait for room under `block` returns a
+    // real future.
+    fn publish<'life0, 'async_trait>(
+        &'life0 self,
+        message: Message,
+    ) -> Pin<Box<dyn Future<Output = Result<()>> + Send + 'async_trait>>
+    where
+        'life0: 'async_trait,
+        Self: 'async_trait,
+    {
+        match self.publish_now(message) {
+            Ok(Ok(())) => Box::pin(Published),
+            Ok(Err(e)) => Box::pin(std::future::ready(Err(e))),
+            Err(blocked) => Box::pin(self.wait_blocked(blocked)),
         }
     }
 

@@ -38,7 +38,7 @@ struct State {
     items: VecDeque<Delivery>,
     /// For `latest`: topic -> sequence number of its queued item. Sequence `head_seq` is at
     /// the front of `items`.
-    latest: HashMap<Topic, u64>,
+    latest: HashMap<Topic, u64, foldhash::fast::RandomState>,
     head_seq: u64,
     closed: bool,
 }
@@ -89,7 +89,7 @@ pub(crate) fn queue(
     let shared = Arc::new(Shared {
         state: Mutex::new(State {
             items: VecDeque::with_capacity(capacity.min(4096)),
-            latest: HashMap::new(),
+            latest: HashMap::default(),
             head_seq: 0,
             closed: false,
         }),

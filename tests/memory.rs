@@ -425,3 +425,48 @@ async fn recv_many_takes_what_is_queued_up_to_the_limit() {
     bus.close().await.unwrap();
     assert_eq!(sub.recv_many(&mut batch, 3).await, 0, "ended after close");
 }
+
+#[tokio::test]
+async fn a_publish_delivers_when_called_even_if_its_future_is_never_awaited() {
+    let bus = MemoryBus::new("b");
+    let mut s = bus
+        .subscribe(pattern("q.*"), SubscribeOptions::new())
+        .await
+        .unwrap();
+    drop(bus.publish(Message::new(topic("q.a"), "one")));
+    assert_eq!(s.pending(), 1);
+    assert_eq!(text(&recv(&mut s).await), "one");
+}
+
+#[tokio::test]
+async fn a_publish_blocked_by_a_full_queue_has_reached_the_other_subscribers_already() {
+    let bus = MemoryBus::new("b");
+    let mut full = bus
+        .subscribe(
+            pattern("q"),
+            SubscribeOptions::new()
+                .capacity(1)
+                .overflow(Overflow::Block),
+        )
+        .await
+        .unwrap();
+    let mut other = bus
+        .subscribe(pattern("q"), SubscribeOptions::new())
+        .await
+        .unwrap();
+    bus.publish(Message::new(topic("q"), "first"))
+        .await
+        .unwrap();
+    let waiting = bus.publish(Message::new(topic("q"), "second"));
+    assert_eq!(other.pending(), 2, "the other subscriber has both already");
+    assert_eq!(
+        full.pending(),
+        1,
+        "the full queue takes the second when it has room"
+    );
+    assert_eq!(text(&recv(&mut full).await), "first");
+    waiting.await.unwrap();
+    assert_eq!(text(&recv(&mut full).await), "second");
+    assert_eq!(text(&recv(&mut other).await), "first");
+    assert_eq!(text(&recv(&mut other).await), "second");
+}

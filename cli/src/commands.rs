@@ -11,6 +11,8 @@ use busway::{
     SubscribeOptions, Topic,
 };
 
+use tokio::signal::unix::{signal, SignalKind};
+
 use crate::text::{escape_payload, table};
 
 /// Fails when a bus names a transport kind `registry` does not know, naming the file, the
@@ -191,7 +193,6 @@ pub fn reload_on_hangup(
     path: PathBuf,
     registry: Registry,
 ) -> Result<tokio::task::JoinHandle<()>> {
-    use tokio::signal::unix::{signal, SignalKind};
     // Installed before returning: SIGHUP's default action would end the process.
     let mut hangups = signal(SignalKind::hangup()).map_err(|e| {
         Error::new(ErrorKind::Other, "cannot install the SIGHUP handler").with_source(e)
@@ -242,6 +243,16 @@ pub async fn tail(
     let reloader = reload_on_hangup(router.clone(), config_path.to_path_buf(), registry.clone());
     let result = async {
         let _stop_reloading = AbortOnDrop(reloader?);
+        // One handler for the whole tail: a Ctrl-C that lands while a line is written or
+        // acked is seen at the next wait (a fresh `ctrl_c()` per wait would miss it, and
+        // the installed handler would keep the process from ending).
+        let mut interrupt = signal(SignalKind::interrupt()).map_err(|e| {
+            Error::new(
+                ErrorKind::Other,
+                "cannot install the Ctrl-C (SIGINT) handler",
+            )
+            .with_source(e)
+        })?;
         let mut sub = router
             .subscribe(pattern.clone(), SubscribeOptions::new())
             .await?;
@@ -260,7 +271,7 @@ pub async fn tail(
                         None => std::future::pending().await,
                     }
                 } => break,
-                _ = tokio::signal::ctrl_c() => break,
+                _ = interrupt.recv() => break,
             };
             let Some(delivery) = next else { break };
             let m = delivery.message();

@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 use busway::{Bus, Config, Error, ErrorKind, Pattern, Registry, Result, Router, StatsSnapshot};
 use futures::stream::{SelectAll, StreamExt};
 use hdrhistogram::Histogram;
+use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
@@ -117,6 +118,8 @@ pub struct EngineRow {
     pub received: u64,
     /// Messages published.
     pub published: u64,
+    /// Deliveries it acked (every one it handled, unless the ack failed).
+    pub acked: u64,
     /// Buses it subscribed on.
     pub subscribes_on: Vec<String>,
     /// Buses it published to.
@@ -164,6 +167,10 @@ pub struct DemoReport {
     pub engines: Vec<EngineRow>,
     /// Per bus.
     pub buses: Vec<BusRow>,
+    /// Publishes that returned `Ok`, per bus they went to (a mirrored topic counts on each
+    /// of its buses), over the feed and every engine. Each is on its broker once the run
+    /// ends: the demo flushes and closes the router before reporting.
+    pub ok_publishes: BTreeMap<String, u64>,
     /// The migration check passed: no engine holds a connection to `main` or sent traffic
     /// through it.
     pub pass: bool,
@@ -218,6 +225,17 @@ async fn run_with(
     router: Arc<Router>,
     engines: Vec<Box<dyn Engine>>,
 ) -> Result<DemoReport> {
+    // Installed once, before anything is published, and kept to the end: a Ctrl-C at any
+    // later moment stops the run the graceful way (feed first, engines drained, router
+    // flushed and closed) instead of ending the process with publishes still queued. A
+    // `ctrl_c()` future made per wait would miss a Ctrl-C that lands between two waits.
+    let mut interrupt = signal(SignalKind::interrupt()).map_err(|e| {
+        Error::new(
+            ErrorKind::Other,
+            "cannot install the Ctrl-C (SIGINT) handler",
+        )
+        .with_source(e)
+    })?;
     let (stop_tx, stop_rx) = watch::channel(false);
     let tracked = |usage: &Arc<Usage>| -> Arc<dyn Bus> {
         Arc::new(TrackedBus::new(router.clone(), usage.clone()))
@@ -265,10 +283,15 @@ async fn run_with(
         None
     };
 
+    eprintln!(
+        "busway: demo running: {} engines{}; Ctrl-C stops it and flushes what was published",
+        running.len(),
+        if feed.is_some() { " and the feed" } else { "" }
+    );
     let started = Instant::now();
     let interrupted = tokio::select! {
         _ = tokio::time::sleep(options.duration) => false,
-        r = tokio::signal::ctrl_c() => r.is_ok(),
+        r = interrupt.recv() => r.is_some(),
     };
     let elapsed = started.elapsed();
 
@@ -288,9 +311,17 @@ async fn run_with(
     router.flush().await?;
 
     let mut latency: BTreeMap<String, Histogram<u64>> = BTreeMap::new();
+    let mut ok_publishes: BTreeMap<String, u64> = router
+        .buses()
+        .into_iter()
+        .map(|(name, _)| (name, 0))
+        .collect();
     let mut rows = Vec::new();
     for (name, port, usage, summary) in finished {
         let u = usage.lock();
+        for (bus, n) in &u.published {
+            *ok_publishes.entry(bus.clone()).or_default() += n;
+        }
         for (bus, h) in &u.latency {
             match latency.get_mut(bus) {
                 Some(all) => {
@@ -331,6 +362,7 @@ async fn run_with(
         interrupted,
         engines: rows,
         buses,
+        ok_publishes,
         pass,
         verdict,
     })
@@ -386,8 +418,9 @@ async fn engine_loop(
                 usage.error(&e);
             }
         }
-        if let Err(e) = delivery.ack().await {
-            usage.error(&e);
+        match delivery.ack().await {
+            Ok(()) => usage.lock().acked += 1,
+            Err(e) => usage.error(&e),
         }
     }
     engine.summary()
@@ -445,6 +478,7 @@ fn engine_row(name: &str, port: Option<u16>, u: &UsageCounts, summary: String) -
         port,
         received: u.total_received(),
         published: u.total_published(),
+        acked: u.acked,
         subscribes_on: u.subscriptions.keys().cloned().collect(),
         publishes_to: u.published.keys().cloned().collect(),
         main_connections: main_subs + u64::from(main_pub > 0),
@@ -585,6 +619,25 @@ impl fmt::Display for DemoReport {
             "\nmigration check: {}: {}",
             if self.pass { "PASS" } else { "FAIL" },
             self.verdict
+        )?;
+        // One line for scripts and tests: what the brokers must hold after the run.
+        let sum = |field: fn(&EngineRow) -> u64| self.engines.iter().map(field).sum::<u64>();
+        write!(
+            f,
+            "RESULT demo interrupted={} received={} acked={} errors={} ok_publishes={}",
+            self.interrupted,
+            sum(|e| e.received),
+            sum(|e| e.acked),
+            sum(|e| e.errors),
+            self.ok_publishes.values().sum::<u64>()
+        )?;
+        for (bus, n) in &self.ok_publishes {
+            write!(f, " ok_publishes.{bus}={n}")?;
+        }
+        writeln!(
+            f,
+            " dropped={}",
+            self.buses.iter().map(|b| b.stats.dropped).sum::<u64>()
         )
     }
 }

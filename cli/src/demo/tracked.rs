@@ -30,6 +30,8 @@ pub struct UsageCounts {
     pub subscriptions: BTreeMap<String, u64>,
     /// Publish -> deliver latency in µs, per bus.
     pub latency: BTreeMap<String, Histogram<u64>>,
+    /// Deliveries acked (the ack returned `Ok`).
+    pub acked: u64,
     /// Errors seen (publish failures, payloads that did not decode).
     pub errors: u64,
     /// The first error's text.
@@ -42,6 +44,7 @@ impl fmt::Debug for UsageCounts {
             .field("published", &self.published)
             .field("received", &self.received)
             .field("subscriptions", &self.subscriptions)
+            .field("acked", &self.acked)
             .field("errors", &self.errors)
             .finish()
     }
