@@ -1,5 +1,8 @@
 //! The `busway` binary, run as a user runs it.
 
+mod common;
+use common::Spawned;
+
 use std::ffi::OsStr;
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -474,64 +477,13 @@ fn pub_publishes_or_names_what_is_wrong() {
     assert!(run.stderr.contains("KEY=VALUE"), "{run:?}");
 }
 
-/// A `busway` process left running, its output going to files.
-struct Spawned {
-    child: std::process::Child,
-    dir: tempfile::TempDir,
-}
-
-impl Spawned {
-    fn start(args: &[&OsStr]) -> Spawned {
-        let dir = tempfile::tempdir().unwrap();
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_busway"));
-        cmd.args(args)
-            .stdin(Stdio::null())
-            .stdout(std::fs::File::create(dir.path().join("stdout")).unwrap())
-            .stderr(std::fs::File::create(dir.path().join("stderr")).unwrap());
-        for (k, _) in std::env::vars().filter(|(k, _)| k.starts_with("BUSWAY_")) {
-            cmd.env_remove(k);
-        }
-        Spawned {
-            child: cmd.spawn().unwrap(),
-            dir,
-        }
-    }
-
-    fn stderr(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("stderr")).unwrap()
-    }
-
-    /// Waits (10 s at most) until stderr contains `needle`.
-    fn wait_stderr(&self, needle: &str) {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !self.stderr().contains(needle) {
-            assert!(
-                Instant::now() < deadline,
-                "no {needle:?} in {}",
-                self.stderr()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    fn finish(mut self) -> Run {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        let status = loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                break status;
-            }
-            if Instant::now() > deadline {
-                self.child.kill().unwrap();
-                self.child.wait().unwrap();
-                panic!("busway did not finish within 60 s: {}", self.stderr());
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        };
-        Run {
-            code: status.code(),
-            stdout: std::fs::read_to_string(self.dir.path().join("stdout")).unwrap(),
-            stderr: self.stderr(),
-        }
+/// Waits for a spawned `busway` to exit (60 s at most).
+fn finished(spawned: Spawned) -> Run {
+    let (code, stdout, stderr) = spawned.finish(Duration::from_secs(60));
+    Run {
+        code,
+        stdout,
+        stderr,
     }
 }
 
@@ -589,7 +541,8 @@ fn pub_and_tail_work_across_processes_on_redis() {
         OsStr::new("--timeout"),
         OsStr::new("30"),
     ]);
-    tail.wait_stderr("tailing engine.>");
+    let mut tail = tail;
+    tail.wait_stderr("tailing engine.>", Duration::from_secs(10));
     for (topic, payload) in [
         ("engine.orders.AAPL", &b"{\"qty\":10}"[..]),
         ("engine.margin", &b"caf\xc3\xa9 \xff\nend"[..]),
@@ -600,11 +553,11 @@ fn pub_and_tail_work_across_processes_on_redis() {
             OsStr::from_bytes(payload),
             OsStr::new("--config"),
             config,
-        ])
-        .finish();
+        ]);
+        let run = finished(run);
         assert!(run.ok(), "{run:?}");
     }
-    let run = tail.finish();
+    let run = finished(tail);
     assert!(run.ok(), "{run:?}");
     assert_eq!(
         run.stdout, "engine.orders.AAPL {\"qty\":10}\nengine.margin café \\xff\\nend\n",
@@ -650,7 +603,7 @@ fn demo_splits_into_processes_on_redis() {
         engine_row(&front.stdout, "strategy").unwrap().1 > 0,
         "{front:?}"
     );
-    let back = back.finish();
+    let back = finished(back);
     assert!(back.ok(), "{back:?}");
     for name in ["portfolio", "collateral"] {
         assert!(

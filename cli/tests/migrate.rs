@@ -2,9 +2,12 @@
 //! and a Redis bus, reload under load between memory and Redis with exact counts, SIGHUP
 //! reload of `busway tail`, and `busway audit`.
 
+mod common;
+use common::Spawned;
+
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -204,63 +207,6 @@ drain_grace_ms = 200
     router.close().await.unwrap();
 }
 
-/// A `busway` process whose output goes to files.
-struct Spawned {
-    child: std::process::Child,
-    dir: tempfile::TempDir,
-}
-
-impl Spawned {
-    fn start(args: &[&str]) -> Spawned {
-        let dir = tempfile::tempdir().unwrap();
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_busway"));
-        cmd.args(args)
-            .stdin(Stdio::null())
-            .stdout(std::fs::File::create(dir.path().join("stdout")).unwrap())
-            .stderr(std::fs::File::create(dir.path().join("stderr")).unwrap());
-        for (k, _) in std::env::vars().filter(|(k, _)| k.starts_with("BUSWAY_")) {
-            cmd.env_remove(k);
-        }
-        Spawned {
-            child: cmd.spawn().unwrap(),
-            dir,
-        }
-    }
-
-    fn read(&self, name: &str) -> String {
-        std::fs::read_to_string(self.dir.path().join(name)).unwrap()
-    }
-
-    fn wait_stderr(&self, needle: &str) {
-        let deadline = Instant::now() + WAIT;
-        while !self.read("stderr").contains(needle) {
-            assert!(
-                Instant::now() < deadline,
-                "no {needle:?} in {}",
-                self.read("stderr")
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    /// Waits for the exit (60 s at most): (exit code, stdout, stderr).
-    fn finish(mut self) -> (Option<i32>, String, String) {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        let status = loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                break status;
-            }
-            if Instant::now() > deadline {
-                self.child.kill().unwrap();
-                self.child.wait().unwrap();
-                panic!("busway did not finish: {}", self.read("stderr"));
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        };
-        (status.code(), self.read("stdout"), self.read("stderr"))
-    }
-}
-
 fn write(path: &Path, text: &str) {
     std::fs::write(path, text).unwrap();
 }
@@ -297,7 +243,7 @@ drain_grace_ms = 100
     let dir = tempfile::tempdir().unwrap();
     let path: PathBuf = dir.path().join("busway.toml");
     write(&path, &text("old"));
-    let tail = Spawned::start(&[
+    let mut tail = Spawned::start(&[
         "tail",
         "orders.>",
         "--config",
@@ -307,7 +253,7 @@ drain_grace_ms = 100
         "--timeout",
         "30",
     ]);
-    tail.wait_stderr("tailing orders.>");
+    tail.wait_stderr("tailing orders.>", WAIT);
     let registry = busway_cli::registry();
     let before = Router::from_config(&Config::load(&path).unwrap(), &registry)
         .await
@@ -316,12 +262,8 @@ drain_grace_ms = 100
     before.close().await.unwrap();
 
     write(&path, &text("new"));
-    let status = Command::new("kill")
-        .args(["-HUP", &tail.child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
-    tail.wait_stderr("busway: reloaded");
+    tail.signal("-HUP");
+    tail.wait_stderr("busway: reloaded", WAIT);
     let after = Router::from_config(&Config::load(&path).unwrap(), &registry)
         .await
         .unwrap();
@@ -331,7 +273,7 @@ drain_grace_ms = 100
     );
     after.publish(msg("orders.x", "on new")).await.unwrap();
     after.close().await.unwrap();
-    let (code, stdout, stderr) = tail.finish();
+    let (code, stdout, stderr) = tail.finish(Duration::from_secs(60));
     assert_eq!(code, Some(0), "{stderr}");
     assert_eq!(stdout, "orders.x on old\norders.x on new\n", "{stderr}");
     assert!(

@@ -2,78 +2,14 @@
 //! stopped, engines drained, router flushed and closed), the process exits 0, and every
 //! publish the demo reports as Ok is on the broker.
 
+mod common;
+use common::Spawned;
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use busway_testkit::redis::RedisServer;
-
-/// A `busway` process with its stdout and stderr in files.
-struct Spawned {
-    child: Child,
-    dir: tempfile::TempDir,
-}
-
-impl Spawned {
-    fn start(args: &[&str], env: &[(String, String)]) -> Spawned {
-        let dir = tempfile::tempdir().unwrap();
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_busway"));
-        cmd.args(args)
-            .stdin(Stdio::null())
-            .stdout(std::fs::File::create(dir.path().join("stdout")).unwrap())
-            .stderr(std::fs::File::create(dir.path().join("stderr")).unwrap());
-        for (k, _) in std::env::vars().filter(|(k, _)| k.starts_with("BUSWAY_")) {
-            cmd.env_remove(k);
-        }
-        cmd.envs(env.iter().map(|(k, v)| (k, v)));
-        Spawned {
-            child: cmd.spawn().unwrap(),
-            dir,
-        }
-    }
-
-    fn read(&self, name: &str) -> String {
-        std::fs::read_to_string(self.dir.path().join(name)).unwrap()
-    }
-
-    fn wait_stderr(&mut self, needle: &str) {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while !self.read("stderr").contains(needle) {
-            if Instant::now() > deadline || self.child.try_wait().unwrap().is_some() {
-                let _ = self.child.kill();
-                let _ = self.child.wait();
-                panic!("no {needle:?} on stderr:\n{}", self.read("stderr"));
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    fn interrupt(&self) {
-        let status = Command::new("kill")
-            .args(["-INT", &self.child.id().to_string()])
-            .status()
-            .unwrap();
-        assert!(status.success(), "kill -INT failed");
-    }
-
-    /// Waits for the exit (90 s at most): (exit code, stdout, stderr).
-    fn finish(mut self) -> (Option<i32>, String, String) {
-        let deadline = Instant::now() + Duration::from_secs(90);
-        let status = loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                break status;
-            }
-            if Instant::now() > deadline {
-                self.child.kill().unwrap();
-                self.child.wait().unwrap();
-                panic!("busway did not finish:\n{}", self.read("stderr"));
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        };
-        (status.code(), self.read("stdout"), self.read("stderr"))
-    }
-}
 
 fn workspace_file(rel: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join(rel)
@@ -112,7 +48,7 @@ fn ctrl_c_in_the_demo_on_redis_streams_leaves_every_ok_publish_on_the_broker() {
         env.push((format!("BUSWAY_BUS_{bus}_MODE"), "stream".to_string()));
     }
     let config = workspace_file("examples/demo-redis.toml");
-    let mut demo = Spawned::start(
+    let mut demo = Spawned::start_env(
         &[
             "demo",
             "--config",
@@ -124,10 +60,10 @@ fn ctrl_c_in_the_demo_on_redis_streams_leaves_every_ok_publish_on_the_broker() {
         ],
         &env,
     );
-    demo.wait_stderr("busway: demo running");
+    demo.wait_stderr("busway: demo running", Duration::from_secs(30));
     std::thread::sleep(Duration::from_secs(2));
     demo.interrupt();
-    let (code, stdout, stderr) = demo.finish();
+    let (code, stdout, stderr) = demo.finish(Duration::from_secs(90));
     assert_eq!(code, Some(0), "stdout:\n{stdout}\nstderr:\n{stderr}");
     assert!(stdout.contains("(stopped by Ctrl-C)"), "{stdout}");
     let result = result_line(&stdout);
