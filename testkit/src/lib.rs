@@ -8,4 +8,4 @@ pub mod nats;
 pub mod redis;
 mod server;
 
-pub use server::{broker_binary, free_port, ServerProcess};
+pub use server::{broker_binary, free_port, free_ports, ServerProcess};

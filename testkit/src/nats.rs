@@ -2,7 +2,7 @@
 
 use std::path::Path;
 
-use crate::server::{broker_binary, free_port, ServerProcess};
+use crate::server::{broker_binary, free_ports, ServerProcess};
 
 /// How to start a [`NatsServer`]: auth and limits written to its config file.
 #[derive(Debug, Clone, Default)]
@@ -45,8 +45,7 @@ impl NatsServer {
     }
 
     fn start_binary(binary: &Path, options: NatsServerOptions) -> NatsServer {
-        let port = free_port();
-        let monitor_port = free_port();
+        let [port, monitor_port] = free_ports();
         let mut conf = format!(
             "max_payload: {}\n",
             options.max_payload.unwrap_or(8 * 1024 * 1024)

@@ -8,10 +8,24 @@ use std::time::{Duration, Instant};
 
 /// A free TCP port on 127.0.0.1 (bound, then released).
 pub fn free_port() -> u16 {
-    TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("bind an ephemeral port on 127.0.0.1")
+    free_ports::<1>()[0]
+}
+
+/// `N` distinct free loopback ports (held open together while they are picked, so the
+/// kernel cannot hand out the same one twice).
+pub fn free_ports<const N: usize>() -> [u16; N] {
+    let listeners: Vec<TcpListener> = (0..N)
+        .map(|_| {
+            TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+                .expect("bind an ephemeral port on 127.0.0.1")
+        })
+        .collect();
+    std::array::from_fn(|i| {
+        listeners[i]
+            .local_addr()
+            .expect("a bound listener has an address")
+            .port()
+    })
 }
 
 /// Finds a broker binary (`redis-server`, `nats-server`) on PATH or in `/usr/sbin`.
