@@ -11,9 +11,25 @@ use busway::{
     SubscribeOptions, Topic,
 };
 
-use tokio::signal::unix::{signal, SignalKind};
+use tokio::signal::unix::{signal, Signal, SignalKind};
 
 use crate::text::{escape_payload, table};
+
+/// Installs the Ctrl-C (SIGINT) handler a command keeps for its whole run: one handler, so a
+/// Ctrl-C that lands between two waits is seen at the next (a `ctrl_c()` future made per
+/// wait would miss it, and the installed handler would keep the process from ending).
+///
+/// # Errors
+/// When the handler cannot be installed.
+pub(crate) fn ctrl_c_handler() -> Result<Signal> {
+    signal(SignalKind::interrupt()).map_err(|e| {
+        Error::new(
+            ErrorKind::Other,
+            "cannot install the Ctrl-C (SIGINT) handler",
+        )
+        .with_source(e)
+    })
+}
 
 /// Fails when a bus names a transport kind `registry` does not know, naming the file, the
 /// key and the known kinds (the same error building the bus would give, without connecting).
@@ -243,16 +259,8 @@ pub async fn tail(
     let reloader = reload_on_hangup(router.clone(), config_path.to_path_buf(), registry.clone());
     let result = async {
         let _stop_reloading = AbortOnDrop(reloader?);
-        // One handler for the whole tail: a Ctrl-C that lands while a line is written or
-        // acked is seen at the next wait (a fresh `ctrl_c()` per wait would miss it, and
-        // the installed handler would keep the process from ending).
-        let mut interrupt = signal(SignalKind::interrupt()).map_err(|e| {
-            Error::new(
-                ErrorKind::Other,
-                "cannot install the Ctrl-C (SIGINT) handler",
-            )
-            .with_source(e)
-        })?;
+        // A Ctrl-C that lands while a line is written or acked is seen at the next wait.
+        let mut interrupt = ctrl_c_handler()?;
         let mut sub = router
             .subscribe(pattern.clone(), SubscribeOptions::new())
             .await?;

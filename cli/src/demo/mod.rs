@@ -16,11 +16,10 @@ use std::time::{Duration, Instant};
 use busway::{Bus, Config, Error, ErrorKind, Pattern, Registry, Result, Router, StatsSnapshot};
 use futures::stream::{SelectAll, StreamExt};
 use hdrhistogram::Histogram;
-use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use crate::commands::check_transports;
+use crate::commands::{check_transports, ctrl_c_handler};
 use crate::text::table;
 use engines::{Engine, ENGINES};
 use feed::Feed;
@@ -227,15 +226,8 @@ async fn run_with(
 ) -> Result<DemoReport> {
     // Installed once, before anything is published, and kept to the end: a Ctrl-C at any
     // later moment stops the run the graceful way (feed first, engines drained, router
-    // flushed and closed) instead of ending the process with publishes still queued. A
-    // `ctrl_c()` future made per wait would miss a Ctrl-C that lands between two waits.
-    let mut interrupt = signal(SignalKind::interrupt()).map_err(|e| {
-        Error::new(
-            ErrorKind::Other,
-            "cannot install the Ctrl-C (SIGINT) handler",
-        )
-        .with_source(e)
-    })?;
+    // flushed and closed) instead of ending the process with publishes still queued.
+    let mut interrupt = ctrl_c_handler()?;
     let (stop_tx, stop_rx) = watch::channel(false);
     let tracked = |usage: &Arc<Usage>| -> Arc<dyn Bus> {
         Arc::new(TrackedBus::new(router.clone(), usage.clone()))
