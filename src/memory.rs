@@ -31,7 +31,7 @@ use crate::queue::{QueueSender, TrySend};
 use crate::registry::{BuildContext, TransportFactory};
 use crate::stats::{Counters, Health, StatsSnapshot};
 use crate::subscription::{Acker, Delivery, Subscription};
-use crate::topic::{Pattern, Topic};
+use crate::topic::{Pattern, Topic, TopicMap};
 
 /// Settings of a [`MemoryBus`].
 #[derive(Debug, Clone)]
@@ -86,10 +86,6 @@ impl MemoryConfig {
     }
 }
 
-/// The maps looked up on every publish: topics are short strings, hashed by foldhash (seeded
-/// per process) rather than SipHash.
-type FastMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
-
 /// The cached topic -> subscriptions decision is dropped wholesale past this many topics, so
 /// publishing to an unbounded set of topics (reply inboxes) cannot grow it without bound.
 const MAX_CACHED_TOPICS: usize = 16 * 1024;
@@ -130,7 +126,7 @@ struct Inner {
     /// Broadcast subscriptions (every subscription in broadcast mode; reply inboxes in
     /// stream mode). Lock order: `table` before `cache`.
     table: RwLock<Table>,
-    cache: RwLock<FastMap<Topic, Arc<Targets>>>,
+    cache: RwLock<TopicMap<Arc<Targets>>>,
     stream: Mutex<StreamState>,
     /// Wakes the stream-mode timer task (a nack with a delay, close).
     timer: Arc<Notify>,
@@ -149,7 +145,7 @@ struct Sub {
 
 #[derive(Default)]
 struct Table {
-    exact: FastMap<Topic, Vec<Arc<Sub>>>,
+    exact: TopicMap<Vec<Arc<Sub>>>,
     wild: Vec<Arc<Sub>>,
 }
 
@@ -252,7 +248,7 @@ impl MemoryBus {
                 closed: AtomicBool::new(false),
                 next_id: AtomicU64::new(1),
                 table: RwLock::new(Table::default()),
-                cache: RwLock::new(FastMap::default()),
+                cache: RwLock::new(TopicMap::default()),
                 stream: Mutex::new(StreamState::default()),
                 timer: Arc::new(Notify::new()),
                 timer_started: AtomicBool::new(false),
@@ -344,30 +340,20 @@ impl MemoryBus {
         Ok(())
     }
 
-    /// Everything a publish does that needs no waiting; `Err(blocked)` holds what must
-    /// still wait for room under `block`.
-    fn publish_now(
-        &self,
-        message: Message,
-    ) -> std::result::Result<Result<()>, Vec<(Arc<Sub>, Delivery)>> {
+    /// Everything a publish does that needs no waiting. Returns the deliveries that must
+    /// still wait for room under `block` (none, and no allocation, in the common case).
+    fn publish_now(&self, message: Message) -> Result<Vec<(Arc<Sub>, Delivery)>> {
         let inner = &*self.inner;
         if inner.closed.load(Ordering::Acquire) {
-            return Ok(Err(self.closed_error()));
+            return Err(self.closed_error());
         }
-        if let Err(e) = inner.caps.check_payload(&inner.name, &message) {
-            return Ok(Err(e));
-        }
+        inner.caps.check_payload(&inner.name, &message)?;
         Counters::incr(&inner.stats.published);
         if inner.config.mode == Mode::Stream && !is_inbox(message.topic.as_str()) {
             self.publish_stream(message);
-            return Ok(Ok(()));
+            return Ok(Vec::new());
         }
-        let blocked = self.deliver_broadcast(message);
-        if blocked.is_empty() {
-            Ok(Ok(()))
-        } else {
-            Err(blocked)
-        }
+        Ok(self.deliver_broadcast(message))
     }
 
     fn subscribe_broadcast(
@@ -499,9 +485,9 @@ impl Bus for MemoryBus {
         Self: 'async_trait,
     {
         match self.publish_now(message) {
-            Ok(Ok(())) => Box::pin(Published),
-            Ok(Err(e)) => Box::pin(std::future::ready(Err(e))),
-            Err(blocked) => Box::pin(self.wait_blocked(blocked)),
+            Ok(blocked) if blocked.is_empty() => Box::pin(Published),
+            Ok(blocked) => Box::pin(self.wait_blocked(blocked)),
+            Err(e) => Box::pin(std::future::ready(Err(e))),
         }
     }
 

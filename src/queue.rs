@@ -19,7 +19,7 @@ use tokio::sync::Notify;
 use crate::options::Overflow;
 use crate::stats::Counters;
 use crate::subscription::Delivery;
-use crate::topic::Topic;
+use crate::topic::TopicMap;
 
 /// What happened to a message offered with [`QueueSender::try_send`].
 #[derive(Debug)]
@@ -38,7 +38,7 @@ struct State {
     items: VecDeque<Delivery>,
     /// For `latest`: topic -> sequence number of its queued item. Sequence `head_seq` is at
     /// the front of `items`.
-    latest: HashMap<Topic, u64, foldhash::fast::RandomState>,
+    latest: TopicMap<u64>,
     head_seq: u64,
     closed: bool,
 }

@@ -13,6 +13,10 @@ use std::sync::Arc;
 
 use crate::error::{Error, ErrorKind, Result};
 
+/// A map keyed by topic, for lookups on the publish path: topics are short strings, hashed
+/// with foldhash (seeded per process) rather than SipHash.
+pub(crate) type TopicMap<V> = std::collections::HashMap<Topic, V, foldhash::fast::RandomState>;
+
 /// The longest topic or pattern accepted, in bytes.
 pub const MAX_TOPIC_LEN: usize = 256;
 
