@@ -493,16 +493,7 @@ async fn nack_group(
     // The delivery count before this claim.
     let delivered = pending_count(&mut cmd, key, group, id).await.unwrap_or(1);
     if let Some((id, fields, attempt)) = claim(ctx, &mut cmd, key, group, id, 0, delivered).await? {
-        deliver_group(
-            ctx,
-            key,
-            group,
-            id,
-            fields,
-            attempt,
-            std::slice::from_ref(tx),
-        )
-        .await;
+        deliver_group(ctx, key, group, id, fields, attempt, std::iter::once(tx)).await;
     }
     Ok(())
 }
@@ -550,14 +541,14 @@ async fn claim(
 /// undecodable entry is counted and acked, so it never blocks the group or comes back.
 /// Preferring a queue with room means one slow subscription of a group does not hold up
 /// the entries its group mates could take.
-async fn deliver_group(
+async fn deliver_group<'a>(
     ctx: &Arc<Ctx>,
     key: &Arc<str>,
     group: &Arc<str>,
     id: String,
     fields: Vec<Value>,
     attempt: u32,
-    to: &[QueueSender],
+    to: impl Iterator<Item = &'a QueueSender> + Clone,
 ) {
     let message = match ctx.decode(key, fields) {
         Ok(message) => Arc::new(message),
@@ -592,7 +583,7 @@ async fn deliver_group(
             ctx.redelivered(tx);
         }
     };
-    for tx in to {
+    for tx in to.clone() {
         match tx.try_send(delivery(tx)) {
             TrySend::Queued | TrySend::Dropped => return counted(tx),
             TrySend::Full(_) | TrySend::Closed(_) => {}
@@ -1387,13 +1378,10 @@ impl Task {
             return;
         };
         self.turn = self.turn.wrapping_add(1);
-        let n = to.len();
-        let in_turn: Vec<QueueSender> = (0..n)
-            .map(|k| &self.members[to[(self.turn + k) % n]].target.tx)
-            .filter(|tx| !tx.is_closed())
-            .cloned()
-            .collect();
-        deliver_group(&self.ctx, key, group, id, fields, attempt, &in_turn).await;
+        let (n, turn, members) = (to.len(), self.turn, &self.members);
+        // A closed member's queue refuses the entry and the next one in turn gets it.
+        let in_turn = (0..n).map(|k| &members[to[(turn + k) % n]].target.tx);
+        deliver_group(&self.ctx, key, group, id, fields, attempt, in_turn).await;
     }
 
     /// Every entry to every group-less subscription reading the key past where it started.
