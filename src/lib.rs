@@ -48,5 +48,5 @@ pub use router::{
     DEFAULT_ROUTE_CACHE,
 };
 pub use stats::{Counters, Health, StatsSnapshot};
-pub use subscription::{Accept, Acker, Delivery, MergeHandle, Subscription};
+pub use subscription::{ack_each, Accept, Acker, Delivery, MergeHandle, Subscription};
 pub use topic::{Pattern, PatternToken, Topic, MAX_TOPIC_LEN};

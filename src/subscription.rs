@@ -21,13 +21,35 @@ use crate::stats::{Counters, StatsSnapshot};
 use crate::topic::Pattern;
 
 /// Settles one stream-mode delivery with its broker. Transports implement it; users call
-/// [`Delivery::ack`] / [`Delivery::nack`].
+/// [`Delivery::ack`] / [`Delivery::nack`] / [`Delivery::ack_all`].
+///
+/// `Any` is a supertrait so that a transport's [`Acker::ack_with`] can recognise its own
+/// ackers among others and settle them together.
 #[async_trait]
-pub trait Acker: Send + Sync + fmt::Debug + 'static {
+pub trait Acker: Any + Send + Sync + fmt::Debug {
     /// Marks the delivery processed; it is not delivered again.
     async fn ack(&self) -> Result<()>;
     /// Asks for redelivery, after `delay` when given.
     async fn nack(&self, delay: Option<Duration>) -> Result<()>;
+    /// Acks this delivery and `others` together, in as few broker round trips as the
+    /// transport allows; `Ok` once every one of them is acked. `others` may hold ackers of
+    /// other buses and transports: pass those on with [`ack_each`].
+    ///
+    /// The default acks them all concurrently, one [`Acker::ack`] each.
+    async fn ack_with(&self, others: &[&dyn Acker]) -> Result<()> {
+        let (mine, theirs) = futures::join!(self.ack(), ack_each(others));
+        mine.and(theirs)
+    }
+}
+
+/// Acks every one of `ackers`, letting the first one's transport batch those it recognises
+/// (see [`Acker::ack_with`]). `Ok` once all are acked; otherwise the first error (acks are
+/// idempotent, so acking the same set again is safe).
+pub async fn ack_each(ackers: &[&dyn Acker]) -> Result<()> {
+    match ackers.split_first() {
+        None => Ok(()),
+        Some((first, rest)) => first.ack_with(rest).await,
+    }
 }
 
 /// One message handed to a subscriber.
@@ -119,6 +141,34 @@ impl Delivery {
             Some(a) => a.ack().await,
             None => Ok(()),
         }
+    }
+
+    /// Acknowledges a batch of deliveries together: the transport settles those it can in one
+    /// round trip (Redis: one `XACK` per stream key and group, all in one pipeline), where
+    /// acking each one makes a round trip (or a share of one) per delivery. Deliveries in
+    /// broadcast mode are skipped; deliveries of different buses may be mixed.
+    ///
+    /// # Errors
+    /// The first ack that failed (the others may have succeeded; acks are idempotent, so
+    /// acking the whole batch again is safe).
+    ///
+    /// ```no_run
+    /// # async fn run(mut sub: busway::Subscription) -> busway::Result<()> {
+    /// let mut batch = Vec::new();
+    /// while sub.recv_many(&mut batch, 256).await > 0 {
+    ///     // ... handle the batch ...
+    ///     busway::Delivery::ack_all(&batch).await?;
+    ///     batch.clear();
+    /// }
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub async fn ack_all<'a>(deliveries: impl IntoIterator<Item = &'a Delivery>) -> Result<()> {
+        let ackers: Vec<&dyn Acker> = deliveries
+            .into_iter()
+            .filter_map(|d| d.acker.as_deref())
+            .collect();
+        ack_each(&ackers).await
     }
 
     /// Asks for redelivery now. A no-op in broadcast mode.

@@ -111,6 +111,7 @@ macro_rules! conformance_tests {
             wildcard_semantics,
             consumer_groups_share_and_split,
             nack_redelivers_until_ack,
+            ack_all_settles_exactly_the_batch,
             per_publisher_order,
             stream_replay_from_beginning,
             request_reply,
@@ -626,6 +627,84 @@ pub async fn nack_redelivers_until_ack(f: &Fixture) {
         redelivered >= 2,
         "{case}: stats count {redelivered} redeliveries after two nacks"
     );
+}
+
+/// `Delivery::ack_all` acks exactly the deliveries it is given: those are never delivered
+/// again, the others of the same read come back after the ack timeout. In broadcast mode it
+/// is an `Ok` no-op.
+pub async fn ack_all_settles_exactly_the_batch(f: &Fixture) {
+    let case = "ack_all_settles_exactly_the_batch";
+    let t = format!("{}.job", prefix(case));
+    if !f.caps().ack {
+        let mut s = sub(f, &t, SubscribeOptions::new()).await;
+        publish_str(f, &t, "x").await;
+        let d = match s.recv_timeout(WAIT).await {
+            Ok(Some(d)) => d,
+            other => panic!("{case}: the delivery did not come: {other:?}"),
+        };
+        Delivery::ack_all([&d])
+            .await
+            .unwrap_or_else(|e| panic!("{case}: ack_all in broadcast mode: {e}"));
+        return skipped(case, "the bus has no acks (broadcast mode)");
+    }
+    let timeout = Duration::from_secs(1);
+    let mut s = sub(
+        f,
+        &t,
+        SubscribeOptions::new().group("batch").ack_timeout(timeout),
+    )
+    .await;
+    let n = 20;
+    for i in 0..n {
+        publish_str(f, &t, format!("job-{i}")).await;
+    }
+    let mut batch = Vec::new();
+    while batch.len() < n {
+        match s.recv_timeout(WAIT).await {
+            Ok(Some(d)) => batch.push(d),
+            other => panic!(
+                "{case}: delivery {} of {n} did not come: {other:?}",
+                batch.len() + 1
+            ),
+        }
+    }
+    // Ack the first 15 in one call; leave 5 unacked.
+    let (acked, left) = batch.split_at(15);
+    Delivery::ack_all(acked)
+        .await
+        .unwrap_or_else(|e| panic!("{case}: ack_all: {e}"));
+    let mut want: BTreeSet<String> = left.iter().map(|d| text(d.message())).collect();
+    let mut again = Vec::new();
+    while !want.is_empty() {
+        match s.recv_timeout(WAIT).await {
+            Ok(Some(d)) => {
+                let p = text(d.message());
+                assert!(
+                    want.remove(&p),
+                    "{case}: {p:?} was delivered again although ack_all acked it (or twice)"
+                );
+                assert!(
+                    d.attempt() >= 2,
+                    "{case}: redelivery of {p:?} has attempt {}",
+                    d.attempt()
+                );
+                again.push(d);
+            }
+            other => panic!("{case}: the unacked {want:?} did not come back: {other:?}"),
+        }
+    }
+    Delivery::ack_all(&again)
+        .await
+        .unwrap_or_else(|e| panic!("{case}: ack_all of the redeliveries: {e}"));
+    drop(batch);
+    // Past another ack timeout nothing comes back: every delivery is settled.
+    if let Ok(Some(d)) = s.recv_timeout(timeout * 2 + QUIET).await {
+        panic!(
+            "{case}: {:?} delivered again (attempt {}) after ack_all",
+            text(d.message()),
+            d.attempt()
+        );
+    }
 }
 
 /// Messages of each publisher on one topic arrive in publish order.

@@ -4,7 +4,8 @@
 use std::sync::Arc;
 
 use busway::{
-    BuildContext, Bus, BusConfig, Message, Mode, Overflow, Pattern, Result, SubscribeOptions, Topic,
+    BuildContext, Bus, BusConfig, Delivery, Message, Mode, Overflow, Pattern, Result,
+    SubscribeOptions, Topic,
 };
 
 use super::broker::Broker;
@@ -54,16 +55,13 @@ pub(crate) async fn run(plan: &Plan, broker: &Broker) -> Result<SideResult> {
         let mut sub = bus.subscribe(Pattern::exact(&topic), options).await?;
         let tally = run.tally(i);
         readers.push(tokio::spawn(async move {
-            // Take what is queued (up to the raw side's read count of 256) and ack it as a
-            // batch, concurrently: the way a stream consumer keeps up, and what the raw
-            // baseline does with one XACK per read.
+            // Take what is queued (up to the raw side's read count of 256) and ack it as one
+            // batch: the way a stream consumer keeps up, and what the raw baseline does with
+            // one XACK per read.
             let mut batch = Vec::with_capacity(256);
             while sub.recv_many(&mut batch, 256).await > 0 {
-                if ack {
-                    let acks = futures::future::join_all(batch.iter().map(|d| d.ack())).await;
-                    for _ in acks.iter().filter(|r| r.is_err()) {
-                        tally.error();
-                    }
+                if ack && Delivery::ack_all(&batch).await.is_err() {
+                    tally.error();
                 }
                 for d in batch.drain(..) {
                     tally.record(&d.message().payload);
@@ -94,7 +92,7 @@ pub(crate) async fn run(plan: &Plan, broker: &Broker) -> Result<SideResult> {
         plan.mode,
         plan.subscribers,
         plan.queue_capacity(),
-        if ack { ", a consumer group each, each delivery acked (what is queued, up to 256, acked concurrently)" } else { "" },
+        if ack { ", a consumer group each, each delivery acked (what is queued, up to 256, acked as one batch with Delivery::ack_all)" } else { "" },
         plan.inflight
     );
     let mut result = run.finish(what, published).await;

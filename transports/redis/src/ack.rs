@@ -161,44 +161,85 @@ async fn drain(inner: Arc<Inner>) {
 /// A stream key and a group: what one `XACK` command addresses.
 type KeyGroup = (Arc<str>, Arc<str>);
 
-/// One pipeline: one `XACK` per key and group with all of their ids.
-async fn send(inner: &Inner, batch: Vec<Waiting>) {
-    let mut commands: Vec<(KeyGroup, Vec<Waiting>)> = Vec::new();
+/// Groups `items` by stream key and group, in first-seen order: one `XACK` each.
+fn by_key_group<T>(items: impl IntoIterator<Item = (KeyGroup, T)>) -> Vec<(KeyGroup, Vec<T>)> {
+    let mut commands: Vec<(KeyGroup, Vec<T>)> = Vec::new();
     let mut index: HashMap<KeyGroup, usize> = HashMap::new();
-    for w in batch {
-        let k = (w.key.clone(), w.group.clone());
+    for (k, item) in items {
         match index.get(&k) {
-            Some(&i) => commands[i].1.push(w),
+            Some(&i) => commands[i].1.push(item),
             None => {
                 index.insert(k.clone(), commands.len());
-                commands.push((k, vec![w]));
+                commands.push((k, vec![item]));
             }
         }
     }
+    commands
+}
+
+/// Sends one pipeline with one `XACK key group id...` per entry of `commands`; the server's
+/// answer for each command, or the error that lost them all.
+async fn xack<T>(
+    inner: &Inner,
+    commands: &[(KeyGroup, Vec<T>)],
+    id: impl Fn(&T) -> &str,
+) -> Result<Vec<Result<()>>> {
     let mut pipe = redis::pipe();
     pipe.ignore_errors();
-    for ((key, group), ws) in &commands {
+    for ((key, group), items) in commands {
         let cmd = pipe.cmd("XACK").arg(&**key).arg(&**group);
-        for w in ws {
-            cmd.arg(&w.id);
+        for item in items {
+            cmd.arg(id(item));
         }
     }
-    let replies: Result<Vec<Value>> = match inner.cmd_connection() {
-        Ok(mut con) => pipe
-            .query_async(&mut con)
-            .await
-            .map_err(|e| inner.connector.error("XACK", e)),
-        Err(e) => Err(e),
-    };
-    match replies {
+    let mut con = inner.cmd_connection()?;
+    let replies: Vec<Value> = pipe
+        .query_async(&mut con)
+        .await
+        .map_err(|e| inner.connector.error("XACK", e))?;
+    Ok(replies
+        .into_iter()
+        .map(|reply| match reply {
+            Value::ServerError(e) => Err(inner.connector.error("XACK", redis::RedisError::from(e))),
+            _ => Ok(()),
+        })
+        .collect())
+}
+
+/// Acks a batch of consumer-group entries at once, in one round trip (see
+/// `Delivery::ack_all`); `Ok` once the server confirmed every `XACK`.
+pub(crate) async fn ack_batch<'a>(
+    inner: &Inner,
+    entries: impl IntoIterator<Item = (&'a Arc<str>, &'a Arc<str>, &'a str)>,
+) -> Result<()> {
+    let commands = by_key_group(
+        entries
+            .into_iter()
+            .map(|(key, group, id)| ((key.clone(), group.clone()), id)),
+    );
+    if commands.is_empty() {
+        return Ok(());
+    }
+    let replies = xack(inner, &commands, |id| id).await;
+    match replies.and_then(|r| r.into_iter().collect::<Result<()>>()) {
+        Ok(()) => Ok(()),
+        Err(e) => {
+            Counters::incr(&inner.stats.errors);
+            Err(e)
+        }
+    }
+}
+
+/// One pipeline for a wave of waiting acks, each waiter answered with its command's result.
+async fn send(inner: &Inner, batch: Vec<Waiting>) {
+    let commands = by_key_group(
+        batch
+            .into_iter()
+            .map(|w| ((w.key.clone(), w.group.clone()), w)),
+    );
+    match xack(inner, &commands, |w| &w.id).await {
         Ok(replies) => {
-            for ((_, ws), reply) in commands.into_iter().zip(replies) {
-                let result = match reply {
-                    Value::ServerError(e) => {
-                        Err(inner.connector.error("XACK", redis::RedisError::from(e)))
-                    }
-                    _ => Ok(()),
-                };
+            for ((_, ws), result) in commands.into_iter().zip(replies) {
                 for w in ws {
                     let _ = w.done.send(match &result {
                         Ok(()) => Ok(()),

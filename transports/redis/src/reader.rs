@@ -38,6 +38,7 @@
 //! of a group-less subscription holds up the group-less reader, as on the shared pub/sub
 //! connection.
 
+use std::any::Any;
 use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::sync::atomic::Ordering::{Relaxed, SeqCst};
@@ -460,6 +461,10 @@ impl Acker for GroupAcker {
         crate::ack::ack(&self.ctx.inner, &self.key, &self.group, &self.id).await
     }
 
+    async fn ack_with(&self, others: &[&dyn Acker]) -> Result<()> {
+        ack_together(&self.ctx.inner, self, others).await
+    }
+
     async fn nack(&self, delay: Option<Duration>) -> Result<()> {
         let (ctx, key, group, id, tx) = (
             self.ctx.clone(),
@@ -638,11 +643,12 @@ impl fmt::Debug for LocalAcker {
 #[async_trait]
 impl Acker for LocalAcker {
     async fn ack(&self) -> Result<()> {
-        self.target
-            .unacked
-            .lock()
-            .remove(&(self.key.clone(), self.id));
+        self.settle();
         Ok(())
+    }
+
+    async fn ack_with(&self, others: &[&dyn Acker]) -> Result<()> {
+        ack_together(&self.ctx.inner, self, others).await
     }
 
     async fn nack(&self, delay: Option<Duration>) -> Result<()> {
@@ -667,6 +673,42 @@ impl Acker for LocalAcker {
         });
         Ok(())
     }
+}
+
+impl LocalAcker {
+    /// Forgets the entry: it is acked (in process; nothing to tell the server).
+    fn settle(&self) {
+        self.target
+            .unacked
+            .lock()
+            .remove(&(self.key.clone(), self.id));
+    }
+}
+
+/// `Acker::ack_with` for this transport's ackers: the consumer-group entries of the bus of
+/// `inner` go out in one pipeline (one `XACK` per key and group), group-less entries are
+/// settled in process, and ackers of other buses or transports are passed on.
+async fn ack_together(inner: &Arc<Inner>, first: &dyn Acker, others: &[&dyn Acker]) -> Result<()> {
+    let mut entries = Vec::with_capacity(others.len() + 1);
+    let mut foreign = Vec::new();
+    for &a in std::iter::once(&first).chain(others) {
+        let any: &dyn Any = a;
+        if let Some(g) = any
+            .downcast_ref::<GroupAcker>()
+            .filter(|g| Arc::ptr_eq(&g.ctx.inner, inner))
+        {
+            entries.push((&g.key, &g.group, g.id.as_str()));
+        } else if let Some(l) = any.downcast_ref::<LocalAcker>() {
+            l.settle();
+        } else {
+            foreign.push(a);
+        }
+    }
+    let (mine, theirs) = futures::join!(
+        crate::ack::ack_batch(inner, entries),
+        busway::ack_each(&foreign)
+    );
+    mine.and(theirs)
 }
 
 /// Queues a group-less delivery, tracking it as unacked. Returns false when `target` is gone.

@@ -922,3 +922,55 @@ async fn concurrent_acks_share_xack_commands_and_are_all_confirmed() {
     assert_eq!(pending(&server, "busway:stream:batch.t", "g"), "0");
     bus.close().await.unwrap();
 }
+
+#[tokio::test]
+async fn ack_all_sends_one_xack_per_key_and_group_and_passes_other_buses_on() {
+    let Some(server) = RedisServer::start("stream_ack_all") else {
+        return;
+    };
+    let bus = bus(&server.url(), |_| {}).await;
+    let memory = busway::MemoryBus::stream("mem");
+    let timeout = Duration::from_secs(1);
+    let opts = |g: &str| SubscribeOptions::new().group(g).ack_timeout(timeout);
+    let mut a = bus.subscribe(pat("jobs.a"), opts("g1")).await.unwrap();
+    let mut b = bus.subscribe(pat("jobs.b"), opts("g2")).await.unwrap();
+    let mut c = bus
+        .subscribe(pat("jobs.c"), SubscribeOptions::new().ack_timeout(timeout))
+        .await
+        .unwrap();
+    let mut m = memory.subscribe(pat("jobs.m"), opts("g3")).await.unwrap();
+    for i in 0..10 {
+        for t in ["jobs.a", "jobs.b", "jobs.c"] {
+            bus.publish(Message::new(topic(t), format!("{i}")))
+                .await
+                .unwrap();
+        }
+        memory
+            .publish(Message::new(topic("jobs.m"), format!("{i}")))
+            .await
+            .unwrap();
+    }
+    let mut batch = Vec::new();
+    for sub in [&mut a, &mut b, &mut c, &mut m] {
+        for _ in 0..10 {
+            batch.push(next(sub).await);
+        }
+    }
+    assert_eq!(pending(&server, "busway:stream:jobs.a", "g1"), "10");
+    let xacks = calls(&server, "xack");
+    busway::Delivery::ack_all(&batch).await.unwrap();
+    assert_eq!(
+        calls(&server, "xack") - xacks,
+        2,
+        "one XACK for the 10 entries of g1 and one for the 10 of g2"
+    );
+    assert_eq!(pending(&server, "busway:stream:jobs.a", "g1"), "0");
+    assert_eq!(pending(&server, "busway:stream:jobs.b", "g2"), "0");
+    drop(batch);
+    // Past the ack timeout nothing is delivered again: the group-less entries and the
+    // memory bus's were settled too.
+    tokio::time::sleep(timeout).await;
+    for sub in [&mut a, &mut b, &mut c, &mut m] {
+        nothing(sub).await;
+    }
+}
