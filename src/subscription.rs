@@ -1,6 +1,6 @@
 //! Subscriptions (a `Stream` of deliveries) and deliveries (a message plus ack / nack / reply).
 
-use std::any::Any;
+use std::any::{Any, TypeId};
 use std::fmt;
 use std::pin::Pin;
 use std::sync::atomic::Ordering::Relaxed;
@@ -32,24 +32,37 @@ pub trait Acker: Any + Send + Sync + fmt::Debug {
     /// Asks for redelivery, after `delay` when given.
     async fn nack(&self, delay: Option<Duration>) -> Result<()>;
     /// Acks this delivery and `others` together, in as few broker round trips as the
-    /// transport allows; `Ok` once every one of them is acked. `others` may hold ackers of
-    /// other buses and transports: pass those on with [`ack_each`].
+    /// transport allows; `Ok` once every one of them is acked. [`ack_each`] hands a transport
+    /// only ackers of its own type (of any of its buses): acks of another bus can be passed
+    /// on with [`ack_each`].
     ///
     /// The default acks them all concurrently, one [`Acker::ack`] each.
     async fn ack_with(&self, others: &[&dyn Acker]) -> Result<()> {
-        let (mine, theirs) = futures::join!(self.ack(), ack_each(others));
-        mine.and(theirs)
+        let all = std::iter::once(self.ack()).chain(others.iter().map(|a| a.ack()));
+        futures::future::join_all(all).await.into_iter().collect()
     }
 }
 
-/// Acks every one of `ackers`, letting the first one's transport batch those it recognises
-/// (see [`Acker::ack_with`]). `Ok` once all are acked; otherwise the first error (acks are
-/// idempotent, so acking the same set again is safe).
+/// Acks every one of `ackers`: those of each transport's acker type go together to that
+/// transport's [`Acker::ack_with`], which batches what it can. `Ok` once all are acked;
+/// otherwise the first error (acks are idempotent, so acking the same set again is safe).
 pub async fn ack_each(ackers: &[&dyn Acker]) -> Result<()> {
-    match ackers.split_first() {
-        None => Ok(()),
-        Some((first, rest)) => first.ack_with(rest).await,
+    let mut kinds: Vec<(TypeId, Vec<&dyn Acker>)> = Vec::new();
+    for &a in ackers {
+        let kind = (a as &dyn Any).type_id();
+        match kinds.iter_mut().find(|(k, _)| *k == kind) {
+            Some((_, same)) => same.push(a),
+            None => kinds.push((kind, vec![a])),
+        }
     }
+    let settle = kinds
+        .iter()
+        .filter_map(|(_, same)| same.split_first())
+        .map(|(first, rest)| first.ack_with(rest));
+    futures::future::join_all(settle)
+        .await
+        .into_iter()
+        .collect()
 }
 
 /// One message handed to a subscriber.

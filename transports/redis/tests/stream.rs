@@ -928,6 +928,8 @@ async fn ack_all_sends_one_xack_per_key_and_group_and_passes_other_buses_on() {
     let Some(server) = RedisServer::start("stream_ack_all") else {
         return;
     };
+    // A second bus of the same transport: its acks go in its own pipeline.
+    let other = bus(&server.url(), |_| {}).await;
     let bus = bus(&server.url(), |_| {}).await;
     let memory = busway::MemoryBus::stream("mem");
     let timeout = Duration::from_secs(1);
@@ -939,6 +941,7 @@ async fn ack_all_sends_one_xack_per_key_and_group_and_passes_other_buses_on() {
         .await
         .unwrap();
     let mut m = memory.subscribe(pat("jobs.m"), opts("g3")).await.unwrap();
+    let mut d = other.subscribe(pat("jobs.d"), opts("g4")).await.unwrap();
     for i in 0..10 {
         for t in ["jobs.a", "jobs.b", "jobs.c"] {
             bus.publish(Message::new(topic(t), format!("{i}")))
@@ -949,9 +952,13 @@ async fn ack_all_sends_one_xack_per_key_and_group_and_passes_other_buses_on() {
             .publish(Message::new(topic("jobs.m"), format!("{i}")))
             .await
             .unwrap();
+        other
+            .publish(Message::new(topic("jobs.d"), format!("{i}")))
+            .await
+            .unwrap();
     }
     let mut batch = Vec::new();
-    for sub in [&mut a, &mut b, &mut c, &mut m] {
+    for sub in [&mut a, &mut b, &mut c, &mut m, &mut d] {
         for _ in 0..10 {
             batch.push(next(sub).await);
         }
@@ -961,16 +968,17 @@ async fn ack_all_sends_one_xack_per_key_and_group_and_passes_other_buses_on() {
     busway::Delivery::ack_all(&batch).await.unwrap();
     assert_eq!(
         calls(&server, "xack") - xacks,
-        2,
-        "one XACK for the 10 entries of g1 and one for the 10 of g2"
+        3,
+        "one XACK for the 10 entries of g1, one for the 10 of g2 (one bus) and one for g4 (the other)"
     );
     assert_eq!(pending(&server, "busway:stream:jobs.a", "g1"), "0");
     assert_eq!(pending(&server, "busway:stream:jobs.b", "g2"), "0");
+    assert_eq!(pending(&server, "busway:stream:jobs.d", "g4"), "0");
     drop(batch);
     // Past the ack timeout nothing is delivered again: the group-less entries and the
     // memory bus's were settled too.
     tokio::time::sleep(timeout).await;
-    for sub in [&mut a, &mut b, &mut c, &mut m] {
+    for sub in [&mut a, &mut b, &mut c, &mut m, &mut d] {
         nothing(sub).await;
     }
 }
