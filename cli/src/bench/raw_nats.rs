@@ -97,7 +97,10 @@ async fn stream(plan: &Plan, broker: &Broker, client: &async_nats::Client) -> Re
     let stream = js
         .create_stream(jetstream::stream::Config {
             name: name.clone(),
-            subjects: vec![subject.clone()],
+            // Like busway's stream, which holds every topic of its bus: the stream covers all
+            // of this run's subjects and each consumer filters the one it reads, so the server
+            // does the same filtering work for both sides.
+            subjects: vec![format!("rawbench.{}.>", plan.run_id)],
             ..Default::default()
         })
         .await
@@ -108,6 +111,7 @@ async fn stream(plan: &Plan, broker: &Broker, client: &async_nats::Client) -> Re
         let consumer = stream
             .create_consumer(pull::Config {
                 durable_name: Some(format!("c{i}")),
+                filter_subject: subject.clone(),
                 ack_policy: AckPolicy::Explicit,
                 ack_wait: Duration::from_secs(30),
                 ..Default::default()
@@ -153,7 +157,7 @@ async fn stream(plan: &Plan, broker: &Broker, client: &async_nats::Client) -> Re
     })
     .await?;
     let what = format!(
-        "async-nats JetStream publish, {} acks pipelined per publisher; per subscriber a durable pull consumer, each message acked",
+        "async-nats JetStream publish, {} acks pipelined per publisher, to a stream over all of the run's subjects; per subscriber a durable pull consumer filtered to the subject, each message acked",
         plan.inflight
     );
     let mut result = run.finish(what, published).await;
