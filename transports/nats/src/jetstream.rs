@@ -21,6 +21,7 @@
 //!   there is no dead-letter topic). Subscribers see attempts `1..=max_deliver`.
 
 use std::collections::HashSet;
+use std::future::{Future, IntoFuture};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -34,7 +35,7 @@ use busway::{
     new_message_id, Acker, BuildContext, Bus, Counters, Delivery, Error, ErrorKind, Message,
     Pattern, Result, StartFrom, SubscribeOptions, Subscription, Topic, DEFAULT_ACK_TIMEOUT,
 };
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt, TryFutureExt};
 use parking_lot::Mutex;
 
 use crate::bus::{Inner, NatsBus};
@@ -254,6 +255,28 @@ impl StreamSetup {
         self.grow(bus, first).await
     }
 
+    /// The topic and the client's publish of `message` (headers encoded per the framing).
+    fn prepare(
+        &self,
+        inner: &Inner,
+        message: Message,
+    ) -> Result<(Topic, jetstream::message::PublishMessage)> {
+        let Message {
+            topic,
+            payload,
+            headers: h,
+        } = message;
+        let publish = jetstream::message::PublishMessage::build().payload(payload);
+        let publish = match inner.config.framing {
+            Framing::Headers => match headers::encode(&topic, &h)? {
+                Some(map) => publish.headers(map),
+                None => publish,
+            },
+            Framing::Raw => publish,
+        };
+        Ok((topic, publish))
+    }
+
     /// Makes sure the stream can hold what `pattern` matches (growing it in auto mode).
     async fn ensure_pattern(&self, bus: &str, pattern: &Pattern) -> Result<()> {
         use busway::PatternToken;
@@ -290,46 +313,65 @@ impl StreamSetup {
 
     /// Publishes and waits for the PubAck. Concurrent publishers are not serialised: each
     /// awaits its own ack while the client pipelines the writes.
-    pub(crate) async fn publish(&self, inner: &Inner, message: Message) -> Result<()> {
-        self.ensure_topic(&inner.name, &message.topic).await?;
-        let Message {
-            topic,
-            payload,
-            headers: h,
-        } = message;
-        let map = match inner.config.framing {
-            Framing::Headers => headers::encode(&topic, &h)?,
-            Framing::Raw => None,
+    ///
+    /// The future is boxed on every publish, so it is kept small (under the allocator's
+    /// fast-path size): the message becomes the client's publish before the future is made,
+    /// the future holds the client's send and then its ack (never both), and the rare growing
+    /// of the stream for a new first token is boxed on its own.
+    pub(crate) fn publish<'a>(
+        &'a self,
+        inner: &'a Inner,
+        message: Message,
+    ) -> impl Future<Output = Result<()>> + Send + 'a {
+        use futures::future::Either;
+        if !self.captures(&message.topic) {
+            return Either::Left(Box::pin(async move {
+                self.ensure_topic(&inner.name, &message.topic).await?;
+                self.send(inner, message).await
+            }));
+        }
+        Either::Right(self.send(inner, message))
+    }
+
+    /// [`StreamSetup::publish`] of a topic the stream holds.
+    fn send<'a>(
+        &'a self,
+        inner: &'a Inner,
+        message: Message,
+    ) -> impl Future<Output = Result<()>> + Send + 'a {
+        use futures::future::{ready, Either};
+        let (topic, publish) = match self.prepare(inner, message) {
+            Ok(prepared) => prepared,
+            Err(e) => return Either::Left(ready(Err(e))),
         };
         let subject = async_nats::Subject::from(topic.as_str());
-        let sent = match map {
-            Some(map) => self.js.publish_with_headers(subject, map, payload).await,
-            None => self.js.publish(subject, payload).await,
-        };
-        let acked = match sent {
-            Ok(ack) => ack.await,
-            Err(e) => Err(e),
-        };
-        acked.map(|_| ()).map_err(|e| {
-            let kind = match e.kind() {
-                PublishErrorKind::MaxPayloadExceeded => ErrorKind::PayloadTooLarge,
-                PublishErrorKind::StreamNotFound => ErrorKind::Broker,
-                _ if !inner.is_connected() => ErrorKind::Connection,
-                PublishErrorKind::TimedOut => ErrorKind::Timeout,
-                PublishErrorKind::BrokenPipe => ErrorKind::Connection,
-                _ => ErrorKind::Broker,
-            };
-            Error::new(
-                kind,
-                format!(
-                    "bus {:?}: publish on {:?} to JetStream stream {:?} was not acknowledged: {e}",
-                    inner.name,
-                    topic.as_str(),
-                    self.name
-                ),
-            )
-            .with_source(e)
-        })
+        Either::Right(
+            self.js
+                .send_publish(subject, publish)
+                .and_then(IntoFuture::into_future)
+                .map(move |acked| {
+                    acked.map(drop).map_err(|e| {
+                        let kind = match e.kind() {
+                            PublishErrorKind::MaxPayloadExceeded => ErrorKind::PayloadTooLarge,
+                            PublishErrorKind::StreamNotFound => ErrorKind::Broker,
+                            _ if !inner.is_connected() => ErrorKind::Connection,
+                            PublishErrorKind::TimedOut => ErrorKind::Timeout,
+                            PublishErrorKind::BrokenPipe => ErrorKind::Connection,
+                            _ => ErrorKind::Broker,
+                        };
+                        Error::new(
+                            kind,
+                            format!(
+                                "bus {:?}: publish on {:?} to JetStream stream {:?} was not acknowledged: {e}",
+                                inner.name,
+                                topic.as_str(),
+                                self.name
+                            ),
+                        )
+                        .with_source(e)
+                    })
+                }),
+        )
     }
 
     /// A request on a stream bus: the request is stored in the stream (so a responder may
