@@ -177,6 +177,50 @@ fn table_output_names_both_sides() {
 }
 
 #[test]
+fn repeat_measures_each_shape_again_and_ends_with_the_median_ratio() {
+    let args = [
+        "bench",
+        "--json",
+        "--transport",
+        "memory",
+        "--shape",
+        "pubsub",
+        "--count",
+        "2000",
+        "--repeat",
+        "3",
+    ];
+    let (ok, stdout, stderr) = busway(&args, Duration::from_secs(120));
+    assert!(ok, "{stdout}\n{stderr}");
+    let lines: Vec<Value> = stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l:?}")))
+        .collect();
+    assert_eq!(lines.len(), 4, "three runs and a summary: {stdout}");
+    let ratios: Vec<f64> = lines[..3].iter().map(|l| number(l, &["ratio"])).collect();
+    let summary = &lines[3];
+    assert_eq!(summary["shape"], "pubsub");
+    assert_eq!(summary["runs"], 3);
+    let listed: Vec<f64> = summary["ratios"]
+        .as_array()
+        .expect("ratios")
+        .iter()
+        .map(|v| v.as_f64().expect("a ratio"))
+        .collect();
+    assert_eq!(listed, ratios, "{summary}");
+    let mut sorted = ratios.clone();
+    sorted.sort_by(f64::total_cmp);
+    assert_eq!(number(summary, &["median_ratio"]), sorted[1], "{summary}");
+
+    let (ok, _, stderr) = busway(
+        &["bench", "--transport", "memory", "--repeat", "0"],
+        Duration::from_secs(60),
+    );
+    assert!(!ok);
+    assert!(stderr.contains("--repeat"), "{stderr}");
+}
+
+#[test]
 fn bad_options_are_refused_with_a_reason() {
     let (ok, _, stderr) = busway(
         &["bench", "--transport", "memory", "--payload", "0"],

@@ -63,6 +63,11 @@ pub(crate) struct BenchArgs {
     /// Broker URL; by default a private broker is started on a free loopback port.
     #[arg(long)]
     url: Option<String>,
+    /// Measure each shape this many times (busway, then the raw client, each time) and end
+    /// with the median ratio per shape: single runs on a shared machine swing by tens of
+    /// percent.
+    #[arg(long, default_value_t = 1)]
+    repeat: usize,
     /// One JSON object per line instead of a table.
     #[arg(long)]
     json: bool,
@@ -219,9 +224,13 @@ pub(crate) async fn run(args: BenchArgs) -> Result<()> {
     if !(args.rate > 0.0 && args.rate.is_finite()) {
         return Err(Error::config("--rate must be a positive number"));
     }
-    if args.publishers == Some(0) || args.subscribers == Some(0) || args.inflight == Some(0) {
+    if args.publishers == Some(0)
+        || args.subscribers == Some(0)
+        || args.inflight == Some(0)
+        || args.repeat == 0
+    {
         return Err(Error::config(
-            "--publishers, --subscribers and --inflight must be at least 1",
+            "--publishers, --subscribers, --inflight and --repeat must be at least 1",
         ));
     }
     let mode = match args.mode {
@@ -236,10 +245,18 @@ pub(crate) async fn run(args: BenchArgs) -> Result<()> {
     };
     let mut report = Report::new(format, &broker);
     let run_id = busway::new_message_id()[..8].to_string();
+    let mut results = Vec::new();
     for shape in shapes {
-        let plan = plan_for(&args, mode, shape, &run_id);
-        let result = measure(&plan, &broker).await?;
-        report.print(&result);
+        for k in 0..args.repeat {
+            // Each repetition on topics, keys and streams of its own.
+            let plan = plan_for(&args, mode, shape, &format!("{run_id}r{k}"));
+            let result = measure(&plan, &broker).await?;
+            report.print(&result);
+            results.push(result);
+        }
+    }
+    if args.repeat > 1 {
+        report.medians(&results);
     }
     report.finish();
     let lost = report.lossy();

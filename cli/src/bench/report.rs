@@ -184,8 +184,74 @@ impl Report {
                 num(s.client_us_per_msg(), 2),
                 ratio.unwrap_or_else(|| "n/a".to_string()),
             );
-            self.legend
-                .push(format!("{} {side}: {}", p.shape.as_str(), s.what));
+            let legend = format!("{} {side}: {}", p.shape.as_str(), s.what);
+            if !self.legend.contains(&legend) {
+                self.legend.push(legend);
+            }
+        }
+    }
+
+    /// Per shape, the median of the repeated runs' ratios, with their range (`--repeat`).
+    pub(crate) fn medians(&mut self, results: &[ShapeResult]) {
+        let mut shapes: Vec<Shape> = results.iter().map(|r| r.plan.shape).collect();
+        shapes.dedup();
+        if self.format == Format::Table {
+            println!();
+            println!(
+                "{:<8} {:>5} {:>14} {:>16} {:>22}",
+                "shape", "runs", "median ratio", "min - max", "median cli us/m b / r"
+            );
+        }
+        for shape in shapes {
+            let runs: Vec<&ShapeResult> =
+                results.iter().filter(|r| r.plan.shape == shape).collect();
+            let ratio = |r: &ShapeResult| match shape {
+                Shape::Latency => r.p99_ratio(),
+                _ => r.ratio(),
+            };
+            let ratios: Vec<f64> = runs.iter().filter_map(|r| ratio(r)).collect();
+            let cli = |side: fn(&ShapeResult) -> &SideResult| {
+                median(
+                    runs.iter()
+                        .filter_map(|r| side(r).client_us_per_msg())
+                        .collect(),
+                )
+            };
+            let (busway_cli, raw_cli) = (cli(|r| &r.busway), cli(|r| &r.raw));
+            let (lo, hi) = ratios
+                .iter()
+                .fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), &x| {
+                    (lo.min(x), hi.max(x))
+                });
+            let med = median(ratios.clone());
+            match self.format {
+                Format::Json => println!(
+                    "{}",
+                    json!({
+                        "shape": shape.as_str(),
+                        "runs": runs.len(),
+                        "ratios": ratios,
+                        "median_ratio": med,
+                        "median_client_cpu_us_per_msg": { "busway": busway_cli, "raw": raw_cli },
+                    })
+                ),
+                Format::Table => {
+                    let num = |v: Option<f64>| v.map_or("n/a".to_string(), |v| format!("{v:.2}"));
+                    let suffix = if shape == Shape::Latency { "p99" } else { "" };
+                    println!(
+                        "{:<8} {:>5} {:>14} {:>16} {:>22}",
+                        shape.as_str(),
+                        runs.len(),
+                        format!("{}{suffix}", num(med)),
+                        if ratios.is_empty() {
+                            "n/a".to_string()
+                        } else {
+                            format!("{lo:.2} - {hi:.2}")
+                        },
+                        format!("{} / {}", num(busway_cli), num(raw_cli)),
+                    );
+                }
+            }
         }
     }
 
@@ -203,5 +269,16 @@ impl Report {
     /// The sides that lost messages or saw errors.
     pub(crate) fn lossy(&self) -> &[String] {
         &self.lossy
+    }
+}
+
+/// The median of `values` (the mean of the middle two for an even count); `None` when empty.
+fn median(mut values: Vec<f64>) -> Option<f64> {
+    values.sort_by(f64::total_cmp);
+    let n = values.len();
+    match n {
+        0 => None,
+        _ if n % 2 == 1 => Some(values[n / 2]),
+        _ => Some((values[n / 2 - 1] + values[n / 2]) / 2.0),
     }
 }
