@@ -23,6 +23,7 @@
 //!   published to the `dead_letter` topic and acked. Group-less deliveries are acked, nacked,
 //!   redelivered after the ack timeout and dead-lettered in process.
 
+use std::borrow::Cow;
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::Duration;
@@ -75,14 +76,17 @@ impl StreamState {
     }
 }
 
-/// The stream fields of a message.
-pub(crate) fn fields(message: Message) -> Vec<(String, Vec<u8>)> {
+/// A stream field: a name (busway's own names are static) and its value.
+pub(crate) type Field = (Cow<'static, str>, Bytes);
+
+/// The stream fields of a message. The payload and header values are moved, not copied.
+pub(crate) fn fields(message: Message) -> Vec<Field> {
     let h = message.headers;
-    let mut f = Vec::with_capacity(2 + h.extra.len());
-    f.push(("payload".to_string(), message.payload.to_vec()));
-    let mut put = |k: &str, v: Option<String>| {
+    let mut f = Vec::with_capacity(1 + h.extra.len());
+    f.push((Cow::Borrowed("payload"), message.payload));
+    let mut put = |k: &'static str, v: Option<String>| {
         if let Some(v) = v {
-            f.push((k.to_string(), v.into_bytes()));
+            f.push((Cow::Borrowed(k), Bytes::from(v)));
         }
     };
     put("id", h.id);
@@ -92,7 +96,7 @@ pub(crate) fn fields(message: Message) -> Vec<(String, Vec<u8>)> {
     put("reply_to", h.reply_to.map(|t| t.as_str().to_string()));
     put("corr", h.correlation_id);
     for (k, v) in h.extra {
-        f.push((format!("h:{k}"), v.into_bytes()));
+        f.push((Cow::Owned(format!("h:{k}")), Bytes::from(v)));
     }
     f
 }
@@ -350,7 +354,12 @@ mod tests {
         m.headers.insert("a", "2");
         let values: Vec<Value> = fields(m.clone())
             .into_iter()
-            .flat_map(|(k, v)| [Value::BulkString(k.into_bytes()), Value::BulkString(v)])
+            .flat_map(|(k, v)| {
+                [
+                    Value::BulkString(k.into_owned().into_bytes()),
+                    Value::BulkString(v.to_vec()),
+                ]
+            })
             .collect();
         assert_eq!(decode_entry(m.topic.clone(), values).unwrap(), m);
         let bad = vec![

@@ -36,7 +36,7 @@ pub(crate) enum Item {
     /// `XADD key MAXLEN ~ n * fields...` (stream; the publisher waits for `done`).
     Xadd {
         topic: Topic,
-        fields: Vec<(String, Vec<u8>)>,
+        fields: Vec<crate::stream::Field>,
         done: oneshot::Sender<Result<()>>,
     },
     /// Completed once every item queued before it is answered.
@@ -293,7 +293,7 @@ impl Writer {
                     }
                     cmd.arg("*");
                     for (k, v) in fields {
-                        cmd.arg(k.as_str()).arg(v.as_slice());
+                        cmd.arg(&**k).arg(&v[..]);
                     }
                     replies_per_item.push(1 + extra);
                 }
