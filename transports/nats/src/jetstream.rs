@@ -707,13 +707,20 @@ impl Pump {
             Counters::incr(&counters.redelivered);
             Counters::incr(&self.tx.stats().redelivered);
         }
+        // Only a request needs the bus handle (to reply through): sharing it with every
+        // delivery would touch its reference count, shared by every pump, per message.
+        let answerable = message.headers.reply_to.is_some();
         let delivery = Delivery::new(message)
             .with_attempt(attempt)
             .with_acker(Box::new(JsAcker {
                 acker,
                 inner: self.inner.clone(),
-            }))
-            .with_reply_via(self.via.clone());
+            }));
+        let delivery = if answerable {
+            delivery.with_reply_via(self.via.clone())
+        } else {
+            delivery
+        };
         // A delivery a dropping policy discards is never acked: the server redelivers it
         // after the ack wait, so stream mode stays at least once.
         self.tx.send(delivery).await
