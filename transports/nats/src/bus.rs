@@ -10,6 +10,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use async_nats::connection::State;
+use async_nats::message::OutboundMessage;
 use async_nats::{ConnectErrorKind, ConnectOptions, ServerAddr};
 use async_trait::async_trait;
 use busway::config::redact_url;
@@ -26,6 +27,7 @@ use crate::config::{Framing, NatsConfig, OnDisconnect};
 use crate::drops::{ClientDrops, ProbeSender, SETTLE_EVERY};
 use crate::headers;
 use crate::jetstream::StreamSetup;
+use crate::subject;
 
 /// A bus on NATS: core NATS in broadcast mode, JetStream in stream mode.
 ///
@@ -147,55 +149,59 @@ impl Inner {
 
     /// Core NATS publish (broadcast mode, and replies to inboxes in stream mode).
     pub(crate) async fn publish_core(&self, message: Message) -> Result<()> {
-        self.core_send(message)?.await
+        let (outbound, topic) = self.outbound(message)?;
+        self.core_send(outbound, topic).await
     }
 
-    /// The core publish of `message`, prepared without waiting: a future that holds the
-    /// async-nats send and nothing else of the message (a publish future is boxed and moved
-    /// on every publish, so its size is a per-message cost).
-    pub(crate) fn core_send(
-        &self,
-        message: Message,
-    ) -> Result<
-        CoreSend<
-            '_,
-            impl Future<Output = std::result::Result<(), async_nats::PublishError>> + Send + '_,
-        >,
-    > {
-        use futures::future::Either;
+    /// The async-nats message for `message`, and its topic (for error messages).
+    ///
+    /// # Errors
+    /// [`ErrorKind::Encode`] when a header cannot travel as a NATS header.
+    fn outbound(&self, message: Message) -> Result<(OutboundMessage, Topic)> {
         let Message {
             topic,
             payload,
             headers: h,
         } = message;
-        let map = match self.config.framing {
+        let headers = match self.config.framing {
             Framing::Headers => headers::encode(&topic, &h)?,
             Framing::Raw => None,
         };
-        let reply = h
-            .reply_to
-            .as_ref()
-            .map(|r| async_nats::Subject::from(r.as_str()));
-        let subject = async_nats::Subject::from(topic.as_str());
-        let client = &self.client;
-        let send = match (reply, map) {
-            (None, None) => Either::Left(Either::Left(client.publish(subject, payload))),
-            (None, Some(map)) => Either::Left(Either::Right(
-                client.publish_with_headers(subject, map, payload),
-            )),
-            (Some(r), None) => {
-                Either::Right(Either::Left(client.publish_with_reply(subject, r, payload)))
-            }
-            (Some(r), Some(map)) => Either::Right(Either::Right(
-                client.publish_with_reply_and_headers(subject, r, map, payload),
-            )),
+        let outbound = OutboundMessage {
+            subject: subject::of(&topic),
+            reply: h.reply_to.as_ref().map(subject::of),
+            payload,
+            headers,
         };
-        Ok(CoreSend {
-            send,
+        Ok((outbound, topic))
+    }
+
+    /// The core publish of `outbound`: a future that holds the async-nats send and nothing
+    /// else of the message (a publish future is boxed and moved on every publish, so its size
+    /// is a per-message cost).
+    fn core_send(
+        &self,
+        outbound: OutboundMessage,
+        topic: Topic,
+    ) -> CoreSend<
+        '_,
+        impl Future<Output = std::result::Result<(), async_nats::PublishError>> + Send + '_,
+    > {
+        use async_nats::client::traits::Publisher;
+        CoreSend {
+            // `publish_message` takes the subject as it is; `publish` would clone it again
+            // (`ToSubject`), and its variants would make the future an `Either` of four.
+            send: self.client.publish_message(outbound),
             inner: self,
             topic,
             timer: None,
-        })
+        }
+    }
+
+    /// The error for a publish async-nats refused.
+    fn send_error(&self, topic: &Topic, e: async_nats::PublishError) -> Error {
+        let too_large = e.kind() == async_nats::client::PublishErrorKind::MaxPayloadExceeded;
+        self.publish_error(topic, e.to_string(), too_large, e)
     }
 
     fn publish_error(
@@ -319,11 +325,7 @@ where
         let this = self.project();
         let inner = *this.inner;
         if let Poll::Ready(sent) = this.send.poll(cx) {
-            return Poll::Ready(sent.map_err(|e| {
-                let too_large =
-                    e.kind() == async_nats::client::PublishErrorKind::MaxPayloadExceeded;
-                inner.publish_error(this.topic, e.to_string(), too_large, e)
-            }));
+            return Poll::Ready(sent.map_err(|e| inner.send_error(this.topic, e)));
         }
         // The command buffer almost always has room: the timer is armed only when the send
         // really waits. A send that is pending only because this task used up its Tokio
@@ -639,9 +641,13 @@ impl Bus for NatsBus {
     {
         let inner = &*self.inner;
         let checked = self.check_open().and_then(|()| {
-            self.capabilities()
-                .check_payload(&inner.name, &message)
-                .map_err(|e| inner.failed(e))?;
+            // The limit alone first: building the whole `Capabilities` costs more than the
+            // comparison, on every publish.
+            if message.payload.len() > inner.max_payload() {
+                self.capabilities()
+                    .check_payload(&inner.name, &message)
+                    .map_err(|e| inner.failed(e))?;
+            }
             if inner.config.on_disconnect == OnDisconnect::Fail && !inner.is_connected() {
                 return Err(inner.failed(inner.disconnected_error(&message.topic)));
             }
@@ -656,12 +662,19 @@ impl Bus for NatsBus {
                     .publish(inner, message)
                     .map(move |r| inner.published(r)),
             ),
-            // `map`, not an async block: the block would hold the send twice (captured, then
-            // awaited).
-            _ => match inner.core_send(message) {
-                Ok(send) => Box::pin(send.map(move |r| inner.published(r))),
-                Err(e) => Box::pin(std::future::ready(Err(inner.failed(e)))),
-            },
+            _ => {
+                let (outbound, topic) = match inner.outbound(message) {
+                    Ok(prepared) => prepared,
+                    Err(e) => return Box::pin(std::future::ready(Err(inner.failed(e)))),
+                };
+                // `map`, not an async block: the block would hold the send twice (captured,
+                // then awaited).
+                Box::pin(
+                    inner
+                        .core_send(outbound, topic)
+                        .map(move |r| inner.published(r)),
+                )
+            }
         }
     }
 

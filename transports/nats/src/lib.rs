@@ -32,6 +32,7 @@ mod core;
 mod drops;
 mod headers;
 mod jetstream;
+mod subject;
 
 pub use bus::{register, NatsBus, NatsFactory};
 pub use config::NatsConfig;
