@@ -53,32 +53,123 @@ pub(crate) struct Inner {
     /// What async-nats dropped for slow consumers (see `drops`).
     pub(crate) client_drops: Arc<ClientDrops>,
     closed: AtomicBool,
-    subs: Mutex<HashMap<u64, SubEntry>>,
+    pumps: Mutex<Pumps>,
     next_sub: AtomicU64,
 }
 
+/// The running pumps of the bus (each fed by one NATS subscription or JetStream consumer),
+/// and which of them core subscriptions of a pattern share.
+#[derive(Debug, Default)]
+struct Pumps {
+    by_id: HashMap<u64, PumpEntry>,
+    /// Pattern -> the pump that subscriptions of that pattern without a group and under a
+    /// policy that never waits share (see `core::subscribe`).
+    shared: HashMap<String, u64>,
+}
+
 #[derive(Debug)]
-struct SubEntry {
-    tx: QueueSender,
+struct PumpEntry {
+    members: Arc<Members>,
     task: tokio::task::AbortHandle,
     /// Core pumps only: answers once its async-nats channel is empty.
     probe: Option<ProbeSender>,
+    /// Its key in `Pumps::shared`, when shared.
+    shared: Option<String>,
 }
 
-/// Dropped with a subscription: stops its pump (which unsubscribes or deletes its consumer).
+/// The subscription queues one pump feeds: one, or several for a shared core subscription.
+#[derive(Debug, Default)]
+pub(crate) struct Members {
+    list: Mutex<Vec<(u64, QueueSender)>>,
+    /// Bumped (under the lock) on every change, so the pump re-reads the list only then.
+    generation: AtomicU64,
+}
+
+impl Members {
+    fn add(&self, id: u64, tx: QueueSender) {
+        let mut list = self.list.lock();
+        list.push((id, tx));
+        self.generation.fetch_add(1, Ordering::Release);
+    }
+
+    /// Removes member `id`; true when none is left.
+    fn remove(&self, id: u64) -> bool {
+        let mut list = self.list.lock();
+        list.retain(|(m, _)| *m != id);
+        self.generation.fetch_add(1, Ordering::Release);
+        list.is_empty()
+    }
+
+    /// Brings `into` up to date with the members, if they changed since generation `seen`.
+    /// One atomic load when nothing changed (the pump calls it for every message).
+    pub(crate) fn refresh(&self, seen: &mut u64, into: &mut Vec<QueueSender>) {
+        if self.generation.load(Ordering::Acquire) == *seen {
+            return;
+        }
+        let list = self.list.lock();
+        into.clear();
+        into.extend(list.iter().map(|(_, tx)| tx.clone()));
+        *seen = self.generation.load(Ordering::Acquire);
+    }
+
+    /// Ends every member's subscription (once it has drained its queue).
+    pub(crate) fn close_all(&self) {
+        for (_, tx) in self.list.lock().iter() {
+            tx.close();
+        }
+    }
+
+    /// The member, when there is exactly one.
+    fn only(&self) -> Option<QueueSender> {
+        match self.list.lock().as_slice() {
+            [(_, tx)] => Some(tx.clone()),
+            _ => None,
+        }
+    }
+}
+
+/// Dropped with a subscription: takes it out of its pump's members; the last one out stops
+/// the pump (which unsubscribes or deletes its consumer).
 #[derive(Debug)]
 pub(crate) struct SubGuard {
     bus: Weak<Inner>,
-    id: u64,
+    pump: u64,
+    member: u64,
     task: tokio::task::AbortHandle,
 }
 
 impl Drop for SubGuard {
     fn drop(&mut self) {
-        self.task.abort();
-        if let Some(bus) = self.bus.upgrade() {
-            bus.subs.lock().remove(&self.id);
+        match self.bus.upgrade() {
+            Some(bus) => bus.leave(self.pump, self.member, &self.task),
+            None => self.task.abort(),
         }
+    }
+}
+
+/// Starts a pump, given its id and members: its task and, for a core pump, its probe.
+pub(crate) type StartPump<'a> =
+    Box<dyn FnOnce(u64, Arc<Members>) -> (tokio::task::AbortHandle, Option<ProbeSender>) + 'a>;
+
+/// A shared core pump found for a new member: what joining it needs (see
+/// [`Inner::join_shared`]).
+#[derive(Debug)]
+pub(crate) struct SharedPump {
+    pump: u64,
+    task: tokio::task::AbortHandle,
+    /// Answers once the pump has handed on everything its NATS subscription received.
+    pub(crate) probe: Option<ProbeSender>,
+}
+
+impl Pumps {
+    fn find_shared(&self, pattern: &str) -> Option<SharedPump> {
+        let pump = *self.shared.get(pattern)?;
+        let entry = self.by_id.get(&pump)?;
+        Some(SharedPump {
+            pump,
+            task: entry.task.clone(),
+            probe: entry.probe.clone(),
+        })
     }
 }
 
@@ -91,26 +182,122 @@ impl Inner {
         self.client.connection_state() == State::Connected
     }
 
-    /// Records a running pump and returns the guard to attach to its subscription.
+    /// Records a running pump feeding `tx` alone and returns the guard to attach to its
+    /// subscription.
     pub(crate) fn track(
         self: &Arc<Self>,
         tx: QueueSender,
         task: tokio::task::AbortHandle,
         probe: Option<ProbeSender>,
     ) -> SubGuard {
-        let id = self.next_sub.fetch_add(1, Ordering::Relaxed);
-        self.subs.lock().insert(
-            id,
-            SubEntry {
-                tx,
+        self.start_pump(tx, Box::new(|_, _| (task, probe)))
+    }
+
+    /// Records a new pump feeding `tx`, started by `start(pump id, its members)`, and returns
+    /// the guard to attach to `tx`'s subscription.
+    pub(crate) fn start_pump(self: &Arc<Self>, tx: QueueSender, start: StartPump<'_>) -> SubGuard {
+        let mut pumps = self.pumps.lock();
+        self.insert_pump(&mut pumps, None, tx, start)
+    }
+
+    /// As [`Inner::start_pump`], for a pump that later subscriptions of `pattern` share
+    /// (found by [`Inner::find_shared`]). If another one was registered for the pattern
+    /// meanwhile, `start` is not called (what it owns, such as a NATS subscription, is
+    /// dropped) and that pump is returned, to join instead.
+    pub(crate) fn start_shared(
+        self: &Arc<Self>,
+        pattern: &str,
+        tx: QueueSender,
+        start: StartPump<'_>,
+    ) -> std::result::Result<SubGuard, SharedPump> {
+        let mut pumps = self.pumps.lock();
+        if let Some(found) = pumps.find_shared(pattern) {
+            return Err(found);
+        }
+        Ok(self.insert_pump(&mut pumps, Some(pattern.to_string()), tx, start))
+    }
+
+    fn insert_pump(
+        self: &Arc<Self>,
+        pumps: &mut Pumps,
+        shared: Option<String>,
+        tx: QueueSender,
+        start: StartPump<'_>,
+    ) -> SubGuard {
+        let pump = self.next_sub.fetch_add(1, Ordering::Relaxed);
+        let member = self.next_sub.fetch_add(1, Ordering::Relaxed);
+        let members = Arc::new(Members::default());
+        members.add(member, tx);
+        let (task, probe) = start(pump, members.clone());
+        if let Some(key) = &shared {
+            pumps.shared.insert(key.clone(), pump);
+        }
+        pumps.by_id.insert(
+            pump,
+            PumpEntry {
+                members,
                 task: task.clone(),
                 probe,
+                shared,
             },
         );
         SubGuard {
             bus: Arc::downgrade(self),
-            id,
+            pump,
+            member,
             task,
+        }
+    }
+
+    /// The shared pump of `pattern`, if one is running.
+    pub(crate) fn find_shared(&self, pattern: &str) -> Option<SharedPump> {
+        self.pumps.lock().find_shared(pattern)
+    }
+
+    /// Adds `tx` to the members of `found`; `None` when that pump has stopped meanwhile.
+    pub(crate) fn join_shared(
+        self: &Arc<Self>,
+        found: SharedPump,
+        tx: QueueSender,
+    ) -> Option<SubGuard> {
+        let pumps = self.pumps.lock();
+        let entry = pumps.by_id.get(&found.pump)?;
+        let member = self.next_sub.fetch_add(1, Ordering::Relaxed);
+        entry.members.add(member, tx);
+        Some(SubGuard {
+            bus: Arc::downgrade(self),
+            pump: found.pump,
+            member,
+            task: found.task,
+        })
+    }
+
+    /// Takes member `member` out of pump `pump`; stops the pump when it was the last.
+    fn leave(&self, pump: u64, member: u64, task: &tokio::task::AbortHandle) {
+        let mut pumps = self.pumps.lock();
+        let Some(entry) = pumps.by_id.get(&pump) else {
+            // Already retired (its subscription ended) or the bus closed.
+            task.abort();
+            return;
+        };
+        if entry.members.remove(member) {
+            if let Some(entry) = pumps.by_id.remove(&pump) {
+                if let Some(key) = entry.shared {
+                    pumps.shared.remove(&key);
+                }
+            }
+            task.abort();
+        }
+    }
+
+    /// Forgets pump `pump` whose NATS subscription ended (the client closed): later
+    /// subscriptions of its pattern start a new one.
+    pub(crate) fn retire(&self, pump: u64) {
+        let mut pumps = self.pumps.lock();
+        if let Some(entry) = pumps.by_id.remove(&pump) {
+            if let Some(key) = entry.shared {
+                pumps.shared.remove(&key);
+            }
         }
     }
 
@@ -281,10 +468,13 @@ impl Inner {
             return;
         }
         let (pumps, only): (Vec<ProbeSender>, Option<QueueSender>) = {
-            let subs = self.subs.lock();
-            let pumps: Vec<ProbeSender> = subs.values().filter_map(|e| e.probe.clone()).collect();
-            let only = match (pumps.len(), subs.values().find(|e| e.probe.is_some())) {
-                (1, Some(e)) => Some(e.tx.clone()),
+            let all = self.pumps.lock();
+            let pumps: Vec<ProbeSender> =
+                all.by_id.values().filter_map(|e| e.probe.clone()).collect();
+            // A message async-nats dropped never reached any member of its pump: it is
+            // attributed only when one pump with one member can have lost it.
+            let only = match (pumps.len(), all.by_id.values().find(|e| e.probe.is_some())) {
+                (1, Some(e)) => e.members.only(),
                 _ => None,
             };
             (pumps, only)
@@ -543,7 +733,7 @@ impl NatsBus {
             stream,
             client_drops,
             closed: AtomicBool::new(false),
-            subs: Mutex::new(HashMap::new()),
+            pumps: Mutex::new(Pumps::default()),
             next_sub: AtomicU64::new(0),
         });
         if inner.mode == Mode::Broadcast {
@@ -741,10 +931,14 @@ impl Bus for NatsBus {
         // Stream publishes already awaited their PubAck; make the server take what is
         // still buffered (broadcast) before the connection goes.
         let flushed = inner.round_trip().await;
-        let subs: Vec<SubEntry> = inner.subs.lock().drain().map(|(_, e)| e).collect();
-        for sub in subs {
-            sub.task.abort();
-            sub.tx.close();
+        let pumps: Vec<PumpEntry> = {
+            let mut all = inner.pumps.lock();
+            all.shared.clear();
+            all.by_id.drain().map(|(_, e)| e).collect()
+        };
+        for pump in pumps {
+            pump.task.abort();
+            pump.members.close_all();
         }
         if let Some(stream) = &inner.stream {
             stream.close(inner).await;

@@ -1,19 +1,19 @@
 //! Broadcast mode on core NATS: subscriptions (with queue groups), the pump that moves each
 //! async-nats subscriber into busway's queue, and native request/reply.
 
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use async_nats::client::RequestErrorKind;
 use busway::queue::{QueueSender, TrySend};
 use busway::{
-    new_message_id, Bus, Counters, Delivery, Error, ErrorKind, Message, Pattern, Result,
+    new_message_id, Bus, Counters, Delivery, Error, ErrorKind, Message, Overflow, Pattern, Result,
     SubscribeOptions, Subscription, Topic,
 };
 use futures::{FutureExt, StreamExt};
 use tokio::sync::mpsc::UnboundedReceiver;
 
-use crate::bus::Inner;
+use crate::bus::{Inner, Members, SharedPump, StartPump, SubGuard};
 use crate::config::Framing;
 use crate::drops::{ClientDrops, Probe};
 use crate::headers;
@@ -51,7 +51,7 @@ pub(crate) fn with_topic(
 /// The topics of one subscription's subjects. Subjects repeat (an exact subscription sees
 /// one; a wildcard one often the same few), so the last topic is kept and a matching subject
 /// reuses it instead of being parsed and allocated again.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub(crate) struct SubjectTopics {
     last: Topic,
 }
@@ -79,18 +79,18 @@ impl SubjectTopics {
     }
 }
 
-/// Turns one subscription's NATS messages into deliveries.
+/// Turns one NATS subscription's messages into busway messages.
 struct Decoder {
     topics: SubjectTopics,
     via: Arc<dyn Bus>,
     drops: Arc<ClientDrops>,
     bus_counters: Arc<Counters>,
-    sub_stats: Arc<Counters>,
 }
 
 impl Decoder {
-    /// The delivery for `msg`, or `None` (counted) when it does not decode.
-    fn delivery(&mut self, msg: async_nats::Message) -> Option<Delivery> {
+    /// The message for `msg`, or `None` (counted for the bus and for each of `members`) when
+    /// it does not decode.
+    fn message(&mut self, msg: async_nats::Message, members: &[QueueSender]) -> Option<Message> {
         self.drops.took();
         let decoded = self.topics.topic(msg.subject.as_str()).and_then(|topic| {
             with_topic(
@@ -101,46 +101,116 @@ impl Decoder {
             )
         });
         match decoded {
-            Ok(message) => {
-                // Only a request can be answered: the bus handle rides along only then.
-                let answerable = message.headers.reply_to.is_some();
-                let delivery = Delivery::new(message);
-                Some(if answerable {
-                    delivery.with_reply_via(self.via.clone())
-                } else {
-                    delivery
-                })
-            }
+            Ok(message) => Some(message),
             Err(e) => {
                 Counters::incr(&self.bus_counters.decode_errors);
-                Counters::incr(&self.sub_stats.decode_errors);
+                for tx in members {
+                    Counters::incr(&tx.stats().decode_errors);
+                }
                 tracing::debug!(subject = %msg.subject, error = %e, "skipped an undecodable NATS message");
                 None
             }
         }
     }
+
+    /// A delivery of `message`. Only a request can be answered: the bus handle rides along
+    /// only then.
+    fn delivery(&self, message: Arc<Message>) -> Delivery {
+        let answerable = message.headers.reply_to.is_some();
+        let delivery = Delivery::shared(message);
+        if answerable {
+            delivery.with_reply_via(self.via.clone())
+        } else {
+            delivery
+        }
+    }
 }
 
+/// Subscribes in broadcast mode (and to request inboxes on a stream bus).
+///
+/// Subscriptions of one pattern without a group under a policy that never waits (every
+/// policy but `block`) share one NATS subscription: the server sends each message once and
+/// it is decoded once, then offered to each member's queue, where each applies its own
+/// capacity and policy and counts its own drops. A `block` subscription, or one in a group,
+/// has a NATS subscription of its own, so a full `block` queue stalls no other subscription.
 pub(crate) async fn subscribe(
     inner: &Arc<Inner>,
     pattern: Pattern,
     options: SubscribeOptions,
     via: Arc<dyn Bus>,
 ) -> Result<Subscription> {
-    let subject = pattern.as_str().to_string();
-    let result = match &options.group {
-        Some(group) => inner.client.queue_subscribe(subject, group.clone()).await,
-        None => inner.client.subscribe(subject).await,
+    let (capacity, overflow) = options.queue(inner.queue);
+    let shared = options.group.is_none() && overflow != Overflow::Block;
+    let key = pattern.as_str().to_string();
+    let topics = SubjectTopics::new(&pattern);
+    let (tx, sub) = Subscription::channel(pattern, capacity, overflow, inner.counters.clone());
+    if !shared {
+        let subscriber = nats_subscribe(inner, &key, options.group.as_deref()).await?;
+        let start = pump_starter(inner, subscriber, topics, via);
+        return Ok(sub.with_guard(inner.start_pump(tx, start)));
+    }
+    loop {
+        if let Some(found) = inner.find_shared(&key) {
+            if let Some(guard) = join(inner, found, &tx).await {
+                return Ok(sub.with_guard(guard));
+            }
+            // That pump stopped meanwhile (its last member left): start a new one.
+            continue;
+        }
+        let subscriber = nats_subscribe(inner, &key, None).await?;
+        let start = pump_starter(inner, subscriber, topics.clone(), via.clone());
+        match inner.start_shared(&key, tx.clone(), start) {
+            Ok(guard) => return Ok(sub.with_guard(guard)),
+            // Another subscription of the pattern started one first: ours was dropped
+            // (unsubscribed) unused; join theirs.
+            Err(found) => {
+                if let Some(guard) = join(inner, found, &tx).await {
+                    return Ok(sub.with_guard(guard));
+                }
+            }
+        }
+    }
+}
+
+/// Joins a shared pump once it has handed on what its NATS subscription received before
+/// this subscribe: a new member gets messages published after `subscribe` returns, as with a
+/// NATS subscription of its own, not ones already on their way. Bounded by
+/// `publish_timeout`: a pump that never runs dry (a stream of messages faster than it) is
+/// joined anyway, and the new member may then get a few messages published just before.
+async fn join(inner: &Arc<Inner>, found: SharedPump, tx: &QueueSender) -> Option<SubGuard> {
+    if inner.is_connected() {
+        // Every message published before this point reaches the client before the answer.
+        let _ = inner.round_trip().await;
+    }
+    if let Some(probe) = &found.probe {
+        let (answer, answered) = tokio::sync::oneshot::channel();
+        if probe.send(answer).is_ok() {
+            let _ = tokio::time::timeout(inner.config.publish_timeout(), answered).await;
+        }
+    }
+    inner.join_shared(found, tx.clone())
+}
+
+/// A NATS subscription to `subject`, registered on the server before this returns.
+async fn nats_subscribe(
+    inner: &Inner,
+    subject: &str,
+    group: Option<&str>,
+) -> Result<async_nats::Subscriber> {
+    let result = match group {
+        Some(group) => {
+            inner
+                .client
+                .queue_subscribe(subject.to_string(), group.to_string())
+                .await
+        }
+        None => inner.client.subscribe(subject.to_string()).await,
     };
     let subscriber = result.map_err(|e| {
         inner.failed(
             Error::new(
                 ErrorKind::Connection,
-                format!(
-                    "bus {:?}: cannot subscribe to {:?}",
-                    inner.name,
-                    pattern.as_str()
-                ),
+                format!("bus {:?}: cannot subscribe to {subject:?}", inner.name),
             )
             .with_source(e),
         )
@@ -150,24 +220,36 @@ pub(crate) async fn subscribe(
     if inner.is_connected() {
         let _ = inner.round_trip().await;
     }
-    let (capacity, overflow) = options.queue(inner.queue);
-    let (probe, probes) = tokio::sync::mpsc::unbounded_channel();
-    let taken = Taken {
-        subscriber,
-        drops: inner.client_drops.clone(),
-    };
-    let topics = SubjectTopics::new(&pattern);
-    let (tx, sub) = Subscription::channel(pattern, capacity, overflow, inner.counters.clone());
-    let decoder = Decoder {
-        topics,
-        via,
-        drops: inner.client_drops.clone(),
-        bus_counters: inner.counters.clone(),
-        sub_stats: tx.stats().clone(),
-    };
-    let task = tokio::spawn(pump(taken, probes, tx.clone(), decoder));
-    let guard = inner.track(tx, task.abort_handle(), Some(probe));
-    Ok(sub.with_guard(guard))
+    Ok(subscriber)
+}
+
+/// What starts the pump of `subscriber` once the bus has given it an id and its members.
+fn pump_starter<'a>(
+    inner: &'a Arc<Inner>,
+    subscriber: async_nats::Subscriber,
+    topics: SubjectTopics,
+    via: Arc<dyn Bus>,
+) -> StartPump<'a> {
+    Box::new(move |id, members| {
+        let (probe, probes) = tokio::sync::mpsc::unbounded_channel();
+        let taken = Taken {
+            subscriber,
+            drops: inner.client_drops.clone(),
+        };
+        let decoder = Decoder {
+            topics,
+            via,
+            drops: inner.client_drops.clone(),
+            bus_counters: inner.counters.clone(),
+        };
+        let end = PumpEnd {
+            bus: Arc::downgrade(inner),
+            id,
+            members: members.clone(),
+        };
+        let task = tokio::spawn(pump(taken, probes, members, decoder, end));
+        (task.abort_handle(), Some(probe))
+    })
 }
 
 /// An async-nats subscriber whose every message taken out is counted (see `drops`), also
@@ -186,16 +268,37 @@ impl Drop for Taken {
     }
 }
 
-/// Moves messages from the async-nats subscriber into busway's queue. Under a dropping policy
-/// it never waits, so async-nats's own channel stays near empty; under `block` it waits, and
-/// what async-nats then drops for the full channel is counted (see `drops`). Between
-/// messages it answers probes: "my async-nats channel is empty".
+/// Runs when a pump ends on its own (the client closed): the bus forgets it and its members'
+/// subscriptions end once drained.
+struct PumpEnd {
+    bus: Weak<Inner>,
+    id: u64,
+    members: Arc<Members>,
+}
+
+impl PumpEnd {
+    fn run(self) {
+        if let Some(bus) = self.bus.upgrade() {
+            bus.retire(self.id);
+        }
+        self.members.close_all();
+    }
+}
+
+/// Moves messages from the async-nats subscriber into its members' queues. Under a dropping
+/// policy it never waits, so async-nats's own channel stays near empty; under `block` (one
+/// member, alone on its NATS subscription) it waits, and what async-nats then drops for the
+/// full channel is counted (see `drops`). Between messages it answers probes: "my async-nats
+/// channel is empty".
 async fn pump(
     mut taken: Taken,
     mut probes: UnboundedReceiver<Probe>,
-    tx: QueueSender,
+    members: Arc<Members>,
     mut decoder: Decoder,
+    end: PumpEnd,
 ) {
+    let mut txs: Vec<QueueSender> = Vec::new();
+    let mut seen = u64::MAX;
     loop {
         let next = tokio::select! {
             biased;
@@ -207,21 +310,30 @@ async fn pump(
             }
         };
         let Some(msg) = next else { break };
-        let Some(delivery) = decoder.delivery(msg) else {
+        members.refresh(&mut seen, &mut txs);
+        let Some(message) = decoder.message(msg, &txs) else {
             continue;
         };
-        let open = match tx.try_send(delivery) {
-            TrySend::Closed(_) => false,
-            // Only a full `block` queue waits (and only then pays for a wake-up registration).
-            TrySend::Full(d) => tx.send(d).await,
-            _ => true,
-        };
-        if !open {
-            break;
+        match txs.as_slice() {
+            [tx] => {
+                let delivery = decoder.delivery(Arc::new(message));
+                // Only a full `block` queue waits (and only then pays for a wake-up
+                // registration). A subscription that went away is taken out of the
+                // members by its guard, which stops the pump after the last one.
+                if let TrySend::Full(d) = tx.try_send(delivery) {
+                    tx.send(d).await;
+                }
+            }
+            txs => {
+                // Shared members never block: each takes or drops its copy of the pointer.
+                let message = Arc::new(message);
+                for tx in txs {
+                    tx.try_send(decoder.delivery(message.clone()));
+                }
+            }
         }
     }
-    // The client closed (or the subscription went away): end the subscription.
-    tx.close();
+    end.run();
 }
 
 /// Native NATS request: a multiplexed inbox on the bus's one connection.
