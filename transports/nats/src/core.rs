@@ -1,7 +1,9 @@
-//! Broadcast mode on core NATS: subscriptions (with queue groups), the pump that moves each
-//! async-nats subscriber into busway's queue, and native request/reply.
+//! Broadcast mode on core NATS: subscriptions (with queue groups, or shared), the pump that
+//! moves each async-nats subscriber into busway's queues, and native request/reply.
 
+use std::future::poll_fn;
 use std::sync::{Arc, Weak};
+use std::task::Poll;
 use std::time::Duration;
 
 use async_nats::client::RequestErrorKind;
@@ -83,7 +85,6 @@ impl SubjectTopics {
 struct Decoder {
     topics: SubjectTopics,
     via: Arc<dyn Bus>,
-    drops: Arc<ClientDrops>,
     bus_counters: Arc<Counters>,
 }
 
@@ -91,7 +92,6 @@ impl Decoder {
     /// The message for `msg`, or `None` (counted for the bus and for each of `members`) when
     /// it does not decode.
     fn message(&mut self, msg: async_nats::Message, members: &[QueueSender]) -> Option<Message> {
-        self.drops.took();
         let decoded = self.topics.topic(msg.subject.as_str()).and_then(|topic| {
             with_topic(
                 topic,
@@ -232,14 +232,10 @@ fn pump_starter<'a>(
 ) -> StartPump<'a> {
     Box::new(move |id, members| {
         let (probe, probes) = tokio::sync::mpsc::unbounded_channel();
-        let taken = Taken {
-            subscriber,
-            drops: inner.client_drops.clone(),
-        };
+        let taken = Taken::new(subscriber, inner.client_drops.clone());
         let decoder = Decoder {
             topics,
             via,
-            drops: inner.client_drops.clone(),
             bus_counters: inner.counters.clone(),
         };
         let end = PumpEnd {
@@ -258,13 +254,61 @@ fn pump_starter<'a>(
 struct Taken {
     subscriber: async_nats::Subscriber,
     drops: Arc<ClientDrops>,
+    /// Taken but not yet added to `drops`: counted once per batch instead of one atomic
+    /// increment per message, and always before a probe is answered.
+    untold: u64,
+}
+
+impl Taken {
+    fn new(subscriber: async_nats::Subscriber, drops: Arc<ClientDrops>) -> Taken {
+        Taken {
+            subscriber,
+            drops,
+            untold: 0,
+        }
+    }
+
+    fn tell(&mut self) {
+        if self.untold > 0 {
+            self.drops.took_many(std::mem::take(&mut self.untold));
+        }
+    }
+
+    /// The next message (`None`: the client closed). While there is none, answers `probes`:
+    /// "my async-nats channel is empty". A subscriber that is pending only because the task
+    /// used up its Tokio budget leaves the probe receiver pending too (it is budgeted the
+    /// same way), so a probe is never answered while messages wait.
+    fn poll_next(
+        &mut self,
+        probes: &mut UnboundedReceiver<Probe>,
+        cx: &mut std::task::Context<'_>,
+    ) -> Poll<Option<async_nats::Message>> {
+        match self.subscriber.poll_next_unpin(cx) {
+            Poll::Ready(Some(msg)) => {
+                self.untold += 1;
+                Poll::Ready(Some(msg))
+            }
+            Poll::Ready(None) => {
+                self.tell();
+                Poll::Ready(None)
+            }
+            Poll::Pending => {
+                self.tell();
+                while let Poll::Ready(Some(probe)) = probes.poll_recv(cx) {
+                    let _ = probe.send(());
+                }
+                Poll::Pending
+            }
+        }
+    }
 }
 
 impl Drop for Taken {
     fn drop(&mut self) {
         while let Some(Some(_)) = self.subscriber.next().now_or_never() {
-            self.drops.took();
+            self.untold += 1;
         }
+        self.tell();
     }
 }
 
@@ -299,17 +343,7 @@ async fn pump(
 ) {
     let mut txs: Vec<QueueSender> = Vec::new();
     let mut seen = u64::MAX;
-    loop {
-        let next = tokio::select! {
-            biased;
-            next = taken.subscriber.next() => next,
-            Some(probe) = probes.recv() => {
-                // `biased`: the subscriber was polled just before and had nothing.
-                let _ = probe.send(());
-                continue;
-            }
-        };
-        let Some(msg) = next else { break };
+    while let Some(msg) = poll_fn(|cx| taken.poll_next(&mut probes, cx)).await {
         members.refresh(&mut seen, &mut txs);
         let Some(message) = decoder.message(msg, &txs) else {
             continue;
