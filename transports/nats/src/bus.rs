@@ -375,14 +375,9 @@ impl Inner {
         impl Future<Output = std::result::Result<(), async_nats::PublishError>> + Send + '_,
     > {
         use async_nats::client::traits::Publisher;
-        CoreSend {
-            // `publish_message` takes the subject as it is; `publish` would clone it again
-            // (`ToSubject`), and its variants would make the future an `Either` of four.
-            send: self.client.publish_message(outbound),
-            inner: self,
-            topic,
-            timer: None,
-        }
+        // `publish_message` takes every kind of message as it is; the `publish*` variants
+        // would make the future an `Either` of four.
+        CoreSend::new(self, topic, self.client.publish_message(outbound))
     }
 
     /// The error for a publish async-nats refused.
@@ -502,6 +497,28 @@ pin_project_lite::pin_project! {
         inner: &'a Inner,
         topic: Topic,
         timer: Option<Pin<Box<tokio::time::Sleep>>>,
+        // Whether the outcome counts in the bus's `published` / `errors` (a `Bus::publish`);
+        // counted here rather than by a `map` around the boxed future, one poll layer less
+        // per publish.
+        counted: bool,
+    }
+}
+
+impl<'a, F> CoreSend<'a, F> {
+    fn new(inner: &'a Inner, topic: Topic, send: F) -> Self {
+        CoreSend {
+            send,
+            inner,
+            topic,
+            timer: None,
+            counted: false,
+        }
+    }
+
+    /// Counts the outcome as a `Bus::publish`'s.
+    fn counted(mut self) -> Self {
+        self.counted = true;
+        self
     }
 }
 
@@ -515,7 +532,12 @@ where
         let this = self.project();
         let inner = *this.inner;
         if let Poll::Ready(sent) = this.send.poll(cx) {
-            return Poll::Ready(sent.map_err(|e| inner.send_error(this.topic, e)));
+            let sent = sent.map_err(|e| inner.send_error(this.topic, e));
+            return Poll::Ready(if *this.counted {
+                inner.published(sent)
+            } else {
+                sent
+            });
         }
         // The command buffer almost always has room: the timer is armed only when the send
         // really waits. A send that is pending only because this task used up its Tokio
@@ -530,7 +552,7 @@ where
             .timer
             .get_or_insert_with(|| Box::pin(tokio::time::sleep(timeout)));
         std::task::ready!(timer.as_mut().poll(cx));
-        Poll::Ready(Err(Error::new(
+        let e = Error::new(
             ErrorKind::BufferFull,
             format!(
                 "bus {:?}: publish on {:?} found the client's outage buffer full (publish_buffer) for {timeout:?} while {}",
@@ -538,7 +560,8 @@ where
                 this.topic.as_str(),
                 if inner.is_connected() { "connected" } else { "disconnected" }
             ),
-        )))
+        );
+        Poll::Ready(Err(if *this.counted { inner.failed(e) } else { e }))
     }
 }
 
@@ -857,13 +880,22 @@ impl Bus for NatsBus {
                     Ok(prepared) => prepared,
                     Err(e) => return Box::pin(std::future::ready(Err(inner.failed(e)))),
                 };
-                // `map`, not an async block: the block would hold the send twice (captured,
-                // then awaited).
-                Box::pin(
-                    inner
-                        .core_send(outbound, topic)
-                        .map(move |r| inner.published(r)),
-                )
+                // A message with neither headers nor a reply subject (the usual one) goes
+                // through `publish`, whose future is a quarter smaller than
+                // `publish_message`'s; a separate box type each, so it does not pay for the
+                // larger one.
+                match outbound {
+                    OutboundMessage {
+                        subject,
+                        reply: None,
+                        payload,
+                        headers: None,
+                    } => Box::pin(
+                        CoreSend::new(inner, topic, inner.client.publish(subject, payload))
+                            .counted(),
+                    ),
+                    outbound => Box::pin(inner.core_send(outbound, topic).counted()),
+                }
             }
         }
     }
