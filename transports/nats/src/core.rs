@@ -9,8 +9,8 @@ use std::time::Duration;
 use async_nats::client::RequestErrorKind;
 use busway::queue::{QueueSender, TrySend};
 use busway::{
-    new_message_id, Bus, Counters, Delivery, Error, ErrorKind, Message, Overflow, Pattern, Result,
-    SubscribeOptions, Subscription, Topic,
+    new_message_id, Bus, Counters, Delivery, Error, ErrorKind, Headers, Message, Overflow, Pattern,
+    Result, SubscribeOptions, Subscription, Topic,
 };
 use futures::{FutureExt, StreamExt};
 use tokio::sync::mpsc::UnboundedReceiver;
@@ -37,17 +37,22 @@ pub(crate) fn with_topic(
     map: Option<&async_nats::HeaderMap>,
     reply: Option<&str>,
 ) -> Result<Message> {
+    Ok(Message {
+        topic,
+        payload,
+        headers: reply_headers(map, reply)?,
+    })
+}
+
+/// The busway headers of a NATS message with headers `map` and reply subject `reply`.
+fn reply_headers(map: Option<&async_nats::HeaderMap>, reply: Option<&str>) -> Result<Headers> {
     let mut h = headers::decode(map)?;
     if h.reply_to.is_none() {
         if let Some(reply) = reply {
             h.reply_to = Some(Topic::new(reply)?);
         }
     }
-    Ok(Message {
-        topic,
-        payload,
-        headers: h,
-    })
+    Ok(h)
 }
 
 /// The topics of one subscription's subjects. Subjects repeat (an exact subscription sees
@@ -90,15 +95,27 @@ struct Decoder {
 
 impl Decoder {
     /// The message for `msg`, or `None` (counted for the bus and for each of `members`) when
-    /// it does not decode.
-    fn message(&mut self, msg: async_nats::Message, members: &[QueueSender]) -> Option<Message> {
-        let decoded = self.topics.topic(msg.subject.as_str()).and_then(|topic| {
-            with_topic(
+    /// it does not decode. Built in place in its `Arc`: a message is a few hundred bytes, and
+    /// each move of it on the way is a copy.
+    fn message(
+        &mut self,
+        msg: async_nats::Message,
+        members: &[QueueSender],
+    ) -> Option<Arc<Message>> {
+        let async_nats::Message {
+            subject,
+            reply,
+            payload,
+            headers: map,
+            ..
+        } = msg;
+        let decoded = self.topics.topic(subject.as_str()).and_then(|topic| {
+            let headers = reply_headers(map.as_ref(), reply.as_deref())?;
+            Ok(Arc::new(Message {
                 topic,
-                msg.payload,
-                msg.headers.as_ref(),
-                msg.reply.as_deref(),
-            )
+                payload,
+                headers,
+            }))
         });
         match decoded {
             Ok(message) => Some(message),
@@ -107,7 +124,7 @@ impl Decoder {
                 for tx in members {
                     Counters::incr(&tx.stats().decode_errors);
                 }
-                tracing::debug!(subject = %msg.subject, error = %e, "skipped an undecodable NATS message");
+                tracing::debug!(%subject, error = %e, "skipped an undecodable NATS message");
                 None
             }
         }
@@ -350,7 +367,7 @@ async fn pump(
         };
         match txs.as_slice() {
             [tx] => {
-                let delivery = decoder.delivery(Arc::new(message));
+                let delivery = decoder.delivery(message);
                 // Only a full `block` queue waits (and only then pays for a wake-up
                 // registration). A subscription that went away is taken out of the
                 // members by its guard, which stops the pump after the last one.
@@ -360,7 +377,6 @@ async fn pump(
             }
             txs => {
                 // Shared members never block: each takes or drops its copy of the pointer.
-                let message = Arc::new(message);
                 for tx in txs {
                     tx.try_send(decoder.delivery(message.clone()));
                 }
