@@ -356,7 +356,11 @@ impl Inner {
         };
         let outbound = OutboundMessage {
             subject: subject::of(&topic),
-            reply: h.reply_to.as_ref().map(subject::of),
+            // Reply subjects are request inboxes, each used once: copied, not cached.
+            reply: h
+                .reply_to
+                .as_ref()
+                .map(|r| async_nats::Subject::from(r.as_str())),
             payload,
             headers,
         };

@@ -11,6 +11,8 @@ use std::cell::RefCell;
 use async_nats::Subject;
 use busway::Topic;
 
+use crate::bus::is_inbox;
+
 /// Entries per thread (a power of two). A slot is picked by the topic's address, so the
 /// topics a thread sends in turn rarely evict one another.
 const SLOTS: usize = 16;
@@ -23,9 +25,13 @@ thread_local! {
     };
 }
 
-/// The NATS subject of `topic`.
+/// The NATS subject of `topic`. Request inboxes (each used once, by one reply) are copied,
+/// not cached: they would only push the repeated topics out.
 pub(crate) fn of(topic: &Topic) -> Subject {
     let text = topic.as_str();
+    if is_inbox(text) {
+        return Subject::from(text);
+    }
     // Bits below 4 are the same for every heap block; the next ones pick the slot.
     let slot = (text.as_ptr() as usize >> 4) & (SLOTS - 1);
     SUBJECTS
@@ -68,5 +74,7 @@ mod tests {
         // An equal topic in another buffer finds the same text.
         let again = Topic::new("a.b.0").unwrap();
         assert_eq!(of(&again).as_str(), "a.b.0");
+        let inbox = Topic::new("_INBOX.abc.1").unwrap();
+        assert_eq!(of(&inbox).as_str(), "_INBOX.abc.1");
     }
 }
