@@ -529,7 +529,8 @@ async fn user_password_server() {
     .unwrap();
 }
 
-/// The NATS subscriptions the server holds for `subject` (from `/connz?subs=1`).
+/// The NATS subscriptions the server holds for `subject` (from `/connz?subs=1`; the server
+/// writes `>` as `\u003e` in JSON, so use subjects without it).
 fn nats_subscriptions(server: &NatsServer, subject: &str) -> usize {
     server
         .monitor("/connz?subs=1")
@@ -656,6 +657,44 @@ async fn dropping_subscriptions_of_one_pattern_share_one_nats_subscription() {
     assert_eq!(payloads(&mut d, 1).await, ["again"]);
     bus.close().await.unwrap();
     assert!(d.next().await.is_none(), "close ends a shared member");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_subscribes_of_one_pattern_end_up_on_one_nats_subscription() {
+    let Some(server) = NatsServer::start("shared_race") else {
+        return;
+    };
+    let bus = std::sync::Arc::new(
+        connect(&server.url(), "md", Mode::Broadcast, "")
+            .await
+            .unwrap(),
+    );
+    // Subscribed all at once: several find no shared subscription, each makes one, and all
+    // but the first to register drop theirs and join it.
+    let subs = futures::future::join_all((0..16).map(|_| {
+        let bus = bus.clone();
+        async move {
+            bus.subscribe(
+                pattern("race.*"),
+                SubscribeOptions::new().overflow(Overflow::DropOldest),
+            )
+            .await
+            .unwrap()
+        }
+    }))
+    .await;
+    wait_until("the losers' UNSUBs", || {
+        nats_subscriptions(&server, "race.*") == 1
+    })
+    .await;
+    bus.publish(Message::new(topic("race.a"), "x"))
+        .await
+        .unwrap();
+    for mut sub in subs {
+        assert_eq!(payloads(&mut sub, 1).await, ["x"]);
+    }
+    // All dropped at the end of the loop: the shared subscription goes with the last.
+    wait_until("the UNSUB", || nats_subscriptions(&server, "race.*") == 0).await;
 }
 
 #[tokio::test]
