@@ -10,6 +10,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use async_nats::connection::State;
+use async_nats::message::OutboundMessage;
 use async_nats::{ConnectErrorKind, ConnectOptions, ServerAddr};
 use async_trait::async_trait;
 use busway::config::redact_url;
@@ -26,6 +27,7 @@ use crate::config::{Framing, NatsConfig, OnDisconnect};
 use crate::drops::{ClientDrops, ProbeSender, SETTLE_EVERY};
 use crate::headers;
 use crate::jetstream::StreamSetup;
+use crate::subject;
 
 /// A bus on NATS: core NATS in broadcast mode, JetStream in stream mode.
 ///
@@ -51,32 +53,123 @@ pub(crate) struct Inner {
     /// What async-nats dropped for slow consumers (see `drops`).
     pub(crate) client_drops: Arc<ClientDrops>,
     closed: AtomicBool,
-    subs: Mutex<HashMap<u64, SubEntry>>,
+    pumps: Mutex<Pumps>,
     next_sub: AtomicU64,
 }
 
+/// The running pumps of the bus (each fed by one NATS subscription or JetStream consumer),
+/// and which of them core subscriptions of a pattern share.
+#[derive(Debug, Default)]
+struct Pumps {
+    by_id: HashMap<u64, PumpEntry>,
+    /// Pattern -> the pump that subscriptions of that pattern without a group and under a
+    /// policy that never waits share (see `core::subscribe`).
+    shared: HashMap<String, u64>,
+}
+
 #[derive(Debug)]
-struct SubEntry {
-    tx: QueueSender,
+struct PumpEntry {
+    members: Arc<Members>,
     task: tokio::task::AbortHandle,
     /// Core pumps only: answers once its async-nats channel is empty.
     probe: Option<ProbeSender>,
+    /// Its key in `Pumps::shared`, when shared.
+    shared: Option<String>,
 }
 
-/// Dropped with a subscription: stops its pump (which unsubscribes or deletes its consumer).
+/// The subscription queues one pump feeds: one, or several for a shared core subscription.
+#[derive(Debug, Default)]
+pub(crate) struct Members {
+    list: Mutex<Vec<(u64, QueueSender)>>,
+    /// Bumped (under the lock) on every change, so the pump re-reads the list only then.
+    generation: AtomicU64,
+}
+
+impl Members {
+    fn add(&self, id: u64, tx: QueueSender) {
+        let mut list = self.list.lock();
+        list.push((id, tx));
+        self.generation.fetch_add(1, Ordering::Release);
+    }
+
+    /// Removes member `id`; true when none is left.
+    fn remove(&self, id: u64) -> bool {
+        let mut list = self.list.lock();
+        list.retain(|(m, _)| *m != id);
+        self.generation.fetch_add(1, Ordering::Release);
+        list.is_empty()
+    }
+
+    /// Brings `into` up to date with the members, if they changed since generation `seen`.
+    /// One atomic load when nothing changed (the pump calls it for every message).
+    pub(crate) fn refresh(&self, seen: &mut u64, into: &mut Vec<QueueSender>) {
+        if self.generation.load(Ordering::Acquire) == *seen {
+            return;
+        }
+        let list = self.list.lock();
+        into.clear();
+        into.extend(list.iter().map(|(_, tx)| tx.clone()));
+        *seen = self.generation.load(Ordering::Acquire);
+    }
+
+    /// Ends every member's subscription (once it has drained its queue).
+    pub(crate) fn close_all(&self) {
+        for (_, tx) in self.list.lock().iter() {
+            tx.close();
+        }
+    }
+
+    /// The member, when there is exactly one.
+    fn only(&self) -> Option<QueueSender> {
+        match self.list.lock().as_slice() {
+            [(_, tx)] => Some(tx.clone()),
+            _ => None,
+        }
+    }
+}
+
+/// Dropped with a subscription: takes it out of its pump's members; the last one out stops
+/// the pump (which unsubscribes or deletes its consumer).
 #[derive(Debug)]
 pub(crate) struct SubGuard {
     bus: Weak<Inner>,
-    id: u64,
+    pump: u64,
+    member: u64,
     task: tokio::task::AbortHandle,
 }
 
 impl Drop for SubGuard {
     fn drop(&mut self) {
-        self.task.abort();
-        if let Some(bus) = self.bus.upgrade() {
-            bus.subs.lock().remove(&self.id);
+        match self.bus.upgrade() {
+            Some(bus) => bus.leave(self.pump, self.member, &self.task),
+            None => self.task.abort(),
         }
+    }
+}
+
+/// Starts a pump, given its id and members: its task and, for a core pump, its probe.
+pub(crate) type StartPump<'a> =
+    Box<dyn FnOnce(u64, Arc<Members>) -> (tokio::task::AbortHandle, Option<ProbeSender>) + 'a>;
+
+/// A shared core pump found for a new member: what joining it needs (see
+/// [`Inner::join_shared`]).
+#[derive(Debug)]
+pub(crate) struct SharedPump {
+    pump: u64,
+    task: tokio::task::AbortHandle,
+    /// Answers once the pump has handed on everything its NATS subscription received.
+    pub(crate) probe: Option<ProbeSender>,
+}
+
+impl Pumps {
+    fn find_shared(&self, pattern: &str) -> Option<SharedPump> {
+        let pump = *self.shared.get(pattern)?;
+        let entry = self.by_id.get(&pump)?;
+        Some(SharedPump {
+            pump,
+            task: entry.task.clone(),
+            probe: entry.probe.clone(),
+        })
     }
 }
 
@@ -89,26 +182,122 @@ impl Inner {
         self.client.connection_state() == State::Connected
     }
 
-    /// Records a running pump and returns the guard to attach to its subscription.
+    /// Records a running pump feeding `tx` alone and returns the guard to attach to its
+    /// subscription.
     pub(crate) fn track(
         self: &Arc<Self>,
         tx: QueueSender,
         task: tokio::task::AbortHandle,
         probe: Option<ProbeSender>,
     ) -> SubGuard {
-        let id = self.next_sub.fetch_add(1, Ordering::Relaxed);
-        self.subs.lock().insert(
-            id,
-            SubEntry {
-                tx,
+        self.start_pump(tx, Box::new(|_, _| (task, probe)))
+    }
+
+    /// Records a new pump feeding `tx`, started by `start(pump id, its members)`, and returns
+    /// the guard to attach to `tx`'s subscription.
+    pub(crate) fn start_pump(self: &Arc<Self>, tx: QueueSender, start: StartPump<'_>) -> SubGuard {
+        let mut pumps = self.pumps.lock();
+        self.insert_pump(&mut pumps, None, tx, start)
+    }
+
+    /// As [`Inner::start_pump`], for a pump that later subscriptions of `pattern` share
+    /// (found by [`Inner::find_shared`]). If another one was registered for the pattern
+    /// meanwhile, `start` is not called (what it owns, such as a NATS subscription, is
+    /// dropped) and that pump is returned, to join instead.
+    pub(crate) fn start_shared(
+        self: &Arc<Self>,
+        pattern: &str,
+        tx: QueueSender,
+        start: StartPump<'_>,
+    ) -> std::result::Result<SubGuard, SharedPump> {
+        let mut pumps = self.pumps.lock();
+        if let Some(found) = pumps.find_shared(pattern) {
+            return Err(found);
+        }
+        Ok(self.insert_pump(&mut pumps, Some(pattern.to_string()), tx, start))
+    }
+
+    fn insert_pump(
+        self: &Arc<Self>,
+        pumps: &mut Pumps,
+        shared: Option<String>,
+        tx: QueueSender,
+        start: StartPump<'_>,
+    ) -> SubGuard {
+        let pump = self.next_sub.fetch_add(1, Ordering::Relaxed);
+        let member = self.next_sub.fetch_add(1, Ordering::Relaxed);
+        let members = Arc::new(Members::default());
+        members.add(member, tx);
+        let (task, probe) = start(pump, members.clone());
+        if let Some(key) = &shared {
+            pumps.shared.insert(key.clone(), pump);
+        }
+        pumps.by_id.insert(
+            pump,
+            PumpEntry {
+                members,
                 task: task.clone(),
                 probe,
+                shared,
             },
         );
         SubGuard {
             bus: Arc::downgrade(self),
-            id,
+            pump,
+            member,
             task,
+        }
+    }
+
+    /// The shared pump of `pattern`, if one is running.
+    pub(crate) fn find_shared(&self, pattern: &str) -> Option<SharedPump> {
+        self.pumps.lock().find_shared(pattern)
+    }
+
+    /// Adds `tx` to the members of `found`; `None` when that pump has stopped meanwhile.
+    pub(crate) fn join_shared(
+        self: &Arc<Self>,
+        found: SharedPump,
+        tx: QueueSender,
+    ) -> Option<SubGuard> {
+        let pumps = self.pumps.lock();
+        let entry = pumps.by_id.get(&found.pump)?;
+        let member = self.next_sub.fetch_add(1, Ordering::Relaxed);
+        entry.members.add(member, tx);
+        Some(SubGuard {
+            bus: Arc::downgrade(self),
+            pump: found.pump,
+            member,
+            task: found.task,
+        })
+    }
+
+    /// Takes member `member` out of pump `pump`; stops the pump when it was the last.
+    fn leave(&self, pump: u64, member: u64, task: &tokio::task::AbortHandle) {
+        let mut pumps = self.pumps.lock();
+        let Some(entry) = pumps.by_id.get(&pump) else {
+            // Already retired (its subscription ended) or the bus closed.
+            task.abort();
+            return;
+        };
+        if entry.members.remove(member) {
+            if let Some(entry) = pumps.by_id.remove(&pump) {
+                if let Some(key) = entry.shared {
+                    pumps.shared.remove(&key);
+                }
+            }
+            task.abort();
+        }
+    }
+
+    /// Forgets pump `pump` whose NATS subscription ended (the client closed): later
+    /// subscriptions of its pattern start a new one.
+    pub(crate) fn retire(&self, pump: u64) {
+        let mut pumps = self.pumps.lock();
+        if let Some(entry) = pumps.by_id.remove(&pump) {
+            if let Some(key) = entry.shared {
+                pumps.shared.remove(&key);
+            }
         }
     }
 
@@ -147,55 +336,58 @@ impl Inner {
 
     /// Core NATS publish (broadcast mode, and replies to inboxes in stream mode).
     pub(crate) async fn publish_core(&self, message: Message) -> Result<()> {
-        self.core_send(message)?.await
+        let (outbound, topic) = self.outbound(message)?;
+        self.core_send(outbound, topic).await
     }
 
-    /// The core publish of `message`, prepared without waiting: a future that holds the
-    /// async-nats send and nothing else of the message (a publish future is boxed and moved
-    /// on every publish, so its size is a per-message cost).
-    pub(crate) fn core_send(
-        &self,
-        message: Message,
-    ) -> Result<
-        CoreSend<
-            '_,
-            impl Future<Output = std::result::Result<(), async_nats::PublishError>> + Send + '_,
-        >,
-    > {
-        use futures::future::Either;
+    /// The async-nats message for `message`, and its topic (for error messages).
+    ///
+    /// # Errors
+    /// [`ErrorKind::Encode`] when a header cannot travel as a NATS header.
+    fn outbound(&self, message: Message) -> Result<(OutboundMessage, Topic)> {
         let Message {
             topic,
             payload,
             headers: h,
         } = message;
-        let map = match self.config.framing {
+        let headers = match self.config.framing {
             Framing::Headers => headers::encode(&topic, &h)?,
             Framing::Raw => None,
         };
-        let reply = h
-            .reply_to
-            .as_ref()
-            .map(|r| async_nats::Subject::from(r.as_str()));
-        let subject = async_nats::Subject::from(topic.as_str());
-        let client = &self.client;
-        let send = match (reply, map) {
-            (None, None) => Either::Left(Either::Left(client.publish(subject, payload))),
-            (None, Some(map)) => Either::Left(Either::Right(
-                client.publish_with_headers(subject, map, payload),
-            )),
-            (Some(r), None) => {
-                Either::Right(Either::Left(client.publish_with_reply(subject, r, payload)))
-            }
-            (Some(r), Some(map)) => Either::Right(Either::Right(
-                client.publish_with_reply_and_headers(subject, r, map, payload),
-            )),
+        let outbound = OutboundMessage {
+            subject: subject::of(&topic),
+            // Reply subjects are request inboxes, each used once: copied, not cached.
+            reply: h
+                .reply_to
+                .as_ref()
+                .map(|r| async_nats::Subject::from(r.as_str())),
+            payload,
+            headers,
         };
-        Ok(CoreSend {
-            send,
-            inner: self,
-            topic,
-            timer: None,
-        })
+        Ok((outbound, topic))
+    }
+
+    /// The core publish of `outbound`: a future that holds the async-nats send and nothing
+    /// else of the message (a publish future is boxed and moved on every publish, so its size
+    /// is a per-message cost).
+    fn core_send(
+        &self,
+        outbound: OutboundMessage,
+        topic: Topic,
+    ) -> CoreSend<
+        '_,
+        impl Future<Output = std::result::Result<(), async_nats::PublishError>> + Send + '_,
+    > {
+        use async_nats::client::traits::Publisher;
+        // `publish_message` takes every kind of message as it is; the `publish*` variants
+        // would make the future an `Either` of four.
+        CoreSend::new(self, topic, self.client.publish_message(outbound))
+    }
+
+    /// The error for a publish async-nats refused.
+    fn send_error(&self, topic: &Topic, e: async_nats::PublishError) -> Error {
+        let too_large = e.kind() == async_nats::client::PublishErrorKind::MaxPayloadExceeded;
+        self.publish_error(topic, e.to_string(), too_large, e)
     }
 
     fn publish_error(
@@ -275,10 +467,13 @@ impl Inner {
             return;
         }
         let (pumps, only): (Vec<ProbeSender>, Option<QueueSender>) = {
-            let subs = self.subs.lock();
-            let pumps: Vec<ProbeSender> = subs.values().filter_map(|e| e.probe.clone()).collect();
-            let only = match (pumps.len(), subs.values().find(|e| e.probe.is_some())) {
-                (1, Some(e)) => Some(e.tx.clone()),
+            let all = self.pumps.lock();
+            let pumps: Vec<ProbeSender> =
+                all.by_id.values().filter_map(|e| e.probe.clone()).collect();
+            // A message async-nats dropped never reached any member of its pump: it is
+            // attributed only when one pump with one member can have lost it.
+            let only = match (pumps.len(), all.by_id.values().find(|e| e.probe.is_some())) {
+                (1, Some(e)) => e.members.only(),
                 _ => None,
             };
             (pumps, only)
@@ -306,6 +501,28 @@ pin_project_lite::pin_project! {
         inner: &'a Inner,
         topic: Topic,
         timer: Option<Pin<Box<tokio::time::Sleep>>>,
+        // Whether the outcome counts in the bus's `published` / `errors` (a `Bus::publish`);
+        // counted here rather than by a `map` around the boxed future, one poll layer less
+        // per publish.
+        counted: bool,
+    }
+}
+
+impl<'a, F> CoreSend<'a, F> {
+    fn new(inner: &'a Inner, topic: Topic, send: F) -> Self {
+        CoreSend {
+            send,
+            inner,
+            topic,
+            timer: None,
+            counted: false,
+        }
+    }
+
+    /// Counts the outcome as a `Bus::publish`'s.
+    fn counted(mut self) -> Self {
+        self.counted = true;
+        self
     }
 }
 
@@ -319,11 +536,12 @@ where
         let this = self.project();
         let inner = *this.inner;
         if let Poll::Ready(sent) = this.send.poll(cx) {
-            return Poll::Ready(sent.map_err(|e| {
-                let too_large =
-                    e.kind() == async_nats::client::PublishErrorKind::MaxPayloadExceeded;
-                inner.publish_error(this.topic, e.to_string(), too_large, e)
-            }));
+            let sent = sent.map_err(|e| inner.send_error(this.topic, e));
+            return Poll::Ready(if *this.counted {
+                inner.published(sent)
+            } else {
+                sent
+            });
         }
         // The command buffer almost always has room: the timer is armed only when the send
         // really waits. A send that is pending only because this task used up its Tokio
@@ -338,7 +556,7 @@ where
             .timer
             .get_or_insert_with(|| Box::pin(tokio::time::sleep(timeout)));
         std::task::ready!(timer.as_mut().poll(cx));
-        Poll::Ready(Err(Error::new(
+        let e = Error::new(
             ErrorKind::BufferFull,
             format!(
                 "bus {:?}: publish on {:?} found the client's outage buffer full (publish_buffer) for {timeout:?} while {}",
@@ -346,7 +564,8 @@ where
                 this.topic.as_str(),
                 if inner.is_connected() { "connected" } else { "disconnected" }
             ),
-        )))
+        );
+        Poll::Ready(Err(if *this.counted { inner.failed(e) } else { e }))
     }
 }
 
@@ -541,7 +760,7 @@ impl NatsBus {
             stream,
             client_drops,
             closed: AtomicBool::new(false),
-            subs: Mutex::new(HashMap::new()),
+            pumps: Mutex::new(Pumps::default()),
             next_sub: AtomicU64::new(0),
         });
         if inner.mode == Mode::Broadcast {
@@ -639,9 +858,13 @@ impl Bus for NatsBus {
     {
         let inner = &*self.inner;
         let checked = self.check_open().and_then(|()| {
-            self.capabilities()
-                .check_payload(&inner.name, &message)
-                .map_err(|e| inner.failed(e))?;
+            // The limit alone first: building the whole `Capabilities` costs more than the
+            // comparison, on every publish.
+            if message.payload.len() > inner.max_payload() {
+                self.capabilities()
+                    .check_payload(&inner.name, &message)
+                    .map_err(|e| inner.failed(e))?;
+            }
             if inner.config.on_disconnect == OnDisconnect::Fail && !inner.is_connected() {
                 return Err(inner.failed(inner.disconnected_error(&message.topic)));
             }
@@ -656,12 +879,28 @@ impl Bus for NatsBus {
                     .publish(inner, message)
                     .map(move |r| inner.published(r)),
             ),
-            // `map`, not an async block: the block would hold the send twice (captured, then
-            // awaited).
-            _ => match inner.core_send(message) {
-                Ok(send) => Box::pin(send.map(move |r| inner.published(r))),
-                Err(e) => Box::pin(std::future::ready(Err(inner.failed(e)))),
-            },
+            _ => {
+                let (outbound, topic) = match inner.outbound(message) {
+                    Ok(prepared) => prepared,
+                    Err(e) => return Box::pin(std::future::ready(Err(inner.failed(e)))),
+                };
+                // A message with neither headers nor a reply subject (the usual one) goes
+                // through `publish`, whose future is a quarter smaller than
+                // `publish_message`'s; a separate box type each, so it does not pay for the
+                // larger one.
+                match outbound {
+                    OutboundMessage {
+                        subject,
+                        reply: None,
+                        payload,
+                        headers: None,
+                    } => Box::pin(
+                        CoreSend::new(inner, topic, inner.client.publish(subject, payload))
+                            .counted(),
+                    ),
+                    outbound => Box::pin(inner.core_send(outbound, topic).counted()),
+                }
+            }
         }
     }
 
@@ -728,10 +967,14 @@ impl Bus for NatsBus {
         // Stream publishes already awaited their PubAck; make the server take what is
         // still buffered (broadcast) before the connection goes.
         let flushed = inner.round_trip().await;
-        let subs: Vec<SubEntry> = inner.subs.lock().drain().map(|(_, e)| e).collect();
-        for sub in subs {
-            sub.task.abort();
-            sub.tx.close();
+        let pumps: Vec<PumpEntry> = {
+            let mut all = inner.pumps.lock();
+            all.shared.clear();
+            all.by_id.drain().map(|(_, e)| e).collect()
+        };
+        for pump in pumps {
+            pump.task.abort();
+            pump.members.close_all();
         }
         if let Some(stream) = &inner.stream {
             stream.close(inner).await;

@@ -1,19 +1,21 @@
-//! Broadcast mode on core NATS: subscriptions (with queue groups), the pump that moves each
-//! async-nats subscriber into busway's queue, and native request/reply.
+//! Broadcast mode on core NATS: subscriptions (with queue groups, or shared), the pump that
+//! moves each async-nats subscriber into busway's queues, and native request/reply.
 
-use std::sync::Arc;
+use std::future::poll_fn;
+use std::sync::{Arc, Weak};
+use std::task::Poll;
 use std::time::Duration;
 
 use async_nats::client::RequestErrorKind;
 use busway::queue::{QueueSender, TrySend};
 use busway::{
-    new_message_id, Bus, Counters, Delivery, Error, ErrorKind, Message, Pattern, Result,
-    SubscribeOptions, Subscription, Topic,
+    new_message_id, Bus, Counters, Delivery, Error, ErrorKind, Headers, Message, Overflow, Pattern,
+    Result, SubscribeOptions, Subscription, Topic,
 };
 use futures::{FutureExt, StreamExt};
 use tokio::sync::mpsc::UnboundedReceiver;
 
-use crate::bus::Inner;
+use crate::bus::{Inner, Members, SharedPump, StartPump, SubGuard};
 use crate::config::Framing;
 use crate::drops::{ClientDrops, Probe};
 use crate::headers;
@@ -35,23 +37,28 @@ pub(crate) fn with_topic(
     map: Option<&async_nats::HeaderMap>,
     reply: Option<&str>,
 ) -> Result<Message> {
+    Ok(Message {
+        topic,
+        payload,
+        headers: reply_headers(map, reply)?,
+    })
+}
+
+/// The busway headers of a NATS message with headers `map` and reply subject `reply`.
+fn reply_headers(map: Option<&async_nats::HeaderMap>, reply: Option<&str>) -> Result<Headers> {
     let mut h = headers::decode(map)?;
     if h.reply_to.is_none() {
         if let Some(reply) = reply {
             h.reply_to = Some(Topic::new(reply)?);
         }
     }
-    Ok(Message {
-        topic,
-        payload,
-        headers: h,
-    })
+    Ok(h)
 }
 
 /// The topics of one subscription's subjects. Subjects repeat (an exact subscription sees
 /// one; a wildcard one often the same few), so the last topic is kept and a matching subject
 /// reuses it instead of being parsed and allocated again.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub(crate) struct SubjectTopics {
     last: Topic,
 }
@@ -79,68 +86,148 @@ impl SubjectTopics {
     }
 }
 
-/// Turns one subscription's NATS messages into deliveries.
+/// Turns one NATS subscription's messages into busway messages.
 struct Decoder {
     topics: SubjectTopics,
     via: Arc<dyn Bus>,
-    drops: Arc<ClientDrops>,
     bus_counters: Arc<Counters>,
-    sub_stats: Arc<Counters>,
 }
 
 impl Decoder {
-    /// The delivery for `msg`, or `None` (counted) when it does not decode.
-    fn delivery(&mut self, msg: async_nats::Message) -> Option<Delivery> {
-        self.drops.took();
-        let decoded = self.topics.topic(msg.subject.as_str()).and_then(|topic| {
-            with_topic(
+    /// The message for `msg`, or `None` (counted for the bus and for each of `members`) when
+    /// it does not decode. Built in place in its `Arc`: a message is a few hundred bytes, and
+    /// each move of it on the way is a copy.
+    fn message(
+        &mut self,
+        msg: async_nats::Message,
+        members: &[QueueSender],
+    ) -> Option<Arc<Message>> {
+        let async_nats::Message {
+            subject,
+            reply,
+            payload,
+            headers: map,
+            ..
+        } = msg;
+        let decoded = self.topics.topic(subject.as_str()).and_then(|topic| {
+            let headers = reply_headers(map.as_ref(), reply.as_deref())?;
+            Ok(Arc::new(Message {
                 topic,
-                msg.payload,
-                msg.headers.as_ref(),
-                msg.reply.as_deref(),
-            )
+                payload,
+                headers,
+            }))
         });
         match decoded {
-            Ok(message) => {
-                // Only a request can be answered: the bus handle rides along only then.
-                let answerable = message.headers.reply_to.is_some();
-                let delivery = Delivery::new(message);
-                Some(if answerable {
-                    delivery.with_reply_via(self.via.clone())
-                } else {
-                    delivery
-                })
-            }
+            Ok(message) => Some(message),
             Err(e) => {
                 Counters::incr(&self.bus_counters.decode_errors);
-                Counters::incr(&self.sub_stats.decode_errors);
-                tracing::debug!(subject = %msg.subject, error = %e, "skipped an undecodable NATS message");
+                for tx in members {
+                    Counters::incr(&tx.stats().decode_errors);
+                }
+                tracing::debug!(%subject, error = %e, "skipped an undecodable NATS message");
                 None
             }
         }
     }
+
+    /// A delivery of `message`. Only a request can be answered: the bus handle rides along
+    /// only then.
+    fn delivery(&self, message: Arc<Message>) -> Delivery {
+        let answerable = message.headers.reply_to.is_some();
+        let delivery = Delivery::shared(message);
+        if answerable {
+            delivery.with_reply_via(self.via.clone())
+        } else {
+            delivery
+        }
+    }
 }
 
+/// Subscribes in broadcast mode (and to request inboxes on a stream bus).
+///
+/// Subscriptions of one pattern without a group under a policy that never waits (every
+/// policy but `block`) share one NATS subscription: the server sends each message once and
+/// it is decoded once, then offered to each member's queue, where each applies its own
+/// capacity and policy and counts its own drops. A `block` subscription, or one in a group,
+/// has a NATS subscription of its own, so a full `block` queue stalls no other subscription.
 pub(crate) async fn subscribe(
     inner: &Arc<Inner>,
     pattern: Pattern,
     options: SubscribeOptions,
     via: Arc<dyn Bus>,
 ) -> Result<Subscription> {
-    let subject = pattern.as_str().to_string();
-    let result = match &options.group {
-        Some(group) => inner.client.queue_subscribe(subject, group.clone()).await,
-        None => inner.client.subscribe(subject).await,
+    let (capacity, overflow) = options.queue(inner.queue);
+    let shared = options.group.is_none() && overflow != Overflow::Block;
+    let key = pattern.as_str().to_string();
+    let topics = SubjectTopics::new(&pattern);
+    let (tx, sub) = Subscription::channel(pattern, capacity, overflow, inner.counters.clone());
+    if !shared {
+        let subscriber = nats_subscribe(inner, &key, options.group.as_deref()).await?;
+        let start = pump_starter(inner, subscriber, topics, via);
+        return Ok(sub.with_guard(inner.start_pump(tx, start)));
+    }
+    loop {
+        if let Some(found) = inner.find_shared(&key) {
+            if let Some(guard) = join(inner, found, &tx).await {
+                return Ok(sub.with_guard(guard));
+            }
+            // That pump stopped meanwhile (its last member left): start a new one.
+            continue;
+        }
+        let subscriber = nats_subscribe(inner, &key, None).await?;
+        let start = pump_starter(inner, subscriber, topics.clone(), via.clone());
+        match inner.start_shared(&key, tx.clone(), start) {
+            Ok(guard) => return Ok(sub.with_guard(guard)),
+            // Another subscription of the pattern started one first: ours was dropped
+            // (unsubscribed) unused; join theirs.
+            Err(found) => {
+                if let Some(guard) = join(inner, found, &tx).await {
+                    return Ok(sub.with_guard(guard));
+                }
+            }
+        }
+    }
+}
+
+/// Joins a shared pump once it has handed on what its NATS subscription received before
+/// this subscribe: a new member gets messages published after `subscribe` returns, as with a
+/// NATS subscription of its own, not ones already on their way. Bounded by
+/// `publish_timeout`: a pump that never runs dry (a stream of messages faster than it) is
+/// joined anyway, and the new member may then get a few messages published just before.
+async fn join(inner: &Arc<Inner>, found: SharedPump, tx: &QueueSender) -> Option<SubGuard> {
+    if inner.is_connected() {
+        // Every message published before this point reaches the client before the answer.
+        let _ = inner.round_trip().await;
+    }
+    if let Some(probe) = &found.probe {
+        let (answer, answered) = tokio::sync::oneshot::channel();
+        if probe.send(answer).is_ok() {
+            let _ = tokio::time::timeout(inner.config.publish_timeout(), answered).await;
+        }
+    }
+    inner.join_shared(found, tx.clone())
+}
+
+/// A NATS subscription to `subject`, registered on the server before this returns.
+async fn nats_subscribe(
+    inner: &Inner,
+    subject: &str,
+    group: Option<&str>,
+) -> Result<async_nats::Subscriber> {
+    let result = match group {
+        Some(group) => {
+            inner
+                .client
+                .queue_subscribe(subject.to_string(), group.to_string())
+                .await
+        }
+        None => inner.client.subscribe(subject.to_string()).await,
     };
     let subscriber = result.map_err(|e| {
         inner.failed(
             Error::new(
                 ErrorKind::Connection,
-                format!(
-                    "bus {:?}: cannot subscribe to {:?}",
-                    inner.name,
-                    pattern.as_str()
-                ),
+                format!("bus {:?}: cannot subscribe to {subject:?}", inner.name),
             )
             .with_source(e),
         )
@@ -150,24 +237,32 @@ pub(crate) async fn subscribe(
     if inner.is_connected() {
         let _ = inner.round_trip().await;
     }
-    let (capacity, overflow) = options.queue(inner.queue);
-    let (probe, probes) = tokio::sync::mpsc::unbounded_channel();
-    let taken = Taken {
-        subscriber,
-        drops: inner.client_drops.clone(),
-    };
-    let topics = SubjectTopics::new(&pattern);
-    let (tx, sub) = Subscription::channel(pattern, capacity, overflow, inner.counters.clone());
-    let decoder = Decoder {
-        topics,
-        via,
-        drops: inner.client_drops.clone(),
-        bus_counters: inner.counters.clone(),
-        sub_stats: tx.stats().clone(),
-    };
-    let task = tokio::spawn(pump(taken, probes, tx.clone(), decoder));
-    let guard = inner.track(tx, task.abort_handle(), Some(probe));
-    Ok(sub.with_guard(guard))
+    Ok(subscriber)
+}
+
+/// What starts the pump of `subscriber` once the bus has given it an id and its members.
+fn pump_starter<'a>(
+    inner: &'a Arc<Inner>,
+    subscriber: async_nats::Subscriber,
+    topics: SubjectTopics,
+    via: Arc<dyn Bus>,
+) -> StartPump<'a> {
+    Box::new(move |id, members| {
+        let (probe, probes) = tokio::sync::mpsc::unbounded_channel();
+        let taken = Taken::new(subscriber, inner.client_drops.clone());
+        let decoder = Decoder {
+            topics,
+            via,
+            bus_counters: inner.counters.clone(),
+        };
+        let end = PumpEnd {
+            bus: Arc::downgrade(inner),
+            id,
+            members: members.clone(),
+        };
+        let task = tokio::spawn(pump(taken, probes, members, decoder, end));
+        (task.abort_handle(), Some(probe))
+    })
 }
 
 /// An async-nats subscriber whose every message taken out is counted (see `drops`), also
@@ -176,52 +271,119 @@ pub(crate) async fn subscribe(
 struct Taken {
     subscriber: async_nats::Subscriber,
     drops: Arc<ClientDrops>,
+    /// Taken but not yet added to `drops`: counted once per batch instead of one atomic
+    /// increment per message, and always before a probe is answered.
+    untold: u64,
+}
+
+impl Taken {
+    fn new(subscriber: async_nats::Subscriber, drops: Arc<ClientDrops>) -> Taken {
+        Taken {
+            subscriber,
+            drops,
+            untold: 0,
+        }
+    }
+
+    fn tell(&mut self) {
+        if self.untold > 0 {
+            self.drops.took_many(std::mem::take(&mut self.untold));
+        }
+    }
+
+    /// The next message (`None`: the client closed). While there is none, answers `probes`:
+    /// "my async-nats channel is empty". A subscriber that is pending only because the task
+    /// used up its Tokio budget leaves the probe receiver pending too (it is budgeted the
+    /// same way), so a probe is never answered while messages wait.
+    fn poll_next(
+        &mut self,
+        probes: &mut UnboundedReceiver<Probe>,
+        cx: &mut std::task::Context<'_>,
+    ) -> Poll<Option<async_nats::Message>> {
+        match self.subscriber.poll_next_unpin(cx) {
+            Poll::Ready(Some(msg)) => {
+                self.untold += 1;
+                Poll::Ready(Some(msg))
+            }
+            Poll::Ready(None) => {
+                self.tell();
+                Poll::Ready(None)
+            }
+            Poll::Pending => {
+                self.tell();
+                while let Poll::Ready(Some(probe)) = probes.poll_recv(cx) {
+                    let _ = probe.send(());
+                }
+                Poll::Pending
+            }
+        }
+    }
 }
 
 impl Drop for Taken {
     fn drop(&mut self) {
         while let Some(Some(_)) = self.subscriber.next().now_or_never() {
-            self.drops.took();
+            self.untold += 1;
         }
+        self.tell();
     }
 }
 
-/// Moves messages from the async-nats subscriber into busway's queue. Under a dropping policy
-/// it never waits, so async-nats's own channel stays near empty; under `block` it waits, and
-/// what async-nats then drops for the full channel is counted (see `drops`). Between
-/// messages it answers probes: "my async-nats channel is empty".
+/// Runs when a pump ends on its own (the client closed): the bus forgets it and its members'
+/// subscriptions end once drained.
+struct PumpEnd {
+    bus: Weak<Inner>,
+    id: u64,
+    members: Arc<Members>,
+}
+
+impl PumpEnd {
+    fn run(self) {
+        if let Some(bus) = self.bus.upgrade() {
+            bus.retire(self.id);
+        }
+        self.members.close_all();
+    }
+}
+
+/// Moves messages from the async-nats subscriber into its members' queues. Under a dropping
+/// policy it never waits, so async-nats's own channel stays near empty; under `block` (one
+/// member, alone on its NATS subscription) it waits, and what async-nats then drops for the
+/// full channel is counted (see `drops`). Between messages it answers probes: "my async-nats
+/// channel is empty".
 async fn pump(
     mut taken: Taken,
     mut probes: UnboundedReceiver<Probe>,
-    tx: QueueSender,
+    members: Arc<Members>,
     mut decoder: Decoder,
+    end: PumpEnd,
 ) {
-    loop {
-        let next = tokio::select! {
-            biased;
-            next = taken.subscriber.next() => next,
-            Some(probe) = probes.recv() => {
-                // `biased`: the subscriber was polled just before and had nothing.
-                let _ = probe.send(());
-                continue;
-            }
-        };
-        let Some(msg) = next else { break };
-        let Some(delivery) = decoder.delivery(msg) else {
+    let mut txs: Vec<QueueSender> = Vec::new();
+    let mut seen = u64::MAX;
+    while let Some(msg) = poll_fn(|cx| taken.poll_next(&mut probes, cx)).await {
+        members.refresh(&mut seen, &mut txs);
+        let Some(message) = decoder.message(msg, &txs) else {
             continue;
         };
-        let open = match tx.try_send(delivery) {
-            TrySend::Closed(_) => false,
-            // Only a full `block` queue waits (and only then pays for a wake-up registration).
-            TrySend::Full(d) => tx.send(d).await,
-            _ => true,
-        };
-        if !open {
-            break;
+        match txs.as_slice() {
+            [tx] => {
+                let delivery = decoder.delivery(message);
+                // Only a full `block` queue waits (and only then pays for a wake-up
+                // registration). A subscription that went away is taken out of the
+                // members by its guard, which stops the pump after the last one.
+                if let TrySend::Full(d) = tx.try_send(delivery) {
+                    tx.send(d).await;
+                }
+            }
+            txs => {
+                // Shared members never block: each takes or drops its copy of the pointer.
+                for tx in txs {
+                    tx.try_send(decoder.delivery(message.clone()));
+                }
+            }
         }
     }
-    // The client closed (or the subscription went away): end the subscription.
-    tx.close();
+    end.run();
 }
 
 /// Native NATS request: a multiplexed inbox on the bus's one connection.

@@ -57,6 +57,11 @@ impl ClientDrops {
         self.taken.fetch_add(1, Ordering::Relaxed);
     }
 
+    /// `n` messages taken out of the client.
+    pub(crate) fn took_many(&self, n: u64) {
+        self.taken.fetch_add(n, Ordering::Relaxed);
+    }
+
     /// The client's drops as known now: exact at the last settled moment, never below the
     /// events seen.
     pub(crate) fn count(&self) -> u64 {

@@ -57,13 +57,34 @@ fn put(map: &mut HeaderMap, topic: &Topic, key: &str, value: &str) -> Result<()>
     Ok(())
 }
 
+/// Whether `headers` has nothing to send. Field by field: `Headers::is_empty` compares with a
+/// default value it builds and drops, on every publish.
+fn is_empty(headers: &Headers) -> bool {
+    let Headers {
+        id,
+        timestamp_us,
+        source,
+        content_type,
+        reply_to,
+        correlation_id,
+        extra,
+    } = headers;
+    id.is_none()
+        && timestamp_us.is_none()
+        && source.is_none()
+        && content_type.is_none()
+        && reply_to.is_none()
+        && correlation_id.is_none()
+        && extra.is_empty()
+}
+
 /// NATS headers for `headers`, or `None` when there is nothing to send.
 ///
 /// # Errors
 /// [`ErrorKind::Encode`] naming the topic and key when an extra key is not a valid NATS header
 /// name, collides with a busway header, or a value holds a line break.
 pub(crate) fn encode(topic: &Topic, headers: &Headers) -> Result<Option<HeaderMap>> {
-    if headers.is_empty() {
+    if is_empty(headers) {
         return Ok(None);
     }
     let mut map = HeaderMap::new();

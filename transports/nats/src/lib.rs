@@ -21,8 +21,9 @@
 //! - **Request/reply** uses NATS's own inboxes; no responder is
 //!   [`ErrorKind::NoResponders`](busway::ErrorKind::NoResponders), not a hang.
 //! - **Slow consumers**: every async-nats subscriber is pumped into busway's per-subscription
-//!   queue, so the subscription's overflow policy applies; what async-nats itself drops is
-//!   counted in `dropped`.
+//!   queues, so each subscription's overflow policy applies; what async-nats itself drops is
+//!   counted in `dropped`. Subscriptions of one pattern without a group under a policy that
+//!   never waits share one NATS subscription; a `block` one has its own (see the README).
 //!
 //! See [`NatsConfig`] for every key and its default.
 
@@ -32,6 +33,7 @@ mod core;
 mod drops;
 mod headers;
 mod jetstream;
+mod subject;
 
 pub use bus::{register, NatsBus, NatsFactory};
 pub use config::NatsConfig;

@@ -10,6 +10,7 @@ use std::time::Duration;
 use busway::{Bus, ErrorKind, Headers, Message, Mode, Overflow, Pattern, SubscribeOptions, Topic};
 use busway_testkit::nats::{NatsServer, NatsServerOptions};
 use common::{connect, next, wait_until, WAIT};
+use futures::StreamExt;
 
 fn topic(s: &str) -> Topic {
     Topic::new(s).unwrap()
@@ -526,6 +527,174 @@ async fn user_password_server() {
     )
     .await
     .unwrap();
+}
+
+/// The NATS subscriptions the server holds for `subject` (from `/connz?subs=1`; the server
+/// writes `>` as `\u003e` in JSON, so use subjects without it).
+fn nats_subscriptions(server: &NatsServer, subject: &str) -> usize {
+    server
+        .monitor("/connz?subs=1")
+        .matches(&format!("\"{subject}\""))
+        .count()
+}
+
+async fn payloads(sub: &mut busway::Subscription, n: usize) -> Vec<String> {
+    let mut got = Vec::with_capacity(n);
+    for _ in 0..n {
+        got.push(String::from_utf8_lossy(&next(sub).await.message().payload).into_owned());
+    }
+    got
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropping_subscriptions_of_one_pattern_share_one_nats_subscription() {
+    let Some(mut server) = NatsServer::start("shared_sub") else {
+        return;
+    };
+    let bus = connect(&server.url(), "md", Mode::Broadcast, "")
+        .await
+        .unwrap();
+    let opts = |overflow| SubscribeOptions::new().capacity(1_000).overflow(overflow);
+    let mut a = bus
+        .subscribe(pattern("share.*"), opts(Overflow::DropNewest))
+        .await
+        .unwrap();
+    bus.publish(Message::new(topic("share.x"), "before"))
+        .await
+        .unwrap();
+    bus.flush().await.unwrap();
+    let mut b = bus
+        .subscribe(pattern("share.*"), opts(Overflow::DropOldest))
+        .await
+        .unwrap();
+    let mut c = bus
+        .subscribe(pattern("share.*"), opts(Overflow::Latest))
+        .await
+        .unwrap();
+    assert_eq!(nats_subscriptions(&server, "share.*"), 1, "one NATS SUB");
+    // `block` and groups keep their own.
+    let blocking = bus
+        .subscribe(pattern("share.*"), opts(Overflow::Block))
+        .await
+        .unwrap();
+    let grouped = bus
+        .subscribe(pattern("share.*"), opts(Overflow::DropNewest).group("g"))
+        .await
+        .unwrap();
+    assert_eq!(nats_subscriptions(&server, "share.*"), 3);
+    drop((blocking, grouped));
+    wait_until("their UNSUBs", || {
+        nats_subscriptions(&server, "share.*") == 1
+    })
+    .await;
+
+    let n = 200;
+    for i in 0..n {
+        bus.publish(Message::new(topic("share.x"), format!("{i}")))
+            .await
+            .unwrap();
+    }
+    bus.flush().await.unwrap();
+    let want: Vec<String> = std::iter::once("before".to_string())
+        .chain((0..n).map(|i| i.to_string()))
+        .collect();
+    assert_eq!(payloads(&mut a, n + 1).await, want);
+    // Joined after "before" was published and flushed: it starts with the next one.
+    assert_eq!(payloads(&mut b, n).await, want[1..]);
+    // `latest` keeps the newest of its one topic.
+    wait_until("c to hold the last", || c.stats().dropped == n as u64 - 1).await;
+    assert_eq!(payloads(&mut c, 1).await, [(n - 1).to_string()]);
+    // Each counts its own drops.
+    let dropped = |s: &busway::Subscription| s.stats().dropped;
+    assert_eq!(
+        (dropped(&a), dropped(&b), dropped(&c)),
+        (0, 0, n as u64 - 1)
+    );
+
+    // One member leaving leaves the others receiving, on the same NATS SUB.
+    drop(a);
+    bus.publish(Message::new(topic("share.y"), "after a"))
+        .await
+        .unwrap();
+    assert_eq!(payloads(&mut b, 1).await, ["after a"]);
+    assert_eq!(payloads(&mut c, 1).await, ["after a"]);
+    assert_eq!(nats_subscriptions(&server, "share.*"), 1);
+
+    // The shared subscription is resubscribed after a restart.
+    server.kill();
+    wait_until("the bus to notice the outage", || {
+        bus.stats().connections == 0
+    })
+    .await;
+    server.restart();
+    wait_until("the bus to reconnect", || bus.stats().connections == 1).await;
+    let start = std::time::Instant::now();
+    loop {
+        bus.publish(Message::new(topic("share.z"), "after restart"))
+            .await
+            .unwrap();
+        if let Ok(Some(d)) = b.recv_timeout(Duration::from_millis(200)).await {
+            assert_eq!(d.message().topic.as_str(), "share.z");
+            break;
+        }
+        assert!(start.elapsed() < WAIT, "no delivery after the restart");
+    }
+    assert_eq!(payloads(&mut c, 1).await, ["after restart"]);
+    assert_eq!(nats_subscriptions(&server, "share.*"), 1);
+
+    // The last one out unsubscribes from the server.
+    drop((b, c));
+    wait_until("the UNSUB", || nats_subscriptions(&server, "share.*") == 0).await;
+    // A new subscription of the pattern starts a new one.
+    let mut d = bus
+        .subscribe(pattern("share.*"), opts(Overflow::DropNewest))
+        .await
+        .unwrap();
+    assert_eq!(nats_subscriptions(&server, "share.*"), 1);
+    bus.publish(Message::new(topic("share.x"), "again"))
+        .await
+        .unwrap();
+    assert_eq!(payloads(&mut d, 1).await, ["again"]);
+    bus.close().await.unwrap();
+    assert!(d.next().await.is_none(), "close ends a shared member");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_subscribes_of_one_pattern_end_up_on_one_nats_subscription() {
+    let Some(server) = NatsServer::start("shared_race") else {
+        return;
+    };
+    let bus = std::sync::Arc::new(
+        connect(&server.url(), "md", Mode::Broadcast, "")
+            .await
+            .unwrap(),
+    );
+    // Subscribed all at once: several find no shared subscription, each makes one, and all
+    // but the first to register drop theirs and join it.
+    let subs = futures::future::join_all((0..16).map(|_| {
+        let bus = bus.clone();
+        async move {
+            bus.subscribe(
+                pattern("race.*"),
+                SubscribeOptions::new().overflow(Overflow::DropOldest),
+            )
+            .await
+            .unwrap()
+        }
+    }))
+    .await;
+    wait_until("the losers' UNSUBs", || {
+        nats_subscriptions(&server, "race.*") == 1
+    })
+    .await;
+    bus.publish(Message::new(topic("race.a"), "x"))
+        .await
+        .unwrap();
+    for mut sub in subs {
+        assert_eq!(payloads(&mut sub, 1).await, ["x"]);
+    }
+    // All dropped at the end of the loop: the shared subscription goes with the last.
+    wait_until("the UNSUB", || nats_subscriptions(&server, "race.*") == 0).await;
 }
 
 #[tokio::test]

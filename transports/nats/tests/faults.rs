@@ -17,7 +17,7 @@ use busway_testkit::faults::{
     Guarantee, LoadPlan,
 };
 use busway_testkit::nats::NatsServer;
-use common::{connect, WAIT};
+use common::{connect, connect_with, WAIT};
 use futures::StreamExt;
 
 /// No test may take longer than this: a hang fails instead of blocking the run.
@@ -234,11 +234,15 @@ async fn core_slow_consumer_with_dropping_policy_does_not_hold_back_others() {
         // async-nats's per-subscription channel must hold a whole burst: the publisher
         // outpaces the fast subscriber's pump on 2 cores, and what does not fit is dropped
         // by the client for the fast subscriber too (a sizing matter, not the stalled one).
-        let bus = connect(
+        // `drop_newest` is the bus's default, so the fast subscriber (its queue holds a whole
+        // round: it never drops) and the reading one share one NATS subscription with the
+        // stalled one, as subscriptions of one subject under dropping policies do.
+        let bus = connect_with(
             &server.url(),
             "faults",
             Mode::Broadcast,
             "client_capacity = 32768",
+            Some(Overflow::DropNewest),
         )
         .await
         .unwrap();

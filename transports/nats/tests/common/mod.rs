@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use busway::{BuildContext, BusConfig, Delivery, Mode, Result, Subscription};
+use busway::{BuildContext, BusConfig, Delivery, Mode, Overflow, Result, Subscription};
 use busway_nats::NatsBus;
 
 /// Deliveries wait this long at most (a loaded 2-core machine).
@@ -11,9 +11,21 @@ pub const WAIT: Duration = Duration::from_secs(10);
 
 /// Connects bus `name` in `mode` to `url` with extra NATS keys (TOML).
 pub async fn connect(url: &str, name: &str, mode: Mode, extra: &str) -> Result<NatsBus> {
+    connect_with(url, name, mode, extra, None).await
+}
+
+/// As [`connect`], with the bus's default overflow policy (`overflow` in its config).
+pub async fn connect_with(
+    url: &str,
+    name: &str,
+    mode: Mode,
+    extra: &str,
+    overflow: Option<Overflow>,
+) -> Result<NatsBus> {
     let mut config = BusConfig::new("nats");
     config.url = Some(url.to_string());
     config.mode = mode;
+    config.overflow = overflow;
     config.options = toml::from_str(extra).expect("test TOML");
     let ctx = BuildContext {
         app: "test",
