@@ -2,8 +2,9 @@
 //!
 //! Every publish goes through one bounded channel to one task that owns the multiplexed
 //! command connection. The task drains whatever is queued (up to `max_batch`) and sends it
-//! as one pipeline, so sequential publishers share round trips as much as concurrent ones:
-//! while one pipeline is in flight, the next one fills. Broadcast publishes return once
+//! as one pipeline, so sequential publishers share round trips as much as concurrent ones.
+//! Up to two pipelines are in flight: while the server works through one, the next one is
+//! filled and sent (items leave the queue in order, each when its pipeline is answered). Broadcast publishes return once
 //! queued; stream publishes (XADD) carry a one-shot that the task completes with the
 //! server's answer. `flush` queues a marker completed when everything before it is answered.
 //!
@@ -14,10 +15,14 @@
 //! (and health turns `connecting`) even when nobody publishes.
 
 use std::collections::{HashSet, VecDeque};
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures::stream::FuturesOrdered;
+use futures::StreamExt;
 use redis::aio::MultiplexedConnection;
 use redis::Value;
 use tokio::sync::{mpsc, oneshot};
@@ -81,9 +86,38 @@ pub(crate) struct Writer {
     /// Stream mode: topics this process already added to the index set.
     indexed: HashSet<Topic>,
     attempt: u32,
+    /// Pipelines sent and not yet answered, oldest first. Their items are the front of
+    /// `pending`, in order; an item leaves `pending` only when its pipeline is answered.
+    inflight: VecDeque<InFlight>,
+    /// Their answers, in the same order. All of them are polled, so each pipeline is handed
+    /// to the connection as soon as it is built, in order.
+    answers: FuturesOrdered<Pin<Box<dyn Future<Output = Replies> + Send>>>,
+    /// How many items at the front of `pending` are in `inflight`'s pipelines.
+    sent: usize,
 }
 
 const IDLE_PING: Duration = Duration::from_secs(1);
+
+/// Pipelines in flight at once: while the server works through one, the next one is built
+/// and sent, so neither side waits for the other (one at a time, each waited for the
+/// other's turn: 7 publishers got ~0.8 of the raw client's rate).
+const MAX_INFLIGHT: usize = 2;
+
+type Replies = redis::RedisResult<Vec<Value>>;
+
+/// One pipeline on its way: how many items of `pending` it carries, and how many replies
+/// each of them has.
+struct InFlight {
+    n: usize,
+    replies_per_item: Vec<usize>,
+}
+
+/// A pipeline built from `pending`, not yet sent.
+struct Batch {
+    n: usize,
+    replies_per_item: Vec<usize>,
+    pipe: redis::Pipeline,
+}
 
 impl Writer {
     pub(crate) fn new(
@@ -101,6 +135,9 @@ impl Writer {
             con: Some((con, count)),
             indexed: HashSet::new(),
             attempt: 0,
+            inflight: VecDeque::new(),
+            answers: FuturesOrdered::new(),
+            sent: 0,
         }
     }
 
@@ -126,8 +163,14 @@ impl Writer {
                 // for an item queued after this last drain and never sent.
                 self.rx.close();
                 self.drain_channel(usize::MAX);
+                // Last chance for whatever is queued (a bus dropped without close): the
+                // pipelines in flight are answered, then the rest goes in one more.
+                while self.con.is_some() && !self.inflight.is_empty() {
+                    if let Err(e) = self.settle_front().await {
+                        self.lost_connection(e);
+                    }
+                }
                 if self.con.is_some() && !self.pending.is_empty() {
-                    // Last chance for whatever is queued (a bus dropped without close).
                     let _ = self.send_batch(usize::MAX).await;
                 }
                 let e = Error::closed(format!("bus {:?}", self.inner.config.bus));
@@ -161,12 +204,35 @@ impl Writer {
                     _ = shutdown.changed() => continue,
                 }
             }
-            self.drain_channel(max_batch);
-            if self.con.is_none() {
+            self.drain_channel(self.sent + max_batch);
+            self.answer_flushes();
+            while self.inflight.len() < MAX_INFLIGHT {
+                let Some(batch) = self.build_batch(self.sent, max_batch) else {
+                    break;
+                };
+                self.send(batch);
+            }
+            if self.inflight.is_empty() {
                 continue;
             }
-            if let Err(e) = self.send_batch(max_batch).await {
-                self.lost_connection(e);
+            // Wait for the oldest pipeline's answer, taking new publishes meanwhile so the
+            // next pipeline is ready when a slot frees.
+            let room = self.pending.len() < self.sent + max_batch;
+            let mut answered = None;
+            let mut taken = None;
+            tokio::select! {
+                biased;
+                Some(replies) = self.answers.next() => answered = Some(replies),
+                item = self.rx.recv(), if room => taken = item,
+                _ = shutdown.changed() => {}
+            }
+            if let Some(item) = taken {
+                self.take(item);
+            }
+            if let Some(replies) = answered {
+                if let Err(e) = self.settle_answered(replies) {
+                    self.lost_connection(e);
+                }
             }
         }
     }
@@ -183,6 +249,11 @@ impl Writer {
     }
 
     fn lost_connection(&mut self, e: Error) {
+        // Unanswered pipelines are dropped; their items stay in `pending` and are sent again
+        // after the reconnect (or failed, per `on_disconnect`).
+        self.inflight.clear();
+        self.answers = FuturesOrdered::new();
+        self.sent = 0;
         if self.con.take().is_some() {
             tracing::warn!(bus = %self.inner.config.bus, error = %e, "command connection lost");
         }
@@ -245,21 +316,27 @@ impl Writer {
         }
     }
 
-    /// Sends the front of `pending` as one pipeline and settles it. An error return means the
-    /// connection failed; the batch stays at the front of `pending`.
-    async fn send_batch(&mut self, max_batch: usize) -> Result<()> {
-        // Flush markers at the front are answered: everything before them is done.
+    /// Answers the flush markers at the front of `pending`: everything before them is done.
+    fn answer_flushes(&mut self) {
+        if self.sent > 0 {
+            return;
+        }
         while let Some(Item::Flush(_)) = self.pending.front() {
             if let Some(Item::Flush(done)) = self.pending.pop_front() {
                 let _ = done.send(());
             }
         }
+    }
+
+    /// A pipeline of up to `max_batch` items of `pending` from index `from`, ending before a
+    /// flush marker; `None` when there is nothing to send there.
+    fn build_batch(&mut self, from: usize, max_batch: usize) -> Option<Batch> {
         let mut pipe = redis::pipe();
         pipe.ignore_errors();
         let mut n = 0;
         let mut replies_per_item = Vec::new();
         let opts = &self.inner.config.options;
-        for item in self.pending.iter() {
+        for item in self.pending.iter().skip(from) {
             if n >= max_batch {
                 break;
             }
@@ -300,33 +377,90 @@ impl Writer {
             }
             n += 1;
         }
-        if n == 0 {
-            return Ok(());
-        }
-        let (con, _) = self
-            .con
-            .as_mut()
-            .expect("send_batch runs with a connection");
-        let replies: Vec<Value> = if pipe.is_empty() {
-            Vec::new()
+        (n > 0).then_some(Batch {
+            n,
+            replies_per_item,
+            pipe,
+        })
+    }
+
+    /// Sends `batch` (the items after those in flight) without waiting for its answer.
+    fn send(&mut self, batch: Batch) {
+        let Some((con, _)) = &self.con else {
+            return;
+        };
+        let mut con = con.clone();
+        let Batch {
+            n,
+            replies_per_item,
+            pipe,
+        } = batch;
+        let answer: Pin<Box<dyn Future<Output = Replies> + Send>> = if pipe.is_empty() {
+            Box::pin(std::future::ready(Ok(Vec::new())))
         } else {
-            match pipe.query_async(con).await {
-                Ok(r) => r,
-                Err(e) if is_connection_error(&e) => {
-                    return Err(self.inner.connector.error("pipeline", e))
-                }
-                Err(e) => {
-                    // The server refused the whole pipeline (not one command): fail the batch.
-                    let e = self.inner.connector.error("pipeline", e);
-                    self.indexed.clear();
-                    for item in self.pending.drain(..n) {
-                        if !matches!(item, Item::Flush(_)) {
-                            self.inner.queued.fetch_sub(1, Relaxed);
-                        }
-                        item.fail(&self.inner, &e);
+            Box::pin(async move { pipe.query_async(&mut con).await })
+        };
+        self.sent += n;
+        self.inflight.push_back(InFlight {
+            n,
+            replies_per_item,
+        });
+        self.answers.push_back(answer);
+    }
+
+    /// Waits for the oldest pipeline's answer and settles its items. An error return means
+    /// the connection failed; the items stay at the front of `pending`.
+    async fn settle_front(&mut self) -> Result<()> {
+        match self.answers.next().await {
+            Some(replies) => self.settle_answered(replies),
+            None => Ok(()),
+        }
+    }
+
+    /// Settles the oldest pipeline, which answered `replies`.
+    fn settle_answered(&mut self, replies: Replies) -> Result<()> {
+        let Some(InFlight {
+            n,
+            replies_per_item,
+            ..
+        }) = self.inflight.pop_front()
+        else {
+            return Ok(());
+        };
+        self.sent -= n;
+        self.settle(n, replies_per_item, replies)
+    }
+
+    /// Sends the front of `pending` as one pipeline and settles it (nothing else in flight).
+    /// An error return means the connection failed; the batch stays at the front of
+    /// `pending`.
+    async fn send_batch(&mut self, max_batch: usize) -> Result<()> {
+        self.answer_flushes();
+        let Some(batch) = self.build_batch(0, max_batch) else {
+            return Ok(());
+        };
+        self.send(batch);
+        self.settle_front().await
+    }
+
+    /// Settles the front `n` items of `pending` with the answer to their pipeline.
+    fn settle(&mut self, n: usize, replies_per_item: Vec<usize>, replies: Replies) -> Result<()> {
+        let replies: Vec<Value> = match replies {
+            Ok(r) => r,
+            Err(e) if is_connection_error(&e) => {
+                return Err(self.inner.connector.error("pipeline", e))
+            }
+            Err(e) => {
+                // The server refused the whole pipeline (not one command): fail the batch.
+                let e = self.inner.connector.error("pipeline", e);
+                self.indexed.clear();
+                for item in self.pending.drain(..n) {
+                    if !matches!(item, Item::Flush(_)) {
+                        self.inner.queued.fetch_sub(1, Relaxed);
                     }
-                    return Ok(());
+                    item.fail(&self.inner, &e);
                 }
+                return Ok(());
             }
         };
         // A server that just restarted answers LOADING until its AOF / RDB is read back: an
