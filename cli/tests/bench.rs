@@ -60,17 +60,23 @@ fn number(v: &Value, path: &[&str]) -> f64 {
         .unwrap_or_else(|| panic!("{} is not a number in {v}", path.join(".")))
 }
 
+/// Runs `busway args` (a `--json` command), which must succeed; its output lines, parsed.
+fn json_lines(args: &[&str], timeout: Duration) -> Vec<Value> {
+    let (ok, stdout, stderr) = busway(args, timeout);
+    assert!(ok, "busway {args:?} failed:\n{stdout}\n{stderr}");
+    stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l:?}")))
+        .collect()
+}
+
 /// Runs a JSON bench and checks every line: both sides measured, nothing lost, a ratio.
 /// Returns the lines by shape.
 fn bench_json(args: &[&str], shapes: &[&str], broker_cpu: bool) -> Vec<Value> {
     let mut all = vec!["bench", "--json"];
     all.extend_from_slice(args);
-    let (ok, stdout, stderr) = busway(&all, Duration::from_secs(300));
-    assert!(ok, "busway {all:?} failed:\n{stdout}\n{stderr}");
-    let lines: Vec<Value> = stdout
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l:?}")))
-        .collect();
+    let lines = json_lines(&all, Duration::from_secs(300));
+    let stdout = format!("{lines:?}");
     let got: Vec<&str> = lines
         .iter()
         .map(|l| l["shape"].as_str().expect("shape"))
@@ -190,13 +196,8 @@ fn repeat_measures_each_shape_again_and_ends_with_the_median_ratio() {
         "--repeat",
         "3",
     ];
-    let (ok, stdout, stderr) = busway(&args, Duration::from_secs(120));
-    assert!(ok, "{stdout}\n{stderr}");
-    let lines: Vec<Value> = stdout
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l:?}")))
-        .collect();
-    assert_eq!(lines.len(), 4, "three runs and a summary: {stdout}");
+    let lines = json_lines(&args, Duration::from_secs(120));
+    assert_eq!(lines.len(), 4, "three runs and a summary: {lines:?}");
     let ratios: Vec<f64> = lines[..3].iter().map(|l| number(l, &["ratio"])).collect();
     let summary = &lines[3];
     assert_eq!(summary["shape"], "pubsub");
@@ -337,13 +338,8 @@ fn scenario_reports_three_setups_and_the_comparison() {
         "--drain",
         "10",
     ];
-    let (ok, stdout, stderr) = busway(&args, Duration::from_secs(300));
-    assert!(ok, "{stdout}\n{stderr}");
-    let lines: Vec<Value> = stdout
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l:?}")))
-        .collect();
-    assert_eq!(lines.len(), 5, "{stdout}");
+    let lines = json_lines(&args, Duration::from_secs(300));
+    assert_eq!(lines.len(), 5, "{lines:?}");
     for (line, setup) in lines.iter().zip(["before", "dual_bus", "off_redis"]) {
         assert_eq!(line["setup"], setup, "{line}");
         assert!(number(line, &["published"]) > 0.0, "{line}");
