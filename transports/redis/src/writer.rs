@@ -4,9 +4,10 @@
 //! command connection. The task drains whatever is queued (up to `max_batch`) and sends it
 //! as one pipeline, so sequential publishers share round trips as much as concurrent ones.
 //! Up to two pipelines are in flight: while the server works through one, the next one is
-//! filled and sent (items leave the queue in order, each when its pipeline is answered). Broadcast publishes return once
-//! queued; stream publishes (XADD) carry a one-shot that the task completes with the
-//! server's answer. `flush` queues a marker completed when everything before it is answered.
+//! filled and sent (items leave the queue in order, each when its pipeline is answered).
+//! Broadcast publishes return once queued; stream publishes (XADD) carry a one-shot that the
+//! task completes with the server's answer. `flush` queues a marker completed when
+//! everything before it is answered.
 //!
 //! The task also owns reconnection of the command connection: on a connection error it
 //! marks the bus down, reconnects with capped jittered backoff, and then resends the batch
