@@ -21,6 +21,14 @@ impl ShapeResult {
         Some(self.busway.rate()? / self.raw.rate()?)
     }
 
+    /// The ratio the shape is judged by: p99 for `latency`, throughput for the others.
+    pub(crate) fn headline_ratio(&self) -> Option<f64> {
+        match self.plan.shape {
+            Shape::Latency => self.p99_ratio(),
+            _ => self.ratio(),
+        }
+    }
+
     /// busway p99 over raw p99 (latency shape; 1.0 = as fast as the raw client).
     pub(crate) fn p99_ratio(&self) -> Option<f64> {
         let b = self.busway.latency?;
@@ -151,9 +159,9 @@ impl Report {
             );
         }
         for (side, s) in [("busway", &r.busway), ("raw", &r.raw)] {
-            let ratio = match (side, p.shape) {
-                ("busway", Shape::Latency) => r.p99_ratio().map(|x| format!("{x:.2}p99")),
-                ("busway", _) => r.ratio().map(|x| format!("{x:.2}")),
+            let suffix = if p.shape == Shape::Latency { "p99" } else { "" };
+            let ratio = match side {
+                "busway" => r.headline_ratio().map(|x| format!("{x:.2}{suffix}")),
                 _ => Some(String::new()),
             };
             let num = |v: Option<f64>, prec: usize| match v {
@@ -205,11 +213,7 @@ impl Report {
         for shape in shapes {
             let runs: Vec<&ShapeResult> =
                 results.iter().filter(|r| r.plan.shape == shape).collect();
-            let ratio = |r: &ShapeResult| match shape {
-                Shape::Latency => r.p99_ratio(),
-                _ => r.ratio(),
-            };
-            let ratios: Vec<f64> = runs.iter().filter_map(|r| ratio(r)).collect();
+            let ratios: Vec<f64> = runs.iter().filter_map(|r| r.headline_ratio()).collect();
             let cli = |side: fn(&ShapeResult) -> &SideResult| {
                 median(
                     runs.iter()
