@@ -175,28 +175,29 @@ impl Inner {
                 ),
             )
         };
+        let closed = || Error::closed(format!("bus {:?}", self.config.bus));
         // The channel almost always has room: a timer (a clock read, a timer-wheel entry and
         // a reference to the runtime per publish) is made only when it is full.
         let queued = match self.tx.try_send(item) {
             Ok(()) => Ok(()),
-            Err(mpsc::error::TrySendError::Closed(_)) => Err(None),
+            Err(mpsc::error::TrySendError::Closed(_)) => Err(closed()),
             Err(mpsc::error::TrySendError::Full(item)) => {
                 match tokio::time::timeout(timeout, self.tx.send(item)).await {
                     Ok(Ok(())) => Ok(()),
-                    Ok(Err(_)) => Err(None),
-                    Err(_) => Err(Some(timed_out())),
+                    Ok(Err(_)) => Err(closed()),
+                    Err(_) => Err(timed_out()),
                 }
             }
         };
         if let Err(e) = queued {
             self.queued.fetch_sub(1, Relaxed);
-            return Err(e.unwrap_or_else(|| Error::closed(format!("bus {:?}", self.config.bus))));
+            return Err(e);
         }
         if let Some(done) = done {
             match tokio::time::timeout(timeout, done).await {
                 Ok(Ok(Ok(()))) => {}
                 Ok(Ok(Err(e))) => return Err(e),
-                Ok(Err(_)) => return Err(Error::closed(format!("bus {:?}", self.config.bus))),
+                Ok(Err(_)) => return Err(closed()),
                 Err(_) => return Err(timed_out()),
             }
         }
