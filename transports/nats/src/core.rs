@@ -45,7 +45,12 @@ pub(crate) fn with_topic(
 }
 
 /// The busway headers of a NATS message with headers `map` and reply subject `reply`.
+#[inline]
 fn reply_headers(map: Option<&async_nats::HeaderMap>, reply: Option<&str>) -> Result<Headers> {
+    if map.is_none() && reply.is_none() {
+        // Most messages: built where the caller puts them, not returned through `decode`.
+        return Ok(Headers::default());
+    }
     let mut h = headers::decode(map)?;
     if h.reply_to.is_none() {
         if let Some(reply) = reply {
@@ -95,13 +100,8 @@ struct Decoder {
 
 impl Decoder {
     /// The message for `msg`, or `None` (counted for the bus and for each of `members`) when
-    /// it does not decode. Built in place in its `Arc`: a message is a few hundred bytes, and
-    /// each move of it on the way is a copy.
-    fn message(
-        &mut self,
-        msg: async_nats::Message,
-        members: &[QueueSender],
-    ) -> Option<Arc<Message>> {
+    /// it does not decode.
+    fn message(&mut self, msg: async_nats::Message, members: &[QueueSender]) -> Option<Message> {
         let async_nats::Message {
             subject,
             reply,
@@ -111,11 +111,11 @@ impl Decoder {
         } = msg;
         let decoded = self.topics.topic(subject.as_str()).and_then(|topic| {
             let headers = reply_headers(map.as_ref(), reply.as_deref())?;
-            Ok(Arc::new(Message {
+            Ok(Message {
                 topic,
                 payload,
                 headers,
-            }))
+            })
         });
         match decoded {
             Ok(message) => Some(message),
@@ -130,12 +130,10 @@ impl Decoder {
         }
     }
 
-    /// A delivery of `message`. Only a request can be answered: the bus handle rides along
-    /// only then.
-    fn delivery(&self, message: Arc<Message>) -> Delivery {
-        let answerable = message.headers.reply_to.is_some();
-        let delivery = Delivery::shared(message);
-        if answerable {
+    /// `delivery` with the bus handle attached when its message is a request: only a request
+    /// can be answered.
+    fn answerable(&self, delivery: Delivery) -> Delivery {
+        if delivery.message().headers.reply_to.is_some() {
             delivery.with_reply_via(self.via.clone())
         } else {
             delivery
@@ -367,7 +365,8 @@ async fn pump(
         };
         match txs.as_slice() {
             [tx] => {
-                let delivery = decoder.delivery(message);
+                // One member: the delivery owns the message.
+                let delivery = decoder.answerable(Delivery::new(message));
                 // Only a full `block` queue waits (and only then pays for a wake-up
                 // registration). A subscription that went away is taken out of the
                 // members by its guard, which stops the pump after the last one.
@@ -377,8 +376,9 @@ async fn pump(
             }
             txs => {
                 // Shared members never block: each takes or drops its copy of the pointer.
+                let message = Arc::new(message);
                 for tx in txs {
-                    tx.try_send(decoder.delivery(message.clone()));
+                    tx.try_send(decoder.answerable(Delivery::shared(message.clone())));
                 }
             }
         }
