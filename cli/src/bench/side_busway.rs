@@ -55,12 +55,19 @@ pub(crate) async fn run(plan: &Plan, broker: &Broker) -> Result<SideResult> {
         let mut sub = bus.subscribe(Pattern::exact(&topic), options).await?;
         let tally = run.tally(i);
         readers.push(tokio::spawn(async move {
+            if !ack {
+                // Broadcast: one delivery at a time, as the raw side reads its subscriber.
+                while let Some(d) = sub.recv().await {
+                    tally.record(&d.message().payload);
+                }
+                return;
+            }
             // Take what is queued (up to the raw side's read count of 256) and ack it as one
             // batch: the way a stream consumer keeps up, and what the raw baseline does with
             // one XACK per read.
             let mut batch = Vec::with_capacity(256);
             while sub.recv_many(&mut batch, 256).await > 0 {
-                if ack && Delivery::ack_all(&batch).await.is_err() {
+                if Delivery::ack_all(&batch).await.is_err() {
                     tally.error();
                 }
                 for d in batch.drain(..) {
