@@ -74,7 +74,9 @@ async fn core(plan: &Plan, broker: &Broker, client: &async_nats::Client) -> Resu
         }
     })
     .await?;
-    client.flush().await.map_err(|e| client_err("flush", e))?;
+    // Published means the server has it, as after busway's `flush`: a local flush only
+    // writes the buffer out.
+    confirm(client).await?;
     let what = format!(
         "async-nats publish on one connection ({} in flight per publisher), {} subscription(s) on it, subscription capacity {}",
         plan.inflight,
@@ -88,6 +90,17 @@ async fn core(plan: &Plan, broker: &Broker, client: &async_nats::Client) -> Resu
         r.abort();
     }
     Ok(result)
+}
+
+/// Returns once the server has processed everything sent before: a request to a subject
+/// nobody listens on, which the server answers with "no responders" in order.
+async fn confirm(client: &async_nats::Client) -> Result<()> {
+    use async_nats::client::RequestErrorKind;
+    match client.request(client.new_inbox(), Bytes::new()).await {
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == RequestErrorKind::NoResponders => Ok(()),
+        Err(e) => Err(client_err("round trip", e)),
+    }
 }
 
 async fn stream(plan: &Plan, broker: &Broker, client: &async_nats::Client) -> Result<SideResult> {

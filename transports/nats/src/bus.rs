@@ -478,6 +478,11 @@ impl Inner {
             };
             (pumps, only)
         };
+        if pumps.is_empty() {
+            // No core subscription: the client holds nothing it could drop for a slow
+            // consumer (replies are taken by their requests), so there is nothing to settle.
+            return;
+        }
         let new = self.client_drops.settle(&stats, &pumps).await;
         if let Some(tx) = only {
             tx.stats().dropped.fetch_add(new, Ordering::Relaxed);
