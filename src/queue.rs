@@ -88,7 +88,7 @@ pub(crate) fn queue(
 ) -> (QueueSender, QueueReceiver) {
     let shared = Arc::new(Shared {
         state: Mutex::new(State {
-            items: VecDeque::with_capacity(capacity.min(256)),
+            items: VecDeque::with_capacity(capacity.min(4096)),
             latest: HashMap::default(),
             head_seq: 0,
             closed: false,

@@ -65,20 +65,14 @@ pub async fn ack_each(ackers: &[&dyn Acker]) -> Result<()> {
         .collect()
 }
 
-/// A delivery's message: its own (one subscriber), or shared with the other subscribers of
-/// a fan-out. Owning it saves an allocation, and a free on the consumer's thread, per
-/// message; sharing it makes each further copy a pointer.
-enum Held {
-    Own(Message),
-    Shared(Arc<Message>),
-}
-
 /// One message handed to a subscriber.
 ///
 /// In broadcast mode `ack` and `nack` do nothing. In stream mode a delivery that is neither
 /// acked nor nacked is delivered again after the subscription's ack timeout.
 pub struct Delivery {
-    message: Held,
+    // Shared, so fanning one message out to many subscribers copies a pointer, not the
+    // message (its headers are ~150 bytes inline).
+    message: Arc<Message>,
     attempt: u32,
     acker: Option<Box<dyn Acker>>,
     reply_via: Option<Arc<dyn Bus>>,
@@ -87,7 +81,7 @@ pub struct Delivery {
 impl fmt::Debug for Delivery {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Delivery")
-            .field("message", self.message())
+            .field("message", &self.message)
             .field("attempt", &self.attempt)
             .field("ackable", &self.acker.is_some())
             .finish()
@@ -95,19 +89,13 @@ impl fmt::Debug for Delivery {
 }
 
 impl Delivery {
-    /// A delivery with nothing to acknowledge (broadcast mode), first attempt. The delivery
-    /// owns the message: handing it to one subscriber allocates nothing more.
+    /// A delivery with nothing to acknowledge (broadcast mode), first attempt.
     pub fn new(message: Message) -> Delivery {
-        Delivery::holding(Held::Own(message))
+        Delivery::shared(Arc::new(message))
     }
 
-    /// A delivery of a message shared with other deliveries (fan-out), first attempt: each
-    /// subscriber's delivery holds a pointer to the one message, not a copy of it.
+    /// A delivery of a message shared with other deliveries (fan-out), first attempt.
     pub fn shared(message: Arc<Message>) -> Delivery {
-        Delivery::holding(Held::Shared(message))
-    }
-
-    fn holding(message: Held) -> Delivery {
         Delivery {
             message,
             attempt: 1,
@@ -136,20 +124,18 @@ impl Delivery {
 
     /// The message.
     pub fn message(&self) -> &Message {
-        match &self.message {
-            Held::Own(m) => m,
-            Held::Shared(m) => m,
-        }
+        &self.message
     }
 
     /// Takes the message out, dropping the ack handle (stream mode: it will be redelivered
-    /// after the ack timeout unless acked first). A message shared with other deliveries is
-    /// copied unless this is the last of them.
+    /// after the ack timeout unless acked first).
     pub fn into_message(self) -> Message {
-        match self.message {
-            Held::Own(m) => m,
-            Held::Shared(m) => Arc::try_unwrap(m).unwrap_or_else(|shared| (*shared).clone()),
-        }
+        Arc::try_unwrap(self.message).unwrap_or_else(|shared| (*shared).clone())
+    }
+
+    /// The message, shared (no copy).
+    pub fn shared_message(&self) -> &Arc<Message> {
+        &self.message
     }
 
     /// Which delivery attempt this is: 1 the first time, more after nacks or timeouts.
@@ -221,12 +207,12 @@ impl Delivery {
     /// [`ErrorKind::Unsupported`] when the message has no `reply_to`, or the transport did
     /// not say which bus it came from; otherwise whatever publishing returns.
     pub async fn reply(&self, payload: impl Into<Bytes>) -> Result<()> {
-        let to = self.message().headers.reply_to.clone().ok_or_else(|| {
+        let to = self.message.headers.reply_to.clone().ok_or_else(|| {
             Error::new(
                 ErrorKind::Unsupported,
                 format!(
                     "cannot reply to a message on {:?}: it has no reply_to header",
-                    self.message().topic.as_str()
+                    self.message.topic.as_str()
                 ),
             )
         })?;
@@ -234,7 +220,7 @@ impl Delivery {
             Error::unsupported("this delivery does not know the bus it came from")
         })?;
         let mut reply = Message::new(to, payload);
-        reply.headers.correlation_id = self.message().headers.correlation_id.clone();
+        reply.headers.correlation_id = self.message.headers.correlation_id.clone();
         bus.publish(reply).await
     }
 }

@@ -100,8 +100,13 @@ struct Decoder {
 
 impl Decoder {
     /// The message for `msg`, or `None` (counted for the bus and for each of `members`) when
-    /// it does not decode.
-    fn message(&mut self, msg: async_nats::Message, members: &[QueueSender]) -> Option<Message> {
+    /// it does not decode. Built in place in its `Arc`: a message is a few hundred bytes, and
+    /// each move of it on the way is a copy.
+    fn message(
+        &mut self,
+        msg: async_nats::Message,
+        members: &[QueueSender],
+    ) -> Option<Arc<Message>> {
         let async_nats::Message {
             subject,
             reply,
@@ -111,11 +116,11 @@ impl Decoder {
         } = msg;
         let decoded = self.topics.topic(subject.as_str()).and_then(|topic| {
             let headers = reply_headers(map.as_ref(), reply.as_deref())?;
-            Ok(Message {
+            Ok(Arc::new(Message {
                 topic,
                 payload,
                 headers,
-            })
+            }))
         });
         match decoded {
             Ok(message) => Some(message),
@@ -130,10 +135,12 @@ impl Decoder {
         }
     }
 
-    /// `delivery` with the bus handle attached when its message is a request: only a request
-    /// can be answered.
-    fn answerable(&self, delivery: Delivery) -> Delivery {
-        if delivery.message().headers.reply_to.is_some() {
+    /// A delivery of `message`. Only a request can be answered: the bus handle rides along
+    /// only then.
+    fn delivery(&self, message: Arc<Message>) -> Delivery {
+        let answerable = message.headers.reply_to.is_some();
+        let delivery = Delivery::shared(message);
+        if answerable {
             delivery.with_reply_via(self.via.clone())
         } else {
             delivery
@@ -365,8 +372,7 @@ async fn pump(
         };
         match txs.as_slice() {
             [tx] => {
-                // One member: the delivery owns the message.
-                let delivery = decoder.answerable(Delivery::new(message));
+                let delivery = decoder.delivery(message);
                 // Only a full `block` queue waits (and only then pays for a wake-up
                 // registration). A subscription that went away is taken out of the
                 // members by its guard, which stops the pump after the last one.
@@ -376,9 +382,8 @@ async fn pump(
             }
             txs => {
                 // Shared members never block: each takes or drops its copy of the pointer.
-                let message = Arc::new(message);
                 for tx in txs {
-                    tx.try_send(decoder.answerable(Delivery::shared(message.clone())));
+                    tx.try_send(decoder.delivery(message.clone()));
                 }
             }
         }
