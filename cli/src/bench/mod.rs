@@ -63,9 +63,9 @@ pub(crate) struct BenchArgs {
     /// Broker URL; by default a private broker is started on a free loopback port.
     #[arg(long)]
     url: Option<String>,
-    /// Measure each shape this many times (busway, then the raw client, each time) and end
-    /// with the median ratio per shape: single runs on a shared machine swing by tens of
-    /// percent.
+    /// Measure each shape this many times (busway first, then the raw client first, in
+    /// turn) and end with the median ratio per shape: single runs on a shared machine swing
+    /// by tens of percent.
     #[arg(long, default_value_t = 1)]
     repeat: usize,
     /// One JSON object per line instead of a table.
