@@ -46,6 +46,10 @@ use crate::headers;
 /// How long the server keeps a group-less subscription's consumer after its process vanished.
 const ORPHAN_CONSUMER_TTL: Duration = Duration::from_secs(3600);
 
+/// How often the server confirms a waiting pull request while no message flows. Two missed in
+/// a row end the pull stream, and the pump pulls afresh (see `Pump::run`).
+const PULL_HEARTBEAT: Duration = Duration::from_secs(2);
+
 /// The bus's JetStream stream and what its subscriptions need.
 #[derive(Debug)]
 pub(crate) struct StreamSetup {
@@ -614,7 +618,7 @@ impl Pump {
             let messages = consumer
                 .stream()
                 .max_messages_per_batch(batch)
-                .heartbeat(Duration::from_secs(5))
+                .heartbeat(PULL_HEARTBEAT)
                 .expires(Duration::from_secs(30))
                 .messages()
                 .await;
@@ -631,9 +635,17 @@ impl Pump {
                             Err(e) => {
                                 use async_nats::jetstream::consumer::pull::MessagesErrorKind as K;
                                 match e.kind() {
-                                    // The stream recovers by itself after these.
-                                    K::MissingHeartbeat | K::Pull => {
+                                    // The stream recovers by itself after this.
+                                    K::Pull => {
                                         tracing::debug!(bus = %self.inner.name, error = %e, "JetStream pull hiccup");
+                                    }
+                                    // The server stopped answering this pull stream (no
+                                    // message, no heartbeat): the stream would wait for its
+                                    // own request expiry (~35 s) before asking again. Pull
+                                    // afresh now; anything unacked is redelivered.
+                                    K::MissingHeartbeat => {
+                                        tracing::debug!(bus = %self.inner.name, error = %e, "JetStream pull stream went quiet; pulling afresh");
+                                        break;
                                     }
                                     _ => {
                                         tracing::warn!(bus = %self.inner.name, error = %e, "JetStream consumer lost; recreating it");
