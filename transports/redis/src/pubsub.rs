@@ -401,19 +401,11 @@ impl Task {
             tracing::debug!(bus = %self.inner.config.bus, channel, size = message.payload.len(), max_payload = max, "skipped a message larger than max_payload");
             return;
         }
-        match targets.as_slice() {
-            // One subscriber owns the message; several share it.
-            [tx] => {
-                tx.send(Delivery::new(message).with_reply_via(self.via.clone()))
-                    .await;
-            }
-            many => {
-                let message = std::sync::Arc::new(message);
-                for tx in many {
-                    tx.send(Delivery::shared(message.clone()).with_reply_via(self.via.clone()))
-                        .await;
-                }
-            }
+        // One message, shared by its subscribers' deliveries instead of copied for each.
+        let message = std::sync::Arc::new(message);
+        for tx in targets {
+            tx.send(Delivery::shared(message.clone()).with_reply_via(self.via.clone()))
+                .await;
         }
     }
 }
