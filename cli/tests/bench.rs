@@ -238,6 +238,12 @@ fn bad_options_are_refused_with_a_reason() {
     );
     assert!(!ok);
     assert!(stderr.contains("--md-burst"), "{stderr}");
+    let (ok, _, stderr) = busway(
+        &["bench", "scenario", "--repeat", "0"],
+        Duration::from_secs(60),
+    );
+    assert!(!ok);
+    assert!(stderr.contains("--repeat"), "{stderr}");
 }
 
 fn broker_present(binary: &str, test: &str) -> bool {
@@ -308,6 +314,56 @@ fn nats_jetstream_with_acks() {
         &ALL,
         true,
     );
+}
+
+#[test]
+fn scenario_repeat_ends_with_the_median_of_each_comparison() {
+    let name = "scenario_repeat_ends_with_the_median_of_each_comparison";
+    if !broker_present("redis-server", name) {
+        return;
+    }
+    let args = [
+        "bench",
+        "scenario",
+        "--json",
+        "--setups",
+        "before,dual-bus",
+        "--repeat",
+        "2",
+        "--seconds",
+        "1",
+        "--md-rate",
+        "200",
+        "--logic-rate",
+        "10",
+        "--symbols",
+        "5",
+        "--drain",
+        "10",
+    ];
+    let lines = json_lines(&args, Duration::from_secs(300));
+    // Per run: the two set-ups and the comparison; then the medians.
+    assert_eq!(lines.len(), 7, "{lines:?}");
+    for run in [&lines[0..3], &lines[3..6]] {
+        assert_eq!(run[0]["setup"], "before", "{run:?}");
+        assert_eq!(run[1]["setup"], "dual_bus", "{run:?}");
+        assert_eq!(run[2]["compare"], "dual_bus", "{run:?}");
+    }
+    let medians = &lines[6];
+    assert_eq!(medians["medians"], "dual_bus", "{medians}");
+    assert_eq!(medians["runs"], 2, "{medians}");
+    for key in ["broker_cpu_per_million_x_less", "p99_x_lower"] {
+        let a = number(&lines[2], &[key]);
+        let b = number(&lines[5], &[key]);
+        let m = &medians[key];
+        let close = |x: f64, y: f64| (x - y).abs() <= 1e-9 * x.abs().max(1.0);
+        assert!(
+            close(number(m, &["median"]), (a + b) / 2.0),
+            "{key}: {medians}"
+        );
+        assert!(close(number(m, &["min"]), a.min(b)), "{key}: {medians}");
+        assert!(close(number(m, &["max"]), a.max(b)), "{key}: {medians}");
+    }
 }
 
 #[test]

@@ -30,6 +30,7 @@ use serde_json::json;
 
 use super::broker::Broker;
 use super::engine::{client_err, now_ns};
+use super::report::median;
 use super::Transport;
 
 /// The seven engines of the platform.
@@ -88,6 +89,10 @@ pub(crate) struct ScenarioArgs {
     /// what is not delivered by then is reported as missing.
     #[arg(long, default_value_t = 20.0)]
     drain: f64,
+    /// Run the set-ups this many times and end with the median of each comparison: the
+    /// one-Redis design's CPU per message moves by a third from run to run.
+    #[arg(long, default_value_t = 1)]
+    repeat: usize,
     /// One JSON object per line instead of tables.
     #[arg(long)]
     json: bool,
@@ -306,9 +311,10 @@ pub(crate) async fn run(args: ScenarioArgs) -> Result<()> {
             .into_iter()
             .all(positive)
         || !(args.drain >= 0.0 && args.drain.is_finite())
+        || args.repeat == 0
     {
         return Err(busway::Error::config(
-            "--symbols, --md-rate, --md-burst, --logic-rate and --seconds must be positive, --drain at least 0",
+            "--symbols, --md-rate, --md-burst, --logic-rate, --seconds and --repeat must be positive, --drain at least 0",
         ));
     }
     let traffic = Traffic {
@@ -326,24 +332,98 @@ pub(crate) async fn run(args: ScenarioArgs) -> Result<()> {
             args.symbols, args.md_rate, args.md_burst, args.logic_rate, args.seconds
         );
     }
-    let mut outcomes = Vec::new();
-    for setup in &args.setups {
-        let outcome = match setup {
-            Setup::Before => before(&traffic).await?,
-            Setup::DualBus => via_busway(&traffic, *setup, Transport::Redis).await?,
-            Setup::OffRedis => via_busway(&traffic, *setup, Transport::Nats).await?,
-        };
-        if args.json {
-            println!("{}", outcome.to_json());
-        } else {
-            print_outcome(&outcome);
+    let mut compared: Vec<Compared> = Vec::new();
+    for _ in 0..args.repeat {
+        let mut outcomes = Vec::new();
+        for setup in &args.setups {
+            let outcome = match setup {
+                Setup::Before => before(&traffic).await?,
+                Setup::DualBus => via_busway(&traffic, *setup, Transport::Redis).await?,
+                Setup::OffRedis => via_busway(&traffic, *setup, Transport::Nats).await?,
+            };
+            if args.json {
+                println!("{}", outcome.to_json());
+            } else {
+                print_outcome(&outcome);
+            }
+            outcomes.push(outcome);
         }
-        outcomes.push(outcome);
+        if let Some(base) = outcomes.iter().find(|o| o.setup == Setup::Before).cloned() {
+            compared.extend(compare(&base, &outcomes, args.json));
+        }
     }
-    if let Some(base) = outcomes.iter().find(|o| o.setup == Setup::Before).cloned() {
-        compare(&base, &outcomes, args.json);
+    if args.repeat > 1 {
+        print_medians(&args.setups, &compared, args.repeat, args.json);
     }
     Ok(())
+}
+
+/// One set-up's comparison with the one-Redis design in one run.
+struct Compared {
+    setup: Setup,
+    cpu_x: Option<f64>,
+    p99_x: Option<f64>,
+}
+
+/// The median, least and greatest of `values`; `None` when there is none.
+fn median_range(values: Vec<f64>) -> Option<(f64, f64, f64)> {
+    let least = values.iter().copied().reduce(f64::min)?;
+    let greatest = values.iter().copied().reduce(f64::max)?;
+    Some((median(values)?, least, greatest))
+}
+
+/// Per set-up, the median over the runs of how many times less broker CPU per million
+/// messages and how many times lower p99 than the one-Redis design.
+fn print_medians(setups: &[Setup], compared: &[Compared], runs: usize, json: bool) {
+    let per_setup = setups.iter().filter(|s| **s != Setup::Before).map(|setup| {
+        let of = |pick: fn(&Compared) -> Option<f64>| {
+            median_range(
+                compared
+                    .iter()
+                    .filter(|c| c.setup == *setup)
+                    .filter_map(pick)
+                    .collect(),
+            )
+        };
+        (setup, of(|c| c.cpu_x), of(|c| c.p99_x))
+    });
+    if json {
+        for (setup, cpu_x, p99_x) in per_setup {
+            let range = |v: Option<(f64, f64, f64)>| {
+                v.map(|(m, lo, hi)| json!({"median": m, "min": lo, "max": hi}))
+            };
+            println!(
+                "{}",
+                json!({
+                    "medians": setup.as_str(),
+                    "versus": "before",
+                    "runs": runs,
+                    "broker_cpu_per_million_x_less": range(cpu_x),
+                    "p99_x_lower": range(p99_x),
+                })
+            );
+        }
+        return;
+    }
+    println!();
+    println!("== medians of {runs} runs, versus before");
+    println!(
+        "   {:<10} {:>26} {:>26}",
+        "setup", "CPU/M msgs x less (range)", "p99 x lower (range)"
+    );
+    let cell = |v: Option<(f64, f64, f64)>| {
+        v.map_or("n/a".to_string(), |(m, lo, hi)| {
+            format!("{m:.1} ({lo:.1}-{hi:.1})")
+        })
+    };
+    for (setup, cpu_x, p99_x) in per_setup {
+        println!(
+            "   {:<10} {:>26} {:>26}",
+            setup.as_str(),
+            cell(cpu_x),
+            cell(p99_x)
+        );
+    }
 }
 
 fn fmt_opt(v: Option<f64>, prec: usize) -> String {
@@ -382,7 +462,9 @@ fn print_outcome(o: &Outcome) {
     println!();
 }
 
-fn compare(base: &Outcome, outcomes: &[Outcome], json: bool) {
+/// Prints how each busway set-up of one run compares with the one-Redis design `base`, and
+/// returns the figures.
+fn compare(base: &Outcome, outcomes: &[Outcome], json: bool) -> Vec<Compared> {
     let rows: Vec<_> = outcomes
         .iter()
         .filter(|o| o.setup != Setup::Before)
@@ -407,6 +489,14 @@ fn compare(base: &Outcome, outcomes: &[Outcome], json: bool) {
             (o, main_cut, cpu_x, p99_x)
         })
         .collect();
+    let compared = rows
+        .iter()
+        .map(|(o, _, cpu_x, p99_x)| Compared {
+            setup: o.setup,
+            cpu_x: *cpu_x,
+            p99_x: *p99_x,
+        })
+        .collect();
     if json {
         for (o, main_cut, cpu_x, p99_x) in &rows {
             println!(
@@ -421,7 +511,7 @@ fn compare(base: &Outcome, outcomes: &[Outcome], json: bool) {
                 })
             );
         }
-        return;
+        return compared;
     }
     println!("== versus before (targets: main Redis engine connections 0; broker CPU per million >= 10x less; p99 >= 10x lower)");
     println!(
@@ -440,6 +530,7 @@ fn compare(base: &Outcome, outcomes: &[Outcome], json: bool) {
             fmt_opt(p99_x, 1)
         );
     }
+    compared
 }
 
 /// Waits until `sink` holds `expected` deliveries, or at most `drain`: a design that falls
