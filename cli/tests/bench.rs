@@ -316,22 +316,13 @@ fn nats_jetstream_with_acks() {
     );
 }
 
-#[test]
-fn scenario_repeat_ends_with_the_median_of_each_comparison() {
-    let name = "scenario_repeat_ends_with_the_median_of_each_comparison";
-    if !broker_present("redis-server", name) {
-        return;
-    }
-    let args = [
+/// `busway bench scenario --json` with little traffic (5 symbols, 200 market-data and 10 logic
+/// messages per second) and `extra` options; its output lines.
+fn small_scenario(extra: &[&str]) -> Vec<Value> {
+    let mut args = vec![
         "bench",
         "scenario",
         "--json",
-        "--setups",
-        "before,dual-bus",
-        "--repeat",
-        "2",
-        "--seconds",
-        "1",
         "--md-rate",
         "200",
         "--logic-rate",
@@ -341,7 +332,24 @@ fn scenario_repeat_ends_with_the_median_of_each_comparison() {
         "--drain",
         "10",
     ];
-    let lines = json_lines(&args, Duration::from_secs(300));
+    args.extend_from_slice(extra);
+    json_lines(&args, Duration::from_secs(300))
+}
+
+#[test]
+fn scenario_repeat_ends_with_the_median_of_each_comparison() {
+    let name = "scenario_repeat_ends_with_the_median_of_each_comparison";
+    if !broker_present("redis-server", name) {
+        return;
+    }
+    let lines = small_scenario(&[
+        "--setups",
+        "before,dual-bus",
+        "--repeat",
+        "2",
+        "--seconds",
+        "1",
+    ]);
     // Per run: the two set-ups and the comparison; then the medians.
     assert_eq!(lines.len(), 7, "{lines:?}");
     for run in [&lines[0..3], &lines[3..6]] {
@@ -377,24 +385,7 @@ fn scenario_reports_three_setups_and_the_comparison() {
     ) {
         return;
     }
-    let args = [
-        "bench",
-        "scenario",
-        "--json",
-        "--seconds",
-        "2",
-        "--md-rate",
-        "200",
-        "--md-burst",
-        "5",
-        "--logic-rate",
-        "10",
-        "--symbols",
-        "5",
-        "--drain",
-        "10",
-    ];
-    let lines = json_lines(&args, Duration::from_secs(300));
+    let lines = small_scenario(&["--seconds", "2", "--md-burst", "5"]);
     assert_eq!(lines.len(), 5, "{lines:?}");
     for (line, setup) in lines.iter().zip(["before", "dual_bus", "off_redis"]) {
         assert_eq!(line["setup"], setup, "{line}");
