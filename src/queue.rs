@@ -8,7 +8,7 @@
 //! one lock per batch on the consumer side, not one per message.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
@@ -50,6 +50,9 @@ struct Shared {
     rx_waker: AtomicWaker,
     /// Wakes producers waiting for room under `block`.
     room: Notify,
+    /// Producers in `send` that may be waiting on `room`: the consumer skips notifying (a
+    /// lock inside `Notify`) on every refill while there are none.
+    waiting: AtomicUsize,
     rx_gone: AtomicBool,
     sub_stats: Arc<Counters>,
     bus_stats: Arc<Counters>,
@@ -97,6 +100,7 @@ pub(crate) fn queue(
         overflow,
         rx_waker: AtomicWaker::new(),
         room: Notify::new(),
+        waiting: AtomicUsize::new(0),
         rx_gone: AtomicBool::new(false),
         sub_stats,
         bus_stats,
@@ -120,8 +124,40 @@ impl QueueSender {
 
     /// Offers a delivery without waiting; see [`TrySend`].
     pub fn try_send(&self, delivery: Delivery) -> TrySend {
+        self.try_send_many(&mut std::iter::once(delivery))
+    }
+
+    /// Offers each delivery of `deliveries` in turn, as [`try_send`](Self::try_send) would,
+    /// under one lock and with at most one wake-up of the consumer: the way to hand on a
+    /// batch read from the broker at once. Stops at the first delivery handed back
+    /// ([`TrySend::Full`] under `block`, or [`TrySend::Closed`]), leaving the rest in the
+    /// iterator; otherwise returns the outcome of the last one ([`TrySend::Queued`] for none).
+    pub fn try_send_many(&self, deliveries: &mut impl Iterator<Item = Delivery>) -> TrySend {
         let shared = &*self.shared;
         let mut st = shared.state.lock();
+        let was_empty = st.items.is_empty();
+        let mut outcome = TrySend::Queued;
+        for delivery in deliveries.by_ref() {
+            outcome = self.offer(&mut st, delivery);
+            if matches!(outcome, TrySend::Full(_) | TrySend::Closed(_)) {
+                break;
+            }
+        }
+        let wake = was_empty && !st.items.is_empty();
+        drop(st);
+        // Only the push that makes the queue non-empty wakes the consumer: it registers its
+        // waker before its last look at the queue, so a non-empty queue always had a wake
+        // issued after it became non-empty. Skipping the rest saves a contended atomic and,
+        // more, a needless task wake-up per message.
+        if wake {
+            shared.rx_waker.wake();
+        }
+        outcome
+    }
+
+    /// Applies the policy to one delivery, under the lock.
+    fn offer(&self, st: &mut State, delivery: Delivery) -> TrySend {
+        let shared = &*self.shared;
         if st.closed || shared.rx_gone.load(Ordering::Relaxed) {
             return TrySend::Closed(delivery);
         }
@@ -129,17 +165,14 @@ impl QueueSender {
             if let Some(&seq) = st.latest.get(&delivery.message().topic) {
                 let at = (seq - st.head_seq) as usize;
                 st.items[at] = delivery;
-                drop(st);
                 self.dropped();
                 return TrySend::Queued;
             }
         }
-        let mut outcome = TrySend::Queued;
         if st.items.len() >= shared.capacity {
             match shared.overflow {
                 Overflow::Block => return TrySend::Full(delivery),
                 Overflow::DropNewest => {
-                    drop(st);
                     self.dropped();
                     return TrySend::Dropped;
                 }
@@ -154,7 +187,6 @@ impl QueueSender {
                         }
                     }
                     self.dropped();
-                    outcome = TrySend::Queued;
                 }
             }
         }
@@ -162,23 +194,23 @@ impl QueueSender {
             let seq = st.head_seq + st.items.len() as u64;
             st.latest.insert(delivery.message().topic.clone(), seq);
         }
-        let was_empty = st.items.is_empty();
         st.items.push_back(delivery);
-        drop(st);
-        // Only the push that makes the queue non-empty wakes the consumer: it registers its
-        // waker before its last look at the queue, so a non-empty queue always had a wake
-        // issued after it became non-empty. Skipping the rest saves a contended atomic and,
-        // more, a needless task wake-up per message.
-        if was_empty {
-            shared.rx_waker.wake();
-        }
-        outcome
+        TrySend::Queued
     }
 
     /// Queues a delivery, waiting for room under `block`; other policies never wait.
     /// Returns `false` when the subscription is gone (the delivery is dropped, uncounted:
     /// nobody is listening any more).
-    pub async fn send(&self, mut delivery: Delivery) -> bool {
+    pub async fn send(&self, delivery: Delivery) -> bool {
+        let mut delivery = match self.try_send(delivery) {
+            TrySend::Queued | TrySend::Dropped => return true,
+            TrySend::Closed(_) => return false,
+            TrySend::Full(d) => d,
+        };
+        // Counted before the waiter registers and before each look at the queue, so a
+        // refill that makes room after that look (under the queue's lock) sees it.
+        self.shared.waiting.fetch_add(1, Ordering::AcqRel);
+        let _waiting = Waiting(&self.shared.waiting);
         loop {
             let room = self.shared.room.notified();
             tokio::pin!(room);
@@ -189,6 +221,24 @@ impl QueueSender {
                 TrySend::Full(d) => {
                     delivery = d;
                     room.await;
+                }
+            }
+        }
+    }
+
+    /// Queues every delivery of `deliveries` in order, as [`send`](Self::send) would, taking
+    /// the lock once per run that fits. Returns `false` when the subscription is gone (the
+    /// rest are dropped, uncounted).
+    pub async fn send_many(&self, deliveries: impl IntoIterator<Item = Delivery>) -> bool {
+        let mut rest = deliveries.into_iter();
+        loop {
+            match self.try_send_many(&mut rest) {
+                TrySend::Queued | TrySend::Dropped => return true,
+                TrySend::Closed(_) => return false,
+                TrySend::Full(d) => {
+                    if !self.send(d).await {
+                        return false;
+                    }
                 }
             }
         }
@@ -219,6 +269,15 @@ impl QueueSender {
     /// The subscription's counters (shared with the consumer side).
     pub fn stats(&self) -> &Arc<Counters> {
         &self.shared.sub_stats
+    }
+}
+
+/// One producer waiting in `send`, for as long as it exists (also when the wait is dropped).
+struct Waiting<'a>(&'a AtomicUsize);
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -269,7 +328,9 @@ impl QueueReceiver {
             .bus_stats
             .delivered
             .fetch_add(self.local.len() as u64, Ordering::Relaxed);
-        if self.shared.overflow == Overflow::Block {
+        if self.shared.overflow == Overflow::Block
+            && self.shared.waiting.load(Ordering::Acquire) > 0
+        {
             self.shared.room.notify_waiters();
         }
         true
@@ -379,6 +440,54 @@ mod tests {
         }
         assert_eq!(drain(&mut rx).await, ["t=3", "t=4"]);
         assert_eq!(bus.snapshot().dropped, 2);
+    }
+
+    #[tokio::test]
+    async fn a_batch_follows_the_policy_message_by_message() {
+        let (tx, mut rx, bus) = setup(3, Overflow::DropOldest);
+        let batch = ["1", "2", "3", "4", "5"].map(|p| d("t", p));
+        assert!(matches!(
+            tx.try_send_many(&mut batch.into_iter()),
+            TrySend::Queued
+        ));
+        assert_eq!(drain(&mut rx).await, ["t=3", "t=4", "t=5"]);
+        assert_eq!(bus.snapshot().dropped, 2);
+
+        // Under `block` the batch stops at the first delivery that finds no room, and the
+        // rest stay with the caller.
+        let (tx, mut rx, _) = setup(2, Overflow::Block);
+        let mut rest = ["1", "2", "3", "4"].map(|p| d("t", p)).into_iter();
+        let TrySend::Full(third) = tx.try_send_many(&mut rest) else {
+            panic!("a full block queue hands the delivery back");
+        };
+        assert_eq!(&third.message().payload[..], b"3");
+        assert_eq!(rest.len(), 1);
+        assert_eq!(drain(&mut rx).await, ["t=1", "t=2"]);
+    }
+
+    #[tokio::test]
+    async fn send_many_waits_for_room_and_keeps_the_order() {
+        let (tx, mut rx, _) = setup(2, Overflow::Block);
+        let sending = tokio::spawn({
+            let tx = tx.clone();
+            async move { tx.send_many((1..=7).map(|i| d("t", &i.to_string()))).await }
+        });
+        let mut got = Vec::new();
+        while got.len() < 7 {
+            let next = tokio::time::timeout(
+                Duration::from_secs(5),
+                futures::future::poll_fn(|cx| rx.poll_recv(cx)),
+            )
+            .await
+            .expect("the sender makes progress as the queue drains")
+            .expect("the queue is open");
+            got.push(String::from_utf8_lossy(&next.message().payload).into_owned());
+        }
+        assert_eq!(got, ["1", "2", "3", "4", "5", "6", "7"]);
+        assert!(sending.await.unwrap());
+        // The receiver gone: the rest of a batch is refused.
+        drop(rx);
+        assert!(!tx.send_many([d("t", "8"), d("t", "9")]).await);
     }
 
     #[tokio::test]

@@ -7,7 +7,7 @@ use std::task::Poll;
 use std::time::Duration;
 
 use async_nats::client::RequestErrorKind;
-use busway::queue::{QueueSender, TrySend};
+use busway::queue::QueueSender;
 use busway::{
     new_message_id, Bus, Counters, Delivery, Error, ErrorKind, Headers, Message, Overflow, Pattern,
     Result, SubscribeOptions, Subscription, Topic,
@@ -296,30 +296,42 @@ impl Taken {
         }
     }
 
-    /// The next message (`None`: the client closed). While there is none, answers `probes`:
-    /// "my async-nats channel is empty". A subscriber that is pending only because the task
-    /// used up its Tokio budget leaves the probe receiver pending too (it is budgeted the
-    /// same way), so a probe is never answered while messages wait.
-    fn poll_next(
+    /// Takes the messages the client has ready, up to `limit`, into `out`, waiting only
+    /// while it has none; `false` once the client closed and nothing was taken. While there
+    /// is nothing to take or hand on, answers `probes`: "my async-nats channel is empty". A
+    /// subscriber that is pending only because the task used up its Tokio budget leaves the
+    /// probe receiver pending too (it is budgeted the same way), so a probe is never
+    /// answered while messages wait.
+    fn poll_batch(
         &mut self,
         probes: &mut UnboundedReceiver<Probe>,
         cx: &mut std::task::Context<'_>,
-    ) -> Poll<Option<async_nats::Message>> {
-        match self.subscriber.poll_next_unpin(cx) {
-            Poll::Ready(Some(msg)) => {
-                self.untold += 1;
-                Poll::Ready(Some(msg))
-            }
-            Poll::Ready(None) => {
-                self.tell();
-                Poll::Ready(None)
-            }
-            Poll::Pending => {
-                self.tell();
-                while let Poll::Ready(Some(probe)) = probes.poll_recv(cx) {
-                    let _ = probe.send(());
+        out: &mut Vec<async_nats::Message>,
+        limit: usize,
+    ) -> Poll<bool> {
+        loop {
+            match self.subscriber.poll_next_unpin(cx) {
+                Poll::Ready(Some(msg)) => {
+                    self.untold += 1;
+                    out.push(msg);
+                    if out.len() >= limit {
+                        return Poll::Ready(true);
+                    }
                 }
-                Poll::Pending
+                Poll::Ready(None) => {
+                    self.tell();
+                    return Poll::Ready(!out.is_empty());
+                }
+                Poll::Pending => {
+                    self.tell();
+                    if !out.is_empty() {
+                        return Poll::Ready(true);
+                    }
+                    while let Poll::Ready(Some(probe)) = probes.poll_recv(cx) {
+                        let _ = probe.send(());
+                    }
+                    return Poll::Pending;
+                }
             }
         }
     }
@@ -351,11 +363,16 @@ impl PumpEnd {
     }
 }
 
-/// Moves messages from the async-nats subscriber into its members' queues. Under a dropping
-/// policy it never waits, so async-nats's own channel stays near empty; under `block` (one
-/// member, alone on its NATS subscription) it waits, and what async-nats then drops for the
-/// full channel is counted (see `drops`). Between messages it answers probes: "my async-nats
-/// channel is empty".
+/// Messages a pump takes from its async-nats subscriber and hands on at once: one lock of
+/// each member's queue and at most one wake-up of its consumer per batch, instead of per
+/// message.
+const BATCH: usize = 64;
+
+/// Moves messages from the async-nats subscriber into its members' queues, a batch (what
+/// the client has ready) at a time. Under a dropping policy it never waits, so async-nats's
+/// own channel stays near empty; under `block` (one member, alone on its NATS subscription)
+/// it waits, and what async-nats then drops for the full channel is counted (see `drops`).
+/// While it has nothing in hand it answers probes: "my async-nats channel is empty".
 async fn pump(
     mut taken: Taken,
     mut probes: UnboundedReceiver<Probe>,
@@ -365,26 +382,28 @@ async fn pump(
 ) {
     let mut txs: Vec<QueueSender> = Vec::new();
     let mut seen = u64::MAX;
-    while let Some(msg) = poll_fn(|cx| taken.poll_next(&mut probes, cx)).await {
+    let mut received = Vec::with_capacity(BATCH);
+    let mut messages = Vec::with_capacity(BATCH);
+    while poll_fn(|cx| taken.poll_batch(&mut probes, cx, &mut received, BATCH)).await {
         members.refresh(&mut seen, &mut txs);
-        let Some(message) = decoder.message(msg, &txs) else {
-            continue;
-        };
+        messages.extend(
+            received
+                .drain(..)
+                .filter_map(|msg| decoder.message(msg, &txs)),
+        );
         match txs.as_slice() {
             [tx] => {
-                let delivery = decoder.delivery(message);
-                // Only a full `block` queue waits (and only then pays for a wake-up
-                // registration). A subscription that went away is taken out of the
-                // members by its guard, which stops the pump after the last one.
-                if let TrySend::Full(d) = tx.try_send(delivery) {
-                    tx.send(d).await;
-                }
+                // Only a full `block` queue waits. A subscription that went away is taken
+                // out of the members by its guard, which stops the pump after the last one.
+                tx.send_many(messages.drain(..).map(|m| decoder.delivery(m)))
+                    .await;
             }
             txs => {
-                // Shared members never block: each takes or drops its copy of the pointer.
+                // Shared members never block: each takes or drops its copy of the pointers.
                 for tx in txs {
-                    tx.try_send(decoder.delivery(message.clone()));
+                    tx.try_send_many(&mut messages.iter().map(|m| decoder.delivery(m.clone())));
                 }
+                messages.clear();
             }
         }
     }
