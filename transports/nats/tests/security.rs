@@ -132,3 +132,138 @@ async fn token_missing_or_wrong_is_a_fast_auth_error_and_never_printed() {
         }
     }
 }
+
+/// `authorization { users = [ { nkey } ] }` for the public key of `user`.
+fn nkey_users(user: &nkeys::KeyPair) -> NatsServerOptions {
+    NatsServerOptions {
+        extra_conf: Some(format!(
+            "authorization {{\n  users = [ {{ nkey: \"{}\" }} ]\n}}",
+            user.public_key()
+        )),
+        ..Default::default()
+    }
+}
+
+#[tokio::test]
+async fn nkey_missing_or_wrong_is_a_fast_auth_error_and_the_seed_never_printed() {
+    let logs = busway_testkit::logs::capture();
+    let user = nkeys::KeyPair::new_user();
+    let Some(server) = NatsServer::start_with("nats_nkey", nkey_users(&user)) else {
+        return;
+    };
+    let url = server.url();
+    let seed = user.seed().unwrap();
+    let wrong = nkeys::KeyPair::new_user().seed().unwrap();
+    let mut texts = vec![
+        refused(&server, &url, "").await,
+        refused(&server, &url, &format!("nkey = \"{wrong}\"")).await,
+    ];
+    // Not a seed at all: refused before any connection, naming the key and not its value.
+    let err = connect(&url, "sec", Mode::Broadcast, "nkey = \"SUNOTASEED-secret\"")
+        .await
+        .expect_err("a malformed seed cannot connect");
+    assert!(err.to_string().contains("\"sec\""), "names the bus: {err}");
+    texts.push(format!("{err} {err:?}"));
+
+    let bus = round_trip(&url, &format!("nkey = \"{seed}\"")).await;
+    texts.push(format!("{bus:?}"));
+    texts.push(logs.text());
+    for text in &texts {
+        for secret in [seed.as_str(), wrong.as_str(), "SUNOTASEED-secret"] {
+            assert!(!text.contains(secret), "a seed printed in:\n{text}");
+        }
+    }
+}
+
+/// A `.creds` file: the user's JWT and its NKey seed, in the format `nsc` writes.
+fn creds_file(dir: &std::path::Path, name: &str, jwt: &str, seed: &str) -> String {
+    let path = dir.join(format!("{name}.creds"));
+    let text = format!(
+        "-----BEGIN NATS USER JWT-----\n{jwt}\n------END NATS USER JWT------\n\n\
+         ************************* IMPORTANT *************************\n\
+         NKEY Seed printed below can be used to sign and prove identity.\n\n\
+         -----BEGIN USER NKEY SEED-----\n{seed}\n------END USER NKEY SEED------\n"
+    );
+    std::fs::write(&path, text).unwrap();
+    path.display().to_string()
+}
+
+#[tokio::test]
+async fn creds_file_of_a_trusted_account_connects_and_others_are_refused() {
+    use nats_jwt::Token;
+    let logs = busway_testkit::logs::capture();
+    // Decentralised auth: the server trusts an operator key; the operator signed the
+    // account's JWT, the account signed the user's.
+    let operator = nkeys::KeyPair::new_operator();
+    let account = nkeys::KeyPair::new_account();
+    let account_jwt = Token::new_account(account.public_key())
+        .name("platform")
+        .sign(&operator);
+    // The server's own account (JetStream needs one in this mode).
+    let system = nkeys::KeyPair::new_account();
+    let system_jwt = Token::new_account(system.public_key())
+        .name("SYS")
+        .sign(&operator);
+    let options = NatsServerOptions {
+        extra_conf: Some(format!(
+            "trusted_keys: [\"{}\"]\nsystem_account: {}\nresolver: MEMORY\n\
+             resolver_preload: {{\n  {}: \"{account_jwt}\"\n  {}: \"{system_jwt}\"\n}}",
+            operator.public_key(),
+            system.public_key(),
+            account.public_key(),
+            system.public_key()
+        )),
+        ..Default::default()
+    };
+    let Some(server) = NatsServer::start_with("nats_creds", options) else {
+        return;
+    };
+    let url = server.url();
+    let dir = tempfile::tempdir().unwrap();
+
+    let user = nkeys::KeyPair::new_user();
+    let user_jwt = Token::new_user(account.public_key(), user.public_key())
+        .name("engine")
+        .sign(&account);
+    let seed = user.seed().unwrap();
+    let good = creds_file(dir.path(), "engine", &user_jwt, &seed);
+
+    // A user signed by an account the operator never signed.
+    let rogue_account = nkeys::KeyPair::new_account();
+    let rogue = nkeys::KeyPair::new_user();
+    let rogue_jwt = Token::new_user(rogue_account.public_key(), rogue.public_key())
+        .name("rogue")
+        .sign(&rogue_account);
+    let rogue_seed = rogue.seed().unwrap();
+    let bad = creds_file(dir.path(), "rogue", &rogue_jwt, &rogue_seed);
+
+    let mut texts = vec![
+        refused(&server, &url, "").await,
+        refused(&server, &url, &format!("creds = \"{bad}\"")).await,
+    ];
+    // A file that is not there: a config error naming the key, before any connection.
+    let missing = dir.path().join("missing.creds").display().to_string();
+    let err = connect(
+        &url,
+        "sec",
+        Mode::Broadcast,
+        &format!("creds = \"{missing}\""),
+    )
+    .await
+    .expect_err("a missing creds file cannot connect");
+    assert_eq!(err.kind(), ErrorKind::InvalidConfig, "{err}");
+    assert!(
+        err.to_string().contains("buses.sec.creds"),
+        "names the key: {err}"
+    );
+    texts.push(format!("{err} {err:?}"));
+
+    let bus = round_trip(&url, &format!("creds = \"{good}\"")).await;
+    texts.push(format!("{bus:?}"));
+    texts.push(logs.text());
+    for text in &texts {
+        for secret in [seed.as_str(), rogue_seed.as_str(), user_jwt.as_str()] {
+            assert!(!text.contains(secret), "a credential printed in:\n{text}");
+        }
+    }
+}
