@@ -124,7 +124,11 @@ impl QueueSender {
 
     /// Offers a delivery without waiting; see [`TrySend`].
     pub fn try_send(&self, delivery: Delivery) -> TrySend {
-        self.try_send_many(&mut std::iter::once(delivery))
+        let mut st = self.shared.state.lock();
+        let was_empty = st.items.is_empty();
+        let outcome = self.offer(&mut st, delivery);
+        self.release(st, was_empty);
+        outcome
     }
 
     /// Offers each delivery of `deliveries` in turn, as [`try_send`](Self::try_send) would,
@@ -133,8 +137,7 @@ impl QueueSender {
     /// ([`TrySend::Full`] under `block`, or [`TrySend::Closed`]), leaving the rest in the
     /// iterator; otherwise returns the outcome of the last one ([`TrySend::Queued`] for none).
     pub fn try_send_many(&self, deliveries: &mut impl Iterator<Item = Delivery>) -> TrySend {
-        let shared = &*self.shared;
-        let mut st = shared.state.lock();
+        let mut st = self.shared.state.lock();
         let was_empty = st.items.is_empty();
         let mut outcome = TrySend::Queued;
         for delivery in deliveries.by_ref() {
@@ -143,19 +146,28 @@ impl QueueSender {
                 break;
             }
         }
-        let wake = was_empty && !st.items.is_empty();
-        drop(st);
-        // Only the push that makes the queue non-empty wakes the consumer: it registers its
-        // waker before its last look at the queue, so a non-empty queue always had a wake
-        // issued after it became non-empty. Skipping the rest saves a contended atomic and,
-        // more, a needless task wake-up per message.
-        if wake {
-            shared.rx_waker.wake();
-        }
+        self.release(st, was_empty);
         outcome
     }
 
-    /// Applies the policy to one delivery, under the lock.
+    /// Unlocks the queue and wakes the consumer if it was empty and no longer is. Only the
+    /// push that makes the queue non-empty wakes the consumer: it registers its waker before
+    /// its last look at the queue, so a non-empty queue always had a wake issued after it
+    /// became non-empty. Skipping the rest saves a contended atomic and, more, a needless
+    /// task wake-up per message.
+    #[inline(always)]
+    fn release(&self, st: parking_lot::MutexGuard<'_, State>, was_empty: bool) {
+        let wake = was_empty && !st.items.is_empty();
+        drop(st);
+        if wake {
+            self.shared.rx_waker.wake();
+        }
+    }
+
+    /// Applies the policy to one delivery, under the lock. Inlined: a call costs the
+    /// single-delivery `try_send` (every MemoryBus publish, per subscriber) a good part of
+    /// what the policy itself does.
+    #[inline(always)]
     fn offer(&self, st: &mut State, delivery: Delivery) -> TrySend {
         let shared = &*self.shared;
         if st.closed || shared.rx_gone.load(Ordering::Relaxed) {
