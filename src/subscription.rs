@@ -122,6 +122,17 @@ impl Delivery {
         self
     }
 
+    /// As [`with_reply_via`](Self::with_reply_via), only when the message is a request (has
+    /// `reply_to`): nothing else can be answered, and a transport's deliveries would
+    /// otherwise all touch the bus handle's one shared reference count.
+    pub fn with_reply_via_if_request(self, bus: &Arc<dyn Bus>) -> Self {
+        if self.message.headers.reply_to.is_some() {
+            self.with_reply_via(bus.clone())
+        } else {
+            self
+        }
+    }
+
     /// The message.
     pub fn message(&self) -> &Message {
         &self.message

@@ -135,16 +135,9 @@ impl Decoder {
         }
     }
 
-    /// A delivery of `message`. Only a request can be answered: the bus handle rides along
-    /// only then.
+    /// A delivery of `message`, answerable when it is a request.
     fn delivery(&self, message: Arc<Message>) -> Delivery {
-        let answerable = message.headers.reply_to.is_some();
-        let delivery = Delivery::shared(message);
-        if answerable {
-            delivery.with_reply_via(self.via.clone())
-        } else {
-            delivery
-        }
+        Delivery::shared(message).with_reply_via_if_request(&self.via)
     }
 }
 

@@ -642,7 +642,8 @@ impl Pump {
                                     // The server stopped answering this pull stream (no
                                     // message, no heartbeat): the stream would wait for its
                                     // own request expiry (~35 s) before asking again. Pull
-                                    // afresh now; anything unacked is redelivered.
+                                    // afresh now, through the consumer lookup below (100 ms
+                                    // back-off); anything unacked is redelivered.
                                     K::MissingHeartbeat => {
                                         tracing::debug!(bus = %self.inner.name, error = %e, "JetStream pull stream went quiet; pulling afresh");
                                         break;
@@ -719,20 +720,13 @@ impl Pump {
             Counters::incr(&counters.redelivered);
             Counters::incr(&self.tx.stats().redelivered);
         }
-        // Only a request needs the bus handle (to reply through): sharing it with every
-        // delivery would touch its reference count, shared by every pump, per message.
-        let answerable = message.headers.reply_to.is_some();
         let delivery = Delivery::new(message)
             .with_attempt(attempt)
             .with_acker(Box::new(JsAcker {
                 acker,
                 inner: self.inner.clone(),
-            }));
-        let delivery = if answerable {
-            delivery.with_reply_via(self.via.clone())
-        } else {
-            delivery
-        };
+            }))
+            .with_reply_via_if_request(&self.via);
         // A delivery a dropping policy discards is never acked: the server redelivers it
         // after the ack wait, so stream mode stays at least once.
         self.tx.send(delivery).await

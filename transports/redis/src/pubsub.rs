@@ -404,7 +404,7 @@ impl Task {
         // One message, shared by its subscribers' deliveries instead of copied for each.
         let message = std::sync::Arc::new(message);
         for tx in targets {
-            tx.send(Delivery::shared(message.clone()).with_reply_via(self.via.clone()))
+            tx.send(Delivery::shared(message.clone()).with_reply_via_if_request(&self.via))
                 .await;
         }
     }

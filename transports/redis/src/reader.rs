@@ -581,7 +581,7 @@ async fn deliver_group<'a>(
         Delivery::shared(message.clone())
             .with_attempt(attempt)
             .with_acker(Box::new(acker))
-            .with_reply_via(ctx.via.clone())
+            .with_reply_via_if_request(&ctx.via)
     };
     let counted = |tx: &QueueSender| {
         if attempt > 1 {
@@ -734,7 +734,7 @@ async fn deliver_local(
     };
     let d = Delivery::shared(message)
         .with_acker(Box::new(acker))
-        .with_reply_via(ctx.via.clone());
+        .with_reply_via_if_request(&ctx.via);
     if target.tx.send(d).await {
         return true;
     }
@@ -818,7 +818,7 @@ async fn redeliver_local(ctx: &Arc<Ctx>, target: &Arc<Target>, key: &Arc<str>, i
     let d = Delivery::new(message)
         .with_attempt(attempt)
         .with_acker(Box::new(acker))
-        .with_reply_via(ctx.via.clone());
+        .with_reply_via_if_request(&ctx.via);
     target.tx.send(d).await;
 }
 
