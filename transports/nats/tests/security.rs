@@ -175,8 +175,18 @@ async fn nkey_missing_or_wrong_is_a_fast_auth_error_and_the_seed_never_printed()
     }
 }
 
-/// A `.creds` file: the user's JWT and its NKey seed, in the format `nsc` writes.
-fn creds_file(dir: &std::path::Path, name: &str, jwt: &str, seed: &str) -> String {
+/// A `.creds` file (in the format `nsc` writes) for a new user named `name` whose JWT
+/// `account` signed; returns its path, the user's JWT and its NKey seed.
+fn creds_file(
+    dir: &std::path::Path,
+    name: &str,
+    account: &nkeys::KeyPair,
+) -> (String, String, String) {
+    let user = nkeys::KeyPair::new_user();
+    let jwt = nats_jwt::Token::new_user(account.public_key(), user.public_key())
+        .name(name)
+        .sign(account);
+    let seed = user.seed().unwrap();
     let path = dir.join(format!("{name}.creds"));
     let text = format!(
         "-----BEGIN NATS USER JWT-----\n{jwt}\n------END NATS USER JWT------\n\n\
@@ -185,7 +195,7 @@ fn creds_file(dir: &std::path::Path, name: &str, jwt: &str, seed: &str) -> Strin
          -----BEGIN USER NKEY SEED-----\n{seed}\n------END USER NKEY SEED------\n"
     );
     std::fs::write(&path, text).unwrap();
-    path.display().to_string()
+    (path.display().to_string(), jwt, seed)
 }
 
 #[tokio::test]
@@ -221,21 +231,9 @@ async fn creds_file_of_a_trusted_account_connects_and_others_are_refused() {
     let url = server.url();
     let dir = tempfile::tempdir().unwrap();
 
-    let user = nkeys::KeyPair::new_user();
-    let user_jwt = Token::new_user(account.public_key(), user.public_key())
-        .name("engine")
-        .sign(&account);
-    let seed = user.seed().unwrap();
-    let good = creds_file(dir.path(), "engine", &user_jwt, &seed);
-
+    let (good, user_jwt, seed) = creds_file(dir.path(), "engine", &account);
     // A user signed by an account the operator never signed.
-    let rogue_account = nkeys::KeyPair::new_account();
-    let rogue = nkeys::KeyPair::new_user();
-    let rogue_jwt = Token::new_user(rogue_account.public_key(), rogue.public_key())
-        .name("rogue")
-        .sign(&rogue_account);
-    let rogue_seed = rogue.seed().unwrap();
-    let bad = creds_file(dir.path(), "rogue", &rogue_jwt, &rogue_seed);
+    let (bad, _, rogue_seed) = creds_file(dir.path(), "rogue", &nkeys::KeyPair::new_account());
 
     let mut texts = vec![
         refused(&server, &url, "").await,
