@@ -142,6 +142,43 @@ fn memory_all_shapes_report_both_sides_and_a_ratio() {
     assert_eq!(lines[3]["publishers"], 7);
 }
 
+/// `--shape latency --publishers P --subscribers S`: every subscriber gets every message and
+/// the percentiles cover all their deliveries.
+fn latency_fan_out(transport: &str, raw: &str) {
+    let lines = bench_json(
+        &[
+            "--transport",
+            transport,
+            "--shape",
+            "latency",
+            "--publishers",
+            "2",
+            "--subscribers",
+            "3",
+            "--rate",
+            "2000",
+            "--count",
+            "2000",
+        ],
+        &["latency"],
+        transport != "memory",
+    );
+    let line = &lines[0];
+    assert_eq!(line["publishers"], 2, "{line}");
+    assert_eq!(line["subscribers"], 3, "{line}");
+    assert_eq!(line["busway"]["delivered"], 3 * 2000, "{line}");
+    for side in ["busway", "raw"] {
+        assert_eq!(number(line, &[side, "latency_samples"]), 6000.0, "{line}");
+    }
+    let what = line["raw"]["what"].as_str().unwrap_or_default();
+    assert!(what.contains(raw), "{line}");
+}
+
+#[test]
+fn memory_latency_to_several_subscribers() {
+    latency_fan_out("memory", "tokio::sync::broadcast");
+}
+
 #[test]
 fn memory_stream_mode_acks_every_delivery() {
     let lines = bench_json(
@@ -293,6 +330,22 @@ fn nats_broadcast_all_shapes_with_broker_cpu() {
         &ALL,
         true,
     );
+}
+
+#[test]
+fn redis_latency_to_several_subscribers() {
+    if !broker_present("redis-server", "redis_latency_to_several_subscribers") {
+        return;
+    }
+    latency_fan_out("redis", "3 pub/sub connection(s)");
+}
+
+#[test]
+fn nats_latency_to_several_subscribers() {
+    if !broker_present("nats-server", "nats_latency_to_several_subscribers") {
+        return;
+    }
+    latency_fan_out("nats", "3 subscription(s)");
 }
 
 #[test]

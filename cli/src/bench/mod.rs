@@ -51,10 +51,12 @@ pub(crate) struct BenchArgs {
     /// most ten seconds' worth (or for `--seconds`).
     #[arg(long, default_value_t = 5_000.0)]
     rate: f64,
-    /// Publishers (`publish` default 1, `fanin` default 7).
+    /// Publishers (`publish` default 1, `fanin` default 7, `latency` default 1; the rate is
+    /// shared between them).
     #[arg(long)]
     publishers: Option<usize>,
-    /// Subscribers for the `fanout` shape (default 7).
+    /// Subscribers for the `fanout` shape (default 7) and the `latency` shape (default 1;
+    /// each gets every message, and the percentiles are over all their deliveries).
     #[arg(long)]
     subscribers: Option<usize>,
     /// Publishes in flight per publisher, on both sides (default 256 on brokers, 1 in memory).
@@ -129,7 +131,8 @@ pub(crate) enum Shape {
     Fanout,
     /// Several publishers, one subscriber.
     Fanin,
-    /// One publisher at a fixed rate, one subscriber measuring delay.
+    /// Publishers at a fixed total rate, subscribers measuring delay (one and one unless
+    /// `--publishers` / `--subscribers` say otherwise).
     Latency,
 }
 
@@ -275,7 +278,8 @@ pub(crate) async fn run(args: BenchArgs) -> Result<()> {
 fn plan_for(args: &BenchArgs, mode: Mode, shape: Shape, run_id: &str) -> Plan {
     let (publishers, subscribers) = match shape {
         Shape::Publish => (args.publishers.unwrap_or(1), 0),
-        Shape::Pubsub | Shape::Latency => (1, 1),
+        Shape::Pubsub => (1, 1),
+        Shape::Latency => (args.publishers.unwrap_or(1), args.subscribers.unwrap_or(1)),
         Shape::Fanout => (1, args.subscribers.unwrap_or(7)),
         Shape::Fanin => (args.publishers.unwrap_or(7), 1),
     };

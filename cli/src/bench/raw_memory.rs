@@ -1,6 +1,7 @@
 //! The raw in-process baselines: a crossbeam `bounded(1024)` channel between threads (one
-//! subscriber), `tokio::sync::broadcast` (fan-out, and publishing with nobody listening) and a
-//! tokio `mpsc` channel for paced latency (paced by the same tokio timer as busway).
+//! subscriber), `tokio::sync::broadcast` (fan-out, publishing with nobody listening, and paced
+//! latency to several subscribers) and a tokio `mpsc` channel for paced latency to one
+//! (paced by the same tokio timer as busway).
 
 use busway::{Error, ErrorKind, Result};
 use bytes::Bytes;
@@ -17,6 +18,7 @@ pub(crate) async fn run(plan: &Plan) -> Result<SideResult> {
     match plan.shape {
         Shape::Pubsub | Shape::Fanin => crossbeam(plan).await,
         Shape::Publish | Shape::Fanout => broadcast(plan).await,
+        Shape::Latency if plan.subscribers > 1 => broadcast(plan).await,
         Shape::Latency => mpsc(plan).await,
     }
 }
