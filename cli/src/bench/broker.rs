@@ -233,7 +233,7 @@ fn parse_redis_cpu(info: &str) -> Option<f64> {
     Some(field("used_cpu_sys")? + field("used_cpu_user")?)
 }
 
-/// utime + stime of a process from /proc/<pid>/stat, in seconds (clock ticks of 1/100 s, the
+/// utime + stime of a process from `/proc/<pid>/stat`, in seconds (clock ticks of 1/100 s, the
 /// Linux USER_HZ).
 pub(crate) fn proc_cpu_seconds(pid: u32) -> Option<f64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;

@@ -1,4 +1,4 @@
-//! The busway side: a bus built through the [`Registry`] from a [`BusConfig`], the code path
+//! The busway side: a bus built through the [`Registry`](busway::Registry) from a [`BusConfig`], the code path
 //! users get, with block-on-full subscription queues large enough that nothing is dropped.
 
 use std::sync::Arc;

@@ -100,77 +100,78 @@ fn d_rescan_ms() -> u64 {
 #[serde(deny_unknown_fields)]
 #[non_exhaustive]
 pub struct RedisOptions {
-    /// Broadcast-mode framing [`busway`].
+    /// Broadcast-mode framing (default: `busway`).
     #[serde(default)]
     pub framing: Framing,
-    /// Outage policy for publishes [`buffer`].
+    /// Outage policy for publishes (default: `buffer`).
     #[serde(default)]
     pub on_disconnect: OnDisconnect,
-    /// Publishes held while disconnected under `buffer` [10000].
+    /// Publishes held while disconnected under `buffer` (default: 10000).
     #[serde(default = "d_buffer_max")]
     pub buffer_max: usize,
-    /// Largest payload accepted, bytes [64 MiB].
+    /// Largest payload accepted, bytes (default: 64 MiB).
     #[serde(default = "d_max_payload")]
     pub max_payload: usize,
-    /// How long a command (or a stream publish, or `flush`) may wait for the server [5000].
+    /// How long a command (or a stream publish, or `flush`) may wait for the server
+    /// (default: 5000).
     #[serde(default = "d_response_timeout_ms")]
     pub response_timeout_ms: u64,
-    /// How long one connection attempt may take [2000].
+    /// How long one connection attempt may take (default: 2000).
     #[serde(default = "d_connect_timeout_ms")]
     pub connect_timeout_ms: u64,
-    /// First reconnect delay; doubles per failed attempt, with jitter [50].
+    /// First reconnect delay; doubles per failed attempt, with jitter (default: 50).
     #[serde(default = "d_reconnect_min_ms")]
     pub reconnect_min_ms: u64,
-    /// Cap of the reconnect delay [2000].
+    /// Cap of the reconnect delay (default: 2000).
     #[serde(default = "d_reconnect_max_ms")]
     pub reconnect_max_ms: u64,
-    /// Most publishes sent in one pipeline [1024].
+    /// Most publishes sent in one pipeline (default: 1024).
     #[serde(default = "d_max_batch")]
     pub max_batch: usize,
-    /// Publishes queued for the writer before `publish` waits for room [8192].
+    /// Publishes queued for the writer before `publish` waits for room (default: 8192).
     #[serde(default = "d_publish_queue")]
     pub publish_queue: usize,
-    /// Stream mode: stream key = `key_prefix` + topic [`busway:stream:`].
+    /// Stream mode: stream key = `key_prefix` + topic (default: `busway:stream:`).
     #[serde(default = "d_key_prefix")]
     pub key_prefix: String,
     /// Stream mode: the set of published topics, read by wildcard subscriptions
-    /// [`busway:topics`].
+    /// (default: `busway:topics`).
     #[serde(default = "d_index_key")]
     pub index_key: String,
-    /// Stream mode: `XADD MAXLEN ~ N`; 0 never trims [100000].
+    /// Stream mode: `XADD MAXLEN ~ N`; 0 never trims (default: 100000).
     #[serde(default = "d_stream_maxlen")]
     pub stream_maxlen: u64,
     /// Stream mode: `XREADGROUP BLOCK` milliseconds; bounds how late a nack's redelivery
-    /// and a rescan run [500].
+    /// and a rescan run (default: 500).
     #[serde(default = "d_block_ms")]
     pub block_ms: u64,
-    /// Stream mode: `XREADGROUP COUNT` [256].
+    /// Stream mode: `XREADGROUP COUNT` (default: 256).
     #[serde(default = "d_read_count")]
     pub read_count: usize,
     /// Stream mode: how often wildcard subscriptions rescan `index_key` and pending entries
-    /// are checked for reclaiming [1000].
+    /// are checked for reclaiming (default: 1000).
     #[serde(default = "d_rescan_ms")]
     pub rescan_ms: u64,
     /// Stream mode: reclaim entries pending longer than this; unset uses each
-    /// subscription's ack timeout [unset].
+    /// subscription's ack timeout (default: unset).
     #[serde(default)]
     pub claim_idle_ms: Option<u64>,
-    /// Stream mode: deliveries after which an entry is moved to `dead_letter` [unset:
-    /// unlimited]. Needs `dead_letter`.
+    /// Stream mode: deliveries after which an entry is moved to `dead_letter` (default:
+    /// unset, unlimited). Needs `dead_letter`.
     #[serde(default)]
     pub max_deliveries: Option<u32>,
-    /// Stream mode: the topic that receives entries past `max_deliveries` [unset].
+    /// Stream mode: the topic that receives entries past `max_deliveries` (default: unset).
     #[serde(default)]
     pub dead_letter: Option<String>,
     /// `rediss://` only: a PEM file of the CA(s) that signed the server's certificate,
-    /// instead of the system's trust store [unset].
+    /// instead of the system's trust store (default: unset).
     #[serde(default)]
     pub tls_ca: Option<String>,
     /// `rediss://` only: a PEM client certificate, for servers that verify clients
-    /// (mutual TLS); needs `tls_key` [unset].
+    /// (mutual TLS); needs `tls_key` (default: unset).
     #[serde(default)]
     pub tls_cert: Option<String>,
-    /// `rediss://` only: the PEM private key of `tls_cert` [unset].
+    /// `rediss://` only: the PEM private key of `tls_cert` (default: unset).
     #[serde(default)]
     pub tls_key: Option<String>,
 }
