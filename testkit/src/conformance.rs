@@ -2,8 +2,8 @@
 //!
 //! Each case is a `pub async fn case(f: &Fixture)` that panics with a clear message when the
 //! bus misbehaves, and prints `SKIPPED <case>: <reason>` (then returns) only when the bus's
-//! [`Capabilities`] declare it cannot do what the case needs. [`conformance_tests!`](crate::conformance_tests)
-//! expands to one `#[tokio::test]` per case:
+//! [`Capabilities`] declare it cannot do what the case needs.
+//! [`conformance_tests!`](crate::conformance_tests) expands to one `#[tokio::test]` per case:
 //!
 //! ```ignore
 //! async fn memory() -> busway_testkit::conformance::Fixture {

@@ -1,5 +1,6 @@
-//! The busway side: a bus built through the [`Registry`](busway::Registry) from a [`BusConfig`], the code path
-//! users get, with block-on-full subscription queues large enough that nothing is dropped.
+//! The busway side: a bus built through the [`Registry`](busway::Registry) from a
+//! [`BusConfig`], the code path users get, with block-on-full subscription queues large
+//! enough that nothing is dropped.
 
 use std::sync::Arc;
 
