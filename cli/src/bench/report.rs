@@ -222,12 +222,8 @@ impl Report {
                 )
             };
             let (busway_cli, raw_cli) = (cli(|r| &r.busway), cli(|r| &r.raw));
-            let (lo, hi) = ratios
-                .iter()
-                .fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), &x| {
-                    (lo.min(x), hi.max(x))
-                });
-            let med = median(ratios.clone());
+            let spread = median_range(ratios.clone());
+            let med = spread.map(|(m, _, _)| m);
             match self.format {
                 Format::Json => println!(
                     "{}",
@@ -247,11 +243,9 @@ impl Report {
                         shape.as_str(),
                         runs.len(),
                         format!("{}{suffix}", num(med)),
-                        if ratios.is_empty() {
-                            "n/a".to_string()
-                        } else {
+                        spread.map_or("n/a".to_string(), |(_, lo, hi)| {
                             format!("{lo:.2} - {hi:.2}")
-                        },
+                        }),
                         format!("{} / {}", num(busway_cli), num(raw_cli)),
                     );
                 }
@@ -277,7 +271,7 @@ impl Report {
 }
 
 /// The median of `values` (the mean of the middle two for an even count); `None` when empty.
-pub(crate) fn median(mut values: Vec<f64>) -> Option<f64> {
+fn median(mut values: Vec<f64>) -> Option<f64> {
     values.sort_by(f64::total_cmp);
     let n = values.len();
     match n {
@@ -285,4 +279,11 @@ pub(crate) fn median(mut values: Vec<f64>) -> Option<f64> {
         _ if n % 2 == 1 => Some(values[n / 2]),
         _ => Some((values[n / 2 - 1] + values[n / 2]) / 2.0),
     }
+}
+
+/// The median, least and greatest of `values`; `None` when there is none.
+pub(crate) fn median_range(values: Vec<f64>) -> Option<(f64, f64, f64)> {
+    let least = values.iter().copied().reduce(f64::min)?;
+    let greatest = values.iter().copied().reduce(f64::max)?;
+    Some((median(values)?, least, greatest))
 }

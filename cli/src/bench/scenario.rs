@@ -30,7 +30,7 @@ use serde_json::json;
 
 use super::broker::Broker;
 use super::engine::{client_err, now_ns};
-use super::report::median;
+use super::report::median_range;
 use super::Transport;
 
 /// The seven engines of the platform.
@@ -363,13 +363,6 @@ struct Compared {
     setup: Setup,
     cpu_x: Option<f64>,
     p99_x: Option<f64>,
-}
-
-/// The median, least and greatest of `values`; `None` when there is none.
-fn median_range(values: Vec<f64>) -> Option<(f64, f64, f64)> {
-    let least = values.iter().copied().reduce(f64::min)?;
-    let greatest = values.iter().copied().reduce(f64::max)?;
-    Some((median(values)?, least, greatest))
 }
 
 /// Per set-up, the median over the runs of how many times less broker CPU per million
