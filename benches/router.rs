@@ -14,7 +14,8 @@ use std::hint::black_box;
 use std::sync::Arc;
 
 use busway::{
-    Bus, MemoryBus, Message, Overflow, Pattern, Router, RoutingTable, SubscribeOptions, Topic,
+    router::RoutingTable, Bus, MemoryBus, Message, Overflow, Pattern, Router, SubscribeOptions,
+    Topic,
 };
 use bytes::Bytes;
 use criterion::{criterion_group, criterion_main, Criterion};
@@ -70,7 +71,7 @@ fn publish(c: &mut Criterion) {
     for draining in [false, true] {
         let bus = Arc::new(MemoryBus::new("md"));
         let direct: Arc<dyn Bus> = bus.clone();
-        let routed: Arc<dyn Bus> = Arc::new(router_over(bus, busway::DEFAULT_ROUTE_CACHE));
+        let routed: Arc<dyn Bus> = Arc::new(router_over(bus, busway::router::DEFAULT_ROUTE_CACHE));
         let _drain = draining.then(|| {
             let sub = rt
                 .block_on(
@@ -104,7 +105,7 @@ fn publish(c: &mut Criterion) {
 
 fn lookup(c: &mut Criterion) {
     let bus: Arc<dyn Bus> = Arc::new(MemoryBus::new("md"));
-    let cached = router_over(bus.clone(), busway::DEFAULT_ROUTE_CACHE);
+    let cached = router_over(bus.clone(), busway::router::DEFAULT_ROUTE_CACHE);
     // Cache of one topic, cycling over 1024 topics: every lookup misses and inserts.
     let missing = router_over(bus, 1);
     let table: RoutingTable = cached.table();

@@ -12,6 +12,7 @@ use crate::options::SubscribeOptions;
 use crate::stats::StatsSnapshot;
 use crate::subscription::Subscription;
 use crate::topic::{Pattern, Topic};
+use crate::transport::BoxFuture;
 
 /// How a bus delivers.
 #[derive(
@@ -150,9 +151,14 @@ pub trait Bus: Send + Sync + fmt::Debug + 'static {
     /// Publishes a message.
     ///
     /// # Behavior
-    /// - Returns once the bus has accepted the message: queued to subscribers for memory;
-    ///   written to the connection (broadcast) or acknowledged by the broker (stream) for
-    ///   broker transports.
+    /// - Returns once the bus has accepted the message. What "accepted" means per transport:
+    ///   - memory: in every matching subscription's queue (broadcast) or in the topic's log
+    ///     (stream);
+    ///   - Redis broadcast: queued to the connection's writer task, not yet written (`flush`
+    ///     waits until the server has answered everything queued); Redis stream: `XADD`
+    ///     answered by the server;
+    ///   - NATS core: in the client's write buffer (`flush` waits for the server's `PONG`);
+    ///     JetStream: the server's publish ack received.
     /// - Messages from one publisher on one topic arrive in publish order.
     /// - A transport may do the work when `publish` is called rather than when its future is
     ///   first polled (the memory transport does); the outcome is known only by awaiting it.
@@ -161,7 +167,13 @@ pub trait Bus: Send + Sync + fmt::Debug + 'static {
     /// [`ErrorKind::Closed`] after `close`; [`ErrorKind::PayloadTooLarge`] above
     /// `max_payload`; [`ErrorKind::NoRoute`] from a router with no route for the topic;
     /// connection errors per the bus's outage policy.
-    async fn publish(&self, message: Message) -> Result<()>;
+    ///
+    /// # For implementors
+    /// Written out rather than `async fn`, so an implementation can decide before boxing
+    /// anything: the memory bus does the whole publish synchronously and returns a
+    /// zero-sized ready future (whose box allocates nothing), the router returns the chosen
+    /// bus's own future.
+    fn publish(&self, message: Message) -> BoxFuture<'_, Result<()>>;
 
     /// Subscribes to every topic matching `pattern`.
     ///
@@ -197,6 +209,13 @@ pub trait Bus: Send + Sync + fmt::Debug + 'static {
 
 /// The prefix of reply topics made by [`request_via_inbox`].
 pub const INBOX_PREFIX: &str = "_INBOX";
+
+/// Whether `topic` is a reply inbox made by [`request_via_inbox`] (`_INBOX.<id>`).
+pub fn is_inbox(topic: &str) -> bool {
+    topic
+        .strip_prefix(INBOX_PREFIX)
+        .is_some_and(|rest| rest.starts_with('.'))
+}
 
 /// `request` for transports without a native request mechanism: subscribes to a fresh inbox
 /// topic on `bus`, publishes `message` with `reply_to` set to it and a correlation id, and

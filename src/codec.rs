@@ -9,9 +9,9 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 use crate::bus::Bus;
+use crate::delivery::Delivery;
 use crate::error::{Error, ErrorKind, Result};
 use crate::message::Message;
-use crate::subscription::Delivery;
 use crate::topic::Topic;
 
 /// A payload encoding, carried in the `content_type` header.

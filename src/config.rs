@@ -55,8 +55,10 @@ use serde::Deserialize;
 
 use crate::bus::Mode;
 use crate::error::{Error, Result};
-use crate::options::{Overflow, QueueDefaults, DEFAULT_CAPACITY};
+use crate::options::Overflow;
+pub use crate::options::{QueueDefaults, DEFAULT_ACK_TIMEOUT, DEFAULT_CAPACITY};
 use crate::topic::Pattern;
+use crate::url::{is_secret_key, redact_url};
 
 /// A whole config: app, buses, routes, default bus.
 #[derive(Debug, Clone, PartialEq)]
@@ -132,16 +134,13 @@ impl BusConfig {
     }
 }
 
-/// Words that mark a key or URL part as secret.
-const SECRET_WORDS: [&str; 5] = ["pass", "token", "secret", "nkey", "cred"];
-
 impl fmt::Debug for BusConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let options: BTreeMap<&str, String> = self
             .options
             .iter()
             .map(|(k, v)| {
-                let secret = SECRET_WORDS.iter().any(|w| k.to_lowercase().contains(w));
+                let secret = is_secret_key(k);
                 (
                     k.as_str(),
                     if secret {
@@ -163,30 +162,69 @@ impl fmt::Debug for BusConfig {
     }
 }
 
-/// A URL with its password (or token) replaced by `***`: `redis://user:***@host:6379`.
-/// Comma-separated URL lists are redacted one by one.
-pub fn redact_url(url: &str) -> String {
-    url.split(',')
-        .map(|one| {
-            let Some(scheme_end) = one.find("://").map(|i| i + 3) else {
-                return one.to_string();
-            };
-            let rest = &one[scheme_end..];
-            let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
-            match rest[..authority_end].rfind('@') {
-                None => one.to_string(),
-                Some(at) => {
-                    let userinfo = &rest[..at];
-                    let shown = match userinfo.split_once(':') {
-                        Some((user, _)) => format!("{user}:***"),
-                        None => "***".to_string(),
-                    };
-                    format!("{}{shown}{}", &one[..scheme_end], &rest[at..])
-                }
-            }
-        })
-        .collect::<Vec<_>>()
-        .join(",")
+/// How a broker transport puts a message on the wire.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Framing {
+    /// busway's format: the headers travel with the payload (Redis: a compact versioned
+    /// frame; NATS: NATS headers). See the transport's README for the layout.
+    #[default]
+    Busway,
+    /// The payload alone, so non-busway clients interoperate; no headers travel
+    /// (`Capabilities::headers` is false).
+    Raw,
+}
+
+/// What `publish` does while a broker transport cannot reach its server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnDisconnect {
+    /// Hold publishes (up to the bus's `publish_buffer`) and send them after reconnecting;
+    /// past the bound, `publish` fails with `ErrorKind::BufferFull`.
+    #[default]
+    Buffer,
+    /// Fail at once with `ErrorKind::Connection` naming the bus.
+    Fail,
+}
+
+/// A duration in config: a string with a unit (`"500ms"`, `"5s"`, `"2m"`, `"1h"`, `"7d"`)
+/// or a whole number of seconds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConfigDuration(pub std::time::Duration);
+
+impl<'de> Deserialize<'de> for ConfigDuration {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Secs(u64),
+            Text(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::Secs(s) => Ok(ConfigDuration(std::time::Duration::from_secs(s))),
+            Raw::Text(t) => parse_duration(&t).map(ConfigDuration).ok_or_else(|| {
+                serde::de::Error::custom(format!(
+                    "invalid duration {t:?}; expected a number with a unit: ms, s, m, h or d (e.g. \"30s\")"
+                ))
+            }),
+        }
+    }
+}
+
+fn parse_duration(text: &str) -> Option<std::time::Duration> {
+    let text = text.trim();
+    let split = text.find(|c: char| !c.is_ascii_digit())?;
+    let (n, unit) = text.split_at(split);
+    let n: u64 = n.parse().ok()?;
+    let ms = match unit.trim() {
+        "ms" => n,
+        "s" => n.checked_mul(1000)?,
+        "m" => n.checked_mul(60_000)?,
+        "h" => n.checked_mul(3_600_000)?,
+        "d" => n.checked_mul(86_400_000)?,
+        _ => return None,
+    };
+    Some(std::time::Duration::from_millis(ms))
 }
 
 /// One rule of the routing table.

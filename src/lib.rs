@@ -19,34 +19,39 @@
 //! # Ok(()) }
 //! ```
 
+//! # Where things are
+//! - The crate root: what engine code uses.
+//! - [`config`], [`router`], [`memory`], [`topic`]: the rest of each part's public types
+//!   (settings, builders, reports, limits).
+//! - [`transport`]: what a transport author needs, and how to write a transport.
+
 mod bus;
 mod codec;
 pub mod config;
+mod delivery;
 mod error;
-mod memory;
+pub mod memory;
 mod message;
 mod options;
-pub mod queue;
+mod queue;
 mod registry;
-mod router;
+pub mod router;
 mod stats;
 mod subscription;
-mod topic;
+pub mod topic;
+pub mod transport;
+mod url;
 
-pub use bus::{request_via_inbox, Bus, Capabilities, Mode, INBOX_PREFIX};
+pub use bus::{Bus, Capabilities, Mode};
 pub use codec::{BusExt, Codec};
-pub use config::{BusConfig, Config, RouteConfig, RouterSettings};
+pub use config::Config;
+pub use delivery::Delivery;
 pub use error::{Error, ErrorKind, Result};
-pub use memory::{MemoryBus, MemoryConfig, MemoryFactory};
-pub use message::{new_message_id, now_micros, Headers, Message};
-pub use options::{
-    Overflow, QueueDefaults, StartFrom, SubscribeOptions, DEFAULT_ACK_TIMEOUT, DEFAULT_CAPACITY,
-};
-pub use registry::{BuildContext, Registry, TransportFactory};
-pub use router::{
-    ReloadReport, Router, RouterBuilder, RoutingTable, DEFAULT_DEDUP_WINDOW, DEFAULT_DRAIN_GRACE,
-    DEFAULT_ROUTE_CACHE,
-};
-pub use stats::{Counters, Health, StatsSnapshot};
-pub use subscription::{ack_each, Accept, Acker, Delivery, MergeHandle, Subscription};
-pub use topic::{Pattern, PatternToken, Topic, MAX_TOPIC_LEN};
+pub use memory::MemoryBus;
+pub use message::{Headers, Message};
+pub use options::{Overflow, StartFrom, SubscribeOptions};
+pub use registry::Registry;
+pub use router::Router;
+pub use stats::{Health, StatsSnapshot};
+pub use subscription::Subscription;
+pub use topic::{Pattern, Topic};

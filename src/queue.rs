@@ -16,9 +16,9 @@ use futures::task::AtomicWaker;
 use parking_lot::Mutex;
 use tokio::sync::Notify;
 
+use crate::delivery::Delivery;
 use crate::options::Overflow;
 use crate::stats::Counters;
-use crate::subscription::Delivery;
 use crate::topic::TopicMap;
 
 /// What happened to a message offered with [`QueueSender::try_send`].
@@ -371,6 +371,7 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
+    use crate::delivery::TransportDelivery;
     use crate::message::Message;
 
     fn setup(capacity: usize, overflow: Overflow) -> (QueueSender, QueueReceiver, Arc<Counters>) {

@@ -8,7 +8,7 @@ use async_trait::async_trait;
 use serde::de::DeserializeOwned;
 
 use crate::bus::Bus;
-use crate::config::{options_from_table, BusConfig};
+use crate::config::{options_from_table, BusConfig, Config};
 use crate::error::{Error, ErrorKind, Result};
 
 /// What a factory gets to build one bus.
@@ -55,6 +55,15 @@ pub trait TransportFactory: Send + Sync + fmt::Debug + 'static {
     /// The kind name used in config (`transport = "<kind>"`).
     fn kind(&self) -> &'static str;
 
+    /// Checks a bus's config without connecting: every key, value and URL that
+    /// [`build`](Self::build) would refuse is refused here with the same error. `busway
+    /// check` runs it, and [`Router::from_config`](crate::Router::from_config) runs it for
+    /// every bus before opening any connection.
+    ///
+    /// # Errors
+    /// [`ErrorKind::InvalidConfig`] naming the file, `buses.<bus>.<key>` and the reason.
+    fn validate(&self, ctx: BuildContext<'_>) -> Result<()>;
+
     /// Builds (and connects) a bus.
     ///
     /// # Errors
@@ -96,14 +105,49 @@ impl Registry {
         self.factories.keys().copied().collect()
     }
 
-    /// Builds one bus with the factory its config names.
+    /// Builds the bus named `bus` of `config` with the factory its `transport` names.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> busway::Result<()> {
+    /// let config = busway::Config::from_toml("[buses.main]\ntransport = \"memory\"", "inline")?;
+    /// let bus = busway::Registry::new().build(&config, "main").await?;
+    /// assert_eq!(bus.name(), "main");
+    /// # Ok(()) }
+    /// ```
+    ///
+    /// # Errors
+    /// [`ErrorKind::InvalidConfig`] when `config` has no such bus; otherwise as
+    /// [`Registry::build_context`].
+    pub async fn build(&self, config: &Config, bus: &str) -> Result<Arc<dyn Bus>> {
+        self.build_context(context(config, bus)?).await
+    }
+
+    /// Checks every bus of `config` without connecting: its transport is known and its
+    /// factory accepts its keys ([`TransportFactory::validate`]).
+    ///
+    /// # Errors
+    /// The first bus's error, as [`Registry::build`] would return it.
+    pub fn validate(&self, config: &Config) -> Result<()> {
+        for bus in config.buses.keys() {
+            let ctx = context(config, bus)?;
+            self.factory(&ctx)?.validate(ctx)?;
+        }
+        Ok(())
+    }
+
+    /// Builds one bus from a [`BuildContext`] with the factory its config names.
     ///
     /// # Errors
     /// [`ErrorKind::UnknownTransport`] naming the file, the key and the known kinds; or
     /// whatever the factory returns.
-    pub async fn build(&self, ctx: BuildContext<'_>) -> Result<Arc<dyn Bus>> {
+    pub async fn build_context(&self, ctx: BuildContext<'_>) -> Result<Arc<dyn Bus>> {
+        self.factory(&ctx)?.build(ctx).await
+    }
+
+    fn factory(&self, ctx: &BuildContext<'_>) -> Result<&Arc<dyn TransportFactory>> {
         let kind = ctx.config.transport.as_str();
-        let factory = self.factories.get(kind).ok_or_else(|| {
+        self.factories.get(kind).ok_or_else(|| {
             Error::new(
                 ErrorKind::UnknownTransport,
                 format!(
@@ -113,7 +157,23 @@ impl Registry {
                     self.kinds().join(", ")
                 ),
             )
-        })?;
-        factory.build(ctx).await
+        })
     }
+}
+
+/// The build context of bus `bus` of `config`.
+fn context<'a>(config: &'a Config, bus: &'a str) -> Result<BuildContext<'a>> {
+    let bus_config = config.buses.get(bus).ok_or_else(|| {
+        Error::config(format!(
+            "{}: buses.{bus}: no such bus; the config has: {}",
+            config.source,
+            config.buses.keys().cloned().collect::<Vec<_>>().join(", ")
+        ))
+    })?;
+    Ok(BuildContext {
+        app: &config.app,
+        bus,
+        config: bus_config,
+        source: &config.source,
+    })
 }

@@ -5,8 +5,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use busway::{
-    BuildContext, Bus, Config, ErrorKind, Health, MemoryBus, MemoryConfig, Message, Mode, Overflow,
-    Pattern, QueueDefaults, Registry, StartFrom, SubscribeOptions, Subscription, Topic,
+    config::QueueDefaults, memory::MemoryConfig, transport::BuildContext, Bus, Config, ErrorKind,
+    Health, MemoryBus, Message, Mode, Overflow, Pattern, Registry, StartFrom, SubscribeOptions,
+    Subscription, Topic,
 };
 
 const WAIT: Duration = Duration::from_secs(10);
@@ -321,7 +322,7 @@ async fn build(toml: &str) -> busway::Result<Arc<dyn Bus>> {
     let config = Config::from_toml(toml, "busway.toml")?;
     let bus = config.buses.get("m").expect("bus m");
     Registry::new()
-        .build(BuildContext {
+        .build_context(BuildContext {
             app: "test",
             bus: "m",
             config: bus,

@@ -6,8 +6,10 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use busway::{
-    BuildContext, Bus, Config, ErrorKind, MemoryBus, Message, Overflow, Pattern, Registry, Router,
-    RoutingTable, StartFrom, SubscribeOptions, Subscription, Topic, TransportFactory,
+    router::RoutingTable,
+    transport::{BuildContext, TransportFactory},
+    Bus, Config, ErrorKind, MemoryBus, Message, Overflow, Pattern, Registry, Router, StartFrom,
+    SubscribeOptions, Subscription, Topic,
 };
 use proptest::prelude::*;
 
@@ -225,7 +227,7 @@ async fn mirror_publishes_to_every_bus_with_one_id() {
 
 #[test]
 fn validation_errors_name_the_rule() {
-    let build = |f: fn(busway::RouterBuilder) -> busway::RouterBuilder| {
+    let build = |f: fn(busway::router::RouterBuilder) -> busway::router::RouterBuilder| {
         f(Router::builder().bus("a", mem("a")).bus("b", mem("b"))).build()
     };
     let unknown = error_text(
@@ -345,7 +347,17 @@ impl TransportFactory for Recording {
     fn kind(&self) -> &'static str {
         "recording"
     }
+    fn validate(&self, _ctx: BuildContext<'_>) -> busway::Result<()> {
+        Ok(())
+    }
+    /// A bus with `unreachable = true` fails as an unreachable broker would.
     async fn build(&self, ctx: BuildContext<'_>) -> busway::Result<Arc<dyn Bus>> {
+        if ctx.config.options.contains_key("unreachable") {
+            return Err(busway::Error::new(
+                ErrorKind::Connection,
+                format!("bus {:?}: unreachable", ctx.bus),
+            ));
+        }
         let bus: Arc<dyn Bus> = Arc::new(MemoryBus::new(ctx.bus));
         self.0.lock().unwrap().push(bus.clone());
         Ok(bus)
@@ -376,7 +388,7 @@ async fn from_config_builds_buses_and_closes_them_on_failure() {
     assert_eq!(names(&router.route(&topic("x.y")).unwrap()), ["a", "b"]);
     assert_eq!(names(&router.route(&topic("z")).unwrap()), ["b"]);
 
-    // Buses build in name order: `a` is built, then `b` fails; `a` must not stay open.
+    // Every bus's config is checked before any connection opens: nothing is built.
     let bad = good.replace(
         "[buses.b]\n        transport = \"recording\"",
         "[buses.b]\n        transport = \"carrier-pigeon\"",
@@ -389,6 +401,21 @@ async fn from_config_builds_buses_and_closes_them_on_failure() {
     assert!(
         text.starts_with("bad.toml: buses.b.transport: unknown transport \"carrier-pigeon\""),
         "{text}"
+    );
+    assert!(recording.0.lock().unwrap().is_empty(), "nothing built");
+
+    // Buses build in name order: `a` is built, then `b` fails; `a` must not stay open.
+    let unreachable = good.replace(
+        "[buses.b]\n        transport = \"recording\"",
+        "[buses.b]\n        transport = \"recording\"\n        unreachable = true",
+    );
+    error_text(
+        Router::from_config(
+            &Config::from_toml(&unreachable, "u.toml").unwrap(),
+            &registry,
+        )
+        .await,
+        ErrorKind::Connection,
     );
     let built = recording.0.lock().unwrap().clone();
     assert_eq!(built.len(), 1);

@@ -5,10 +5,10 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use busway::config::redact_url;
+use busway::transport::redact_url;
 use busway::{
-    Bus, Config, Error, ErrorKind, Message, Pattern, Registry, Result, Router, RoutingTable,
-    SubscribeOptions, Topic,
+    router::RoutingTable, Bus, Config, Error, ErrorKind, Message, Pattern, Registry, Result,
+    Router, SubscribeOptions, Topic,
 };
 
 use tokio::signal::unix::{signal, Signal, SignalKind};
@@ -169,7 +169,7 @@ pub async fn publish(
     let config = Config::load(config_path)?;
     let topic = Topic::new(topic)?;
     let mut message = Message::new(topic.clone(), payload.to_vec())
-        .with_id(busway::new_message_id())
+        .with_id(busway::transport::new_message_id())
         .stamped();
     message.headers.source = Some(config.app.clone());
     for (k, v) in headers {

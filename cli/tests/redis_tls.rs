@@ -210,13 +210,13 @@ async fn tls_keys_need_a_rediss_url_and_readable_files() {
     for (body, want) in cases {
         let text = format!("[buses.main]\ntransport = \"redis\"\n{body}\n");
         let config = busway::Config::from_toml(&text, "cfg.toml").unwrap();
-        let ctx = busway::BuildContext {
+        let ctx = busway::transport::BuildContext {
             app: "test",
             bus: "main",
             config: &config.buses["main"],
             source: "cfg.toml",
         };
-        let err = registry.build(ctx).await.unwrap_err();
+        let err = registry.build_context(ctx).await.unwrap_err();
         assert_eq!(err.kind(), ErrorKind::InvalidConfig, "{err}");
         assert!(
             err.to_string().starts_with(want),

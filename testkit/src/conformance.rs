@@ -24,8 +24,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use busway::{
-    new_message_id, Bus, Capabilities, Delivery, ErrorKind, Message, Mode, Overflow, Pattern,
-    StartFrom, SubscribeOptions, Subscription, Topic,
+    transport::new_message_id, Bus, Capabilities, Delivery, ErrorKind, Message, Mode, Overflow,
+    Pattern, StartFrom, SubscribeOptions, Subscription, Topic,
 };
 use bytes::Bytes;
 use tokio::sync::mpsc;

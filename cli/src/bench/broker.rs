@@ -3,7 +3,7 @@
 
 use std::path::PathBuf;
 
-use busway::config::redact_url;
+use busway::transport::redact_url;
 use busway::{Error, ErrorKind, Result};
 use busway_testkit::{free_port, ServerProcess};
 

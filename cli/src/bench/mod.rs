@@ -247,7 +247,7 @@ pub(crate) async fn run(args: BenchArgs) -> Result<()> {
         Format::Table
     };
     let mut report = Report::new(format, &broker);
-    let run_id = busway::new_message_id()[..8].to_string();
+    let run_id = busway::transport::new_message_id()[..8].to_string();
     let mut results = Vec::new();
     for shape in shapes {
         for k in 0..args.repeat {

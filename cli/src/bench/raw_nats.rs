@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use async_nats::jetstream;
 use async_nats::jetstream::consumer::{pull, AckPolicy};
-use busway::config::redact_url;
+use busway::transport::redact_url;
 use busway::{Error, ErrorKind, Mode, Result};
 use bytes::Bytes;
 use futures::StreamExt;

@@ -5,7 +5,7 @@
 
 use std::time::Duration;
 
-use busway::config::redact_url;
+use busway::transport::redact_url;
 use busway::{Error, ErrorKind, Mode, Result};
 use futures::StreamExt;
 use redis::aio::MultiplexedConnection;

@@ -5,8 +5,8 @@
 use std::sync::Arc;
 
 use busway::{
-    BuildContext, Bus, BusConfig, Delivery, Message, Mode, Overflow, Pattern, Result,
-    SubscribeOptions, Topic,
+    config::BusConfig, transport::BuildContext, Bus, Delivery, Message, Mode, Overflow, Pattern,
+    Result, SubscribeOptions, Topic,
 };
 
 use super::broker::Broker;
@@ -24,7 +24,7 @@ pub(crate) async fn build_bus(plan: &Plan, broker: &Broker) -> Result<Arc<dyn Bu
     config.capacity = Some(plan.queue_capacity());
     config.overflow = Some(Overflow::Block);
     busway_cli::registry()
-        .build(BuildContext {
+        .build_context(BuildContext {
             app: "bench",
             bus: "bench",
             config: &config,

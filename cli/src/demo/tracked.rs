@@ -8,8 +8,9 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use busway::{
-    now_micros, Bus, Capabilities, Delivery, Message, Pattern, Result, Router, StatsSnapshot,
-    SubscribeOptions, Subscription,
+    transport::{now_micros, BoxFuture, TransportSubscription},
+    Bus, Capabilities, Delivery, Message, Pattern, Result, Router, StatsSnapshot, SubscribeOptions,
+    Subscription,
 };
 use futures::StreamExt;
 use hdrhistogram::Histogram;
@@ -126,15 +127,17 @@ impl Bus for TrackedBus {
         self.router.capabilities()
     }
 
-    async fn publish(&self, message: Message) -> Result<()> {
-        let message = message.stamped();
-        let buses = self.router.route(&message.topic)?;
-        self.router.publish(message).await?;
-        let mut u = self.usage.lock();
-        for bus in buses.iter() {
-            *u.published.entry(bus.to_string()).or_default() += 1;
-        }
-        Ok(())
+    fn publish(&self, message: Message) -> BoxFuture<'_, Result<()>> {
+        Box::pin(async move {
+            let message = message.stamped();
+            let buses = self.router.route(&message.topic)?;
+            self.router.publish(message).await?;
+            let mut u = self.usage.lock();
+            for bus in buses.iter() {
+                *u.published.entry(bus.to_string()).or_default() += 1;
+            }
+            Ok(())
+        })
     }
 
     async fn subscribe(&self, pattern: Pattern, options: SubscribeOptions) -> Result<Subscription> {

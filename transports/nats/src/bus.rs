@@ -13,12 +13,14 @@ use async_nats::connection::State;
 use async_nats::message::OutboundMessage;
 use async_nats::{ConnectErrorKind, ConnectOptions, ServerAddr};
 use async_trait::async_trait;
-use busway::config::redact_url;
-use busway::queue::QueueSender;
+use busway::transport::redact_url;
+use busway::transport::BoxFuture;
+use busway::transport::QueueSender;
 use busway::{
-    BuildContext, Bus, Capabilities, Counters, Error, ErrorKind, Health, Message, Mode, Pattern,
-    QueueDefaults, Result, StatsSnapshot, SubscribeOptions, Subscription, Topic, TransportFactory,
-    INBOX_PREFIX,
+    config::QueueDefaults,
+    transport::{BuildContext, Counters, TransportFactory, INBOX_PREFIX},
+    Bus, Capabilities, Error, ErrorKind, Health, Message, Mode, Pattern, Result, StatsSnapshot,
+    SubscribeOptions, Subscription, Topic,
 };
 use futures::FutureExt;
 use parking_lot::Mutex;
@@ -850,17 +852,9 @@ impl Bus for NatsBus {
         caps
     }
 
-    // Written out rather than `async fn`: the checks and the preparation run before the
-    // future is boxed, so the box holds only the send (small enough for the allocator's
+    // The checks and the preparation run before the future is boxed, so the box holds only the send (small enough for the allocator's
     // per-thread cache) instead of the message, the send and the state between them.
-    fn publish<'life0, 'async_trait>(
-        &'life0 self,
-        message: Message,
-    ) -> Pin<Box<dyn Future<Output = Result<()>> + Send + 'async_trait>>
-    where
-        'life0: 'async_trait,
-        Self: 'async_trait,
-    {
+    fn publish(&self, message: Message) -> BoxFuture<'_, Result<()>> {
         let inner = &*self.inner;
         let checked = self.check_open().and_then(|()| {
             // The limit alone first: building the whole `Capabilities` costs more than the
@@ -1018,6 +1012,10 @@ pub struct NatsFactory;
 impl TransportFactory for NatsFactory {
     fn kind(&self) -> &'static str {
         "nats"
+    }
+
+    fn validate(&self, ctx: BuildContext<'_>) -> Result<()> {
+        ctx.options::<NatsConfig>().map(drop)
     }
 
     async fn build(&self, ctx: BuildContext<'_>) -> Result<Arc<dyn Bus>> {

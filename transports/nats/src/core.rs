@@ -7,10 +7,12 @@ use std::task::Poll;
 use std::time::Duration;
 
 use async_nats::client::RequestErrorKind;
-use busway::queue::QueueSender;
+use busway::transport::QueueSender;
+use busway::transport::{TransportDelivery, TransportSubscription};
 use busway::{
-    new_message_id, Bus, Counters, Delivery, Error, ErrorKind, Headers, Message, Overflow, Pattern,
-    Result, SubscribeOptions, Subscription, Topic,
+    transport::{new_message_id, Counters},
+    Bus, Delivery, Error, ErrorKind, Headers, Message, Overflow, Pattern, Result, SubscribeOptions,
+    Subscription, Topic,
 };
 use futures::{FutureExt, StreamExt};
 use tokio::sync::mpsc::UnboundedReceiver;

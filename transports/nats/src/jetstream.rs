@@ -30,10 +30,13 @@ use async_nats::jetstream::context::PublishErrorKind;
 use async_nats::jetstream::message::AckKind;
 use async_nats::jetstream::{self, stream};
 use async_trait::async_trait;
-use busway::queue::QueueSender;
+use busway::transport::QueueSender;
+use busway::transport::{TransportDelivery, TransportSubscription};
 use busway::{
-    new_message_id, Acker, BuildContext, Bus, Counters, Delivery, Error, ErrorKind, Message,
-    Pattern, Result, StartFrom, SubscribeOptions, Subscription, Topic, DEFAULT_ACK_TIMEOUT,
+    config::DEFAULT_ACK_TIMEOUT,
+    transport::{new_message_id, Acker, BuildContext, Counters},
+    Bus, Delivery, Error, ErrorKind, Message, Pattern, Result, StartFrom, SubscribeOptions,
+    Subscription, Topic,
 };
 use futures::{FutureExt, StreamExt, TryFutureExt};
 use parking_lot::Mutex;
@@ -283,7 +286,7 @@ impl StreamSetup {
 
     /// Makes sure the stream can hold what `pattern` matches (growing it in auto mode).
     async fn ensure_pattern(&self, bus: &str, pattern: &Pattern) -> Result<()> {
-        use busway::PatternToken;
+        use busway::topic::PatternToken;
         if self.subjects.read().iter().any(|s| s.covers(pattern)) {
             return Ok(());
         }

@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use busway::{BuildContext, BusConfig, Mode};
+use busway::{config::BusConfig, transport::BuildContext, Mode};
 use busway_nats::NatsBus;
 use busway_testkit::conformance::Fixture;
 use busway_testkit::nats::NatsServer;

@@ -26,7 +26,7 @@ use parking_lot::Mutex;
 use redis::Value;
 use tokio::sync::oneshot;
 
-use busway::{Counters, Error, Result};
+use busway::{transport::Counters, Error, Result};
 
 use crate::bus::Inner;
 

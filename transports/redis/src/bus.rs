@@ -12,10 +12,11 @@ use parking_lot::Mutex;
 use redis::aio::MultiplexedConnection;
 use tokio::sync::{mpsc, oneshot, watch};
 
+use busway::transport::BoxFuture;
 use busway::{
-    request_via_inbox, BuildContext, Bus, Capabilities, Counters, Error, ErrorKind, Health,
-    Message, Mode, Pattern, Result, StatsSnapshot, SubscribeOptions, Subscription,
-    TransportFactory, INBOX_PREFIX,
+    transport::{request_via_inbox, BuildContext, Counters, TransportFactory, INBOX_PREFIX},
+    Bus, Capabilities, Error, ErrorKind, Health, Message, Mode, Pattern, Result, StatsSnapshot,
+    SubscribeOptions, Subscription,
 };
 
 use crate::config::{Framing, OnDisconnect, RedisConfig};
@@ -321,8 +322,8 @@ impl Bus for RedisBus {
         self.inner.capabilities()
     }
 
-    async fn publish(&self, message: Message) -> Result<()> {
-        self.inner.publish(message).await
+    fn publish(&self, message: Message) -> BoxFuture<'_, Result<()>> {
+        Box::pin(self.inner.publish(message))
     }
 
     async fn subscribe(&self, pattern: Pattern, options: SubscribeOptions) -> Result<Subscription> {
@@ -389,6 +390,10 @@ pub struct RedisFactory;
 impl TransportFactory for RedisFactory {
     fn kind(&self) -> &'static str {
         "redis"
+    }
+
+    fn validate(&self, ctx: BuildContext<'_>) -> Result<()> {
+        RedisConfig::from_context(&ctx).map(drop)
     }
 
     async fn build(&self, ctx: BuildContext<'_>) -> Result<Arc<dyn Bus>> {

@@ -1,4 +1,4 @@
-//! The Redis bus's settings: the shared [`BusConfig`](busway::BusConfig) keys plus the
+//! The Redis bus's settings: the shared [`BusConfig`](busway::config::BusConfig) keys plus the
 //! Redis-specific keys below (all optional; unknown keys are an error).
 //!
 //! ```toml
@@ -25,8 +25,8 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use busway::config::redact_url;
-use busway::{BuildContext, Mode, QueueDefaults, Result, Topic};
+use busway::transport::redact_url;
+use busway::{config::QueueDefaults, transport::BuildContext, Mode, Result, Topic};
 
 /// How broadcast-mode messages are laid out on the channel.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]

@@ -212,10 +212,10 @@ pub(crate) fn is_connection_error(e: &redis::RedisError) -> bool {
 
 /// Counts one open connection while alive.
 #[derive(Debug)]
-pub(crate) struct ConnCount(Arc<busway::Counters>);
+pub(crate) struct ConnCount(Arc<busway::transport::Counters>);
 
 impl ConnCount {
-    pub(crate) fn new(stats: &Arc<busway::Counters>) -> ConnCount {
+    pub(crate) fn new(stats: &Arc<busway::transport::Counters>) -> ConnCount {
         stats
             .connections
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);

@@ -17,10 +17,11 @@ use redis::aio::MultiplexedConnection;
 use redis::{PushInfo, PushKind, Value};
 use tokio::sync::{mpsc, oneshot};
 
-use busway::queue::QueueSender;
+use busway::transport::QueueSender;
+use busway::transport::{TransportDelivery, TransportSubscription};
 use busway::{
-    Bus, Counters, Delivery, Message, Pattern, PatternToken, Result, SubscribeOptions,
-    Subscription, Topic,
+    topic::PatternToken, transport::Counters, Bus, Delivery, Message, Pattern, Result,
+    SubscribeOptions, Subscription, Topic,
 };
 
 use crate::bus::Inner;

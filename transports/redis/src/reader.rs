@@ -52,8 +52,12 @@ use redis::aio::MultiplexedConnection;
 use redis::Value;
 use tokio::sync::Notify;
 
-use busway::queue::{QueueSender, TrySend};
-use busway::{Acker, Bus, Counters, Delivery, Error, Message, Pattern, Result, Topic};
+use busway::transport::TransportDelivery;
+use busway::transport::{QueueSender, TrySend};
+use busway::{
+    transport::{Acker, Counters},
+    Bus, Delivery, Error, Message, Pattern, Result, Topic,
+};
 
 use crate::bus::Inner;
 use crate::conn::{is_connection_error, ConnCount};
@@ -706,7 +710,7 @@ async fn ack_together(inner: &Arc<Inner>, first: &dyn Acker, others: &[&dyn Acke
     }
     let (mine, theirs) = futures::join!(
         crate::ack::ack_batch(inner, entries),
-        busway::ack_each(&foreign)
+        busway::transport::ack_each(&foreign)
     );
     mine.and(theirs)
 }

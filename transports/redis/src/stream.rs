@@ -33,10 +33,11 @@ use parking_lot::Mutex;
 use redis::aio::MultiplexedConnection;
 use redis::Value;
 
-use busway::queue::QueueSender;
+use busway::transport::QueueSender;
+use busway::transport::TransportSubscription;
 use busway::{
-    Headers, Message, Pattern, Result, StartFrom, SubscribeOptions, Subscription, Topic,
-    DEFAULT_ACK_TIMEOUT,
+    config::DEFAULT_ACK_TIMEOUT, Headers, Message, Pattern, Result, StartFrom, SubscribeOptions,
+    Subscription, Topic,
 };
 
 use crate::ack::AckBatcher;

@@ -28,7 +28,7 @@ use redis::aio::MultiplexedConnection;
 use redis::Value;
 use tokio::sync::{mpsc, oneshot};
 
-use busway::{Counters, Error, Result, Topic};
+use busway::{transport::Counters, Error, Result, Topic};
 
 use crate::bus::Inner;
 use crate::config::OnDisconnect;

@@ -476,13 +476,13 @@ async fn factory_config_errors_name_file_and_key() {
     for (body, want) in cases {
         let text = format!("[buses.main]\ntransport = \"redis\"\n{body}\n");
         let config = busway::Config::from_toml(&text, "cfg.toml").unwrap();
-        let ctx = busway::BuildContext {
+        let ctx = busway::transport::BuildContext {
             app: "test",
             bus: "main",
             config: &config.buses["main"],
             source: "cfg.toml",
         };
-        let err = registry.build(ctx).await.unwrap_err();
+        let err = registry.build_context(ctx).await.unwrap_err();
         assert_eq!(err.kind(), ErrorKind::InvalidConfig, "{err}");
         assert!(
             err.to_string().starts_with(want),
@@ -496,13 +496,13 @@ async fn factory_config_errors_name_file_and_key() {
         "cfg.toml",
     )
     .unwrap();
-    let ctx = busway::BuildContext {
+    let ctx = busway::transport::BuildContext {
         app: "test",
         bus: "main",
         config: &config.buses["main"],
         source: "cfg.toml",
     };
-    let err = registry.build(ctx).await.unwrap_err();
+    let err = registry.build_context(ctx).await.unwrap_err();
     assert_eq!(err.kind(), ErrorKind::Connection, "{err}");
     assert!(err.to_string().contains("\"main\""), "{err}");
     assert!(!format!("{err} {err:?}").contains(":pw@"), "{err}");

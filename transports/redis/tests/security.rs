@@ -38,7 +38,7 @@ async fn refused(server: &RedisServer, url: String, mode: Mode) -> String {
         err.kind(),
         ErrorKind::Auth,
         "{}: {err}",
-        busway::config::redact_url(&url)
+        busway::transport::redact_url(&url)
     );
     assert!(took < FAST, "the Auth error took {took:?}");
     assert!(err.to_string().contains("\"sec\""), "names the bus: {err}");

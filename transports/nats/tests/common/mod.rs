@@ -3,7 +3,9 @@
 
 use std::time::Duration;
 
-use busway::{BuildContext, BusConfig, Delivery, Mode, Overflow, Result, Subscription};
+use busway::{
+    config::BusConfig, transport::BuildContext, Delivery, Mode, Overflow, Result, Subscription,
+};
 use busway_nats::NatsBus;
 
 /// Deliveries wait this long at most (a loaded 2-core machine).
