@@ -1,7 +1,5 @@
 //! The `busway` command: check a config, show where a topic goes, publish, tail, and run the
-//! seven-engine demo, and measure transports (`bench`).
-
-mod bench;
+//! seven-engine demo.
 
 use std::ffi::OsString;
 use std::path::PathBuf;
@@ -25,9 +23,6 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Measure a transport beside its raw client on the same broker, in the same run; or
-    /// (`bench scenario`) the platform's traffic before and after the dual bus.
-    Bench(bench::BenchArgs),
     /// Validate a config (file + BUSWAY_* environment) without connecting, and print its
     /// buses and routing table.
     Check {
@@ -129,10 +124,6 @@ async fn main() -> ExitCode {
     let cli = Cli::parse();
     let registry = busway_cli::registry();
     match cli.command {
-        Command::Bench(args) => match bench::run(args).await {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(e) => fail(e),
-        },
         Command::Check { file } => match commands::check(&file, &registry) {
             Ok(report) => {
                 print!("{report}");

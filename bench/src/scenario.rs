@@ -1,4 +1,4 @@
-//! `busway bench scenario`: the seven-engine platform's traffic on private local brokers, in
+//! `busway-bench scenario`: the seven-engine platform's traffic on private local brokers, in
 //! three set-ups, and what each costs the brokers.
 //!
 //! - **before**: the one-Redis design. Every process (the market-data feed and seven engines)
@@ -59,7 +59,7 @@ const LOGIC: [(&str, &str); 7] = [
 /// The market-data feed plus the engines: the processes that hold connections.
 const PROCESSES: usize = ENGINES.len() + 1;
 
-/// Options of `busway bench scenario`.
+/// Options of `busway-bench scenario`.
 #[derive(Debug, Clone, clap::Args)]
 pub(crate) struct ScenarioArgs {
     /// Set-ups to run, comma-separated.
@@ -299,7 +299,7 @@ impl Traffic {
     }
 }
 
-/// Runs `busway bench scenario`.
+/// Runs `busway-bench scenario`.
 ///
 /// # Errors
 /// A broker that cannot be started or reached, or a failed publish or subscribe.

@@ -1,5 +1,6 @@
-//! `busway bench`: one transport, mode and shape at a time, measured through busway and, in
-//! the same run on the same broker, through the raw client doing the same work.
+//! `busway-bench`: one transport, mode and shape at a time, measured through busway and, in
+//! the same run on the same broker, through the raw client doing the same work; or
+//! (`busway-bench scenario`) the platform's traffic before and after the dual bus.
 //!
 //! Every side publishes the same number of messages with the same payload size and the same
 //! number of publishes in flight; every subscriber must receive every message. A side that
@@ -14,18 +15,20 @@ mod report;
 mod scenario;
 mod side_busway;
 
+use std::process::ExitCode;
 use std::time::Duration;
 
 use busway::{Error, ErrorKind, Mode, Result};
-use clap::ValueEnum;
+use clap::{Parser, ValueEnum};
 
 use broker::Broker;
 use engine::SideResult;
 use report::{Format, Report, ShapeResult};
 
-/// Options of `busway bench`.
-#[derive(Debug, Clone, clap::Args)]
-#[command(args_conflicts_with_subcommands = true)]
+/// Measure a transport beside its raw client on the same broker, in the same run; or
+/// (`scenario`) the platform's traffic before and after the dual bus.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "busway-bench", version, args_conflicts_with_subcommands = true)]
 pub(crate) struct BenchArgs {
     #[command(subcommand)]
     command: Option<BenchCommand>,
@@ -190,7 +193,18 @@ impl Plan {
     }
 }
 
-/// Runs `busway bench`.
+#[tokio::main]
+async fn main() -> ExitCode {
+    match run(BenchArgs::parse()).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("busway-bench: error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Runs `busway-bench`.
 ///
 /// # Errors
 /// Bad options, a broker that cannot be started or reached, a failed publish, or any side that

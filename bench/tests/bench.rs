@@ -1,4 +1,4 @@
-//! `busway bench` end to end: the real binary, private brokers it starts itself, and the JSON
+//! `busway-bench` end to end: the real binary, private brokers it starts itself, and the JSON
 //! lines a user would feed to a script. No timing assertions: only that both sides ran, every
 //! message arrived and the figures are there.
 
@@ -8,15 +8,15 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-/// Runs `busway args...`, killing it after `limit` so a hang fails the test instead of
+/// Runs `busway-bench args...`, killing it after `limit` so a hang fails the test instead of
 /// stalling the suite. Returns (success, stdout, stderr).
-fn busway(args: &[&str], limit: Duration) -> (bool, String, String) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_busway"))
+fn busway_bench(args: &[&str], limit: Duration) -> (bool, String, String) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_busway-bench"))
         .args(args)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
-        .expect("start busway");
+        .expect("start busway-bench");
     let mut stdout = child.stdout.take().expect("stdout");
     let mut stderr = child.stderr.take().expect("stderr");
     let out = std::thread::spawn(move || {
@@ -31,14 +31,14 @@ fn busway(args: &[&str], limit: Duration) -> (bool, String, String) {
     });
     let start = Instant::now();
     let status = loop {
-        if let Some(status) = child.try_wait().expect("wait for busway") {
+        if let Some(status) = child.try_wait().expect("wait for busway-bench") {
             break status;
         }
         if start.elapsed() > limit {
             let _ = child.kill();
             let _ = child.wait();
             panic!(
-                "busway {args:?} did not finish within {limit:?}; stderr:\n{}",
+                "busway-bench {args:?} did not finish within {limit:?}; stderr:\n{}",
                 err.join().unwrap_or_default()
             );
         }
@@ -60,10 +60,10 @@ fn number(v: &Value, path: &[&str]) -> f64 {
         .unwrap_or_else(|| panic!("{} is not a number in {v}", path.join(".")))
 }
 
-/// Runs `busway args` (a `--json` command), which must succeed; its output lines, parsed.
+/// Runs `busway-bench args` (a `--json` command), which must succeed; its output lines, parsed.
 fn json_lines(args: &[&str], timeout: Duration) -> Vec<Value> {
-    let (ok, stdout, stderr) = busway(args, timeout);
-    assert!(ok, "busway {args:?} failed:\n{stdout}\n{stderr}");
+    let (ok, stdout, stderr) = busway_bench(args, timeout);
+    assert!(ok, "busway-bench {args:?} failed:\n{stdout}\n{stderr}");
     stdout
         .lines()
         .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l:?}")))
@@ -73,7 +73,7 @@ fn json_lines(args: &[&str], timeout: Duration) -> Vec<Value> {
 /// Runs a JSON bench and checks every line: both sides measured, nothing lost, a ratio.
 /// Returns the lines by shape.
 fn bench_json(args: &[&str], shapes: &[&str], broker_cpu: bool) -> Vec<Value> {
-    let mut all = vec!["bench", "--json"];
+    let mut all = vec!["--json"];
     all.extend_from_slice(args);
     let lines = json_lines(&all, Duration::from_secs(300));
     let stdout = format!("{lines:?}");
@@ -200,9 +200,8 @@ fn memory_stream_mode_acks_every_delivery() {
 
 #[test]
 fn table_output_names_both_sides() {
-    let (ok, stdout, stderr) = busway(
+    let (ok, stdout, stderr) = busway_bench(
         &[
-            "bench",
             "--transport",
             "memory",
             "--shape",
@@ -222,7 +221,6 @@ fn table_output_names_both_sides() {
 #[test]
 fn repeat_measures_each_shape_again_and_ends_with_the_median_ratio() {
     let args = [
-        "bench",
         "--json",
         "--transport",
         "memory",
@@ -250,8 +248,8 @@ fn repeat_measures_each_shape_again_and_ends_with_the_median_ratio() {
     sorted.sort_by(f64::total_cmp);
     assert_eq!(number(summary, &["median_ratio"]), sorted[1], "{summary}");
 
-    let (ok, _, stderr) = busway(
-        &["bench", "--transport", "memory", "--repeat", "0"],
+    let (ok, _, stderr) = busway_bench(
+        &["--transport", "memory", "--repeat", "0"],
         Duration::from_secs(60),
     );
     assert!(!ok);
@@ -260,8 +258,8 @@ fn repeat_measures_each_shape_again_and_ends_with_the_median_ratio() {
 
 #[test]
 fn bad_options_are_refused_with_a_reason() {
-    let (ok, _, stderr) = busway(
-        &["bench", "--transport", "memory", "--payload", "0"],
+    let (ok, _, stderr) = busway_bench(
+        &["--transport", "memory", "--payload", "0"],
         Duration::from_secs(60),
     );
     assert!(!ok);
@@ -269,16 +267,10 @@ fn bad_options_are_refused_with_a_reason() {
         stderr.contains("--payload must be at least 1 byte"),
         "{stderr}"
     );
-    let (ok, _, stderr) = busway(
-        &["bench", "scenario", "--md-burst", "0"],
-        Duration::from_secs(60),
-    );
+    let (ok, _, stderr) = busway_bench(&["scenario", "--md-burst", "0"], Duration::from_secs(60));
     assert!(!ok);
     assert!(stderr.contains("--md-burst"), "{stderr}");
-    let (ok, _, stderr) = busway(
-        &["bench", "scenario", "--repeat", "0"],
-        Duration::from_secs(60),
-    );
+    let (ok, _, stderr) = busway_bench(&["scenario", "--repeat", "0"], Duration::from_secs(60));
     assert!(!ok);
     assert!(stderr.contains("--repeat"), "{stderr}");
 }
@@ -369,11 +361,10 @@ fn nats_jetstream_with_acks() {
     );
 }
 
-/// `busway bench scenario --json` with little traffic (5 symbols, 200 market-data and 10 logic
+/// `busway-bench scenario --json` with little traffic (5 symbols, 200 market-data and 10 logic
 /// messages per second) and `extra` options; its output lines.
 fn small_scenario(extra: &[&str]) -> Vec<Value> {
     let mut args = vec![
-        "bench",
         "scenario",
         "--json",
         "--md-rate",
