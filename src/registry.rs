@@ -43,6 +43,26 @@ impl BuildContext<'_> {
         )
     }
 
+    /// Refuses keys that were renamed: each `(old, new)` pair present as `old` is an error
+    /// naming the new key. Call it before [`options`](Self::options), whose "unknown field"
+    /// error would not say where the key went.
+    ///
+    /// # Errors
+    /// [`ErrorKind::InvalidConfig`]: `<file>: buses.<bus>.<old>: renamed to <new> (...)`.
+    pub fn check_renamed(&self, renamed: &[(&str, &str)]) -> Result<()> {
+        match renamed
+            .iter()
+            .find(|(old, _)| self.config.options.contains_key(*old))
+        {
+            Some((old, new)) if old.ends_with("_ms") => Err(self.config_error(
+                old,
+                format_args!("renamed to `{new}`, a duration with a unit (e.g. \"500ms\", \"5s\")"),
+            )),
+            Some((old, new)) => Err(self.config_error(old, format_args!("renamed to `{new}`"))),
+            None => Ok(()),
+        }
+    }
+
     /// An [`ErrorKind::InvalidConfig`] error naming the file and `buses.<bus>.<key>`.
     pub fn config_error(&self, key: &str, why: impl fmt::Display) -> Error {
         Error::config(format!("{}: buses.{}.{key}: {why}", self.source, self.bus))
