@@ -32,7 +32,7 @@
 //!
 //! [router]
 //! dedup_window = 10000          # ids remembered by subscriptions on several buses (mirrors)
-//! drain_grace_ms = 500          # a reload's wait for in-flight messages on old buses
+//! drain_grace = "500ms"         # a reload's wait for in-flight messages on retired buses
 //! ```
 //!
 //! Keys not listed in [`BusConfig`] belong to the bus's transport, which reads them with
@@ -82,12 +82,12 @@ pub struct Config {
 #[serde(deny_unknown_fields)]
 pub struct RouterSettings {
     /// Message ids a subscription listening on several buses remembers to drop duplicate
-    /// copies ([`DEFAULT_DEDUP_WINDOW`](crate::DEFAULT_DEDUP_WINDOW) when unset; 0 = off).
+    /// copies ([`DEFAULT_DEDUP_WINDOW`](crate::router::DEFAULT_DEDUP_WINDOW) when unset; 0 = off).
     pub dedup_window: Option<usize>,
     /// How long a reload waits for in-flight messages before ending subscriptions on buses
-    /// no longer used, in milliseconds
-    /// ([`DEFAULT_DRAIN_GRACE`](crate::DEFAULT_DRAIN_GRACE) when unset).
-    pub drain_grace_ms: Option<u64>,
+    /// the new table does not use
+    /// ([`DEFAULT_DRAIN_GRACE`](crate::router::DEFAULT_DRAIN_GRACE) when unset).
+    pub drain_grace: Option<ConfigDuration>,
 }
 
 /// One bus: its transport kind, mode, queue defaults and transport-specific keys.
@@ -381,9 +381,23 @@ impl Config {
             if bus.transport.is_empty() {
                 return Err(bad(source, &format!("{key}.transport"), "is empty"));
             }
+            if bus.capacity == Some(0) {
+                return Err(bad(
+                    source,
+                    &format!("{key}.capacity"),
+                    "must be at least 1 (a subscription's queue holds at least one message)",
+                ));
+            }
             buses.insert(name, bus);
         }
         let router = match raw.router {
+            Some(value) if value.get("drain_grace_ms").is_some() => {
+                return Err(bad(
+                    source,
+                    "router.drain_grace_ms",
+                    "renamed to `drain_grace`, a duration with a unit (e.g. \"500ms\")",
+                ))
+            }
             Some(value) => typed::<RouterSettings>(value, source, "router")?,
             None => RouterSettings::default(),
         };
@@ -598,6 +612,28 @@ to = "main"
             "nats://***@h:1,nats://a:***@h:2"
         );
         assert_eq!(redact_url("redis://127.0.0.1"), "redis://127.0.0.1");
+    }
+
+    #[test]
+    fn router_settings_take_durations_and_name_a_renamed_key() {
+        let c = Config::from_toml(
+            "[router]\ndrain_grace = \"250ms\"\n[buses.a]\ntransport = \"memory\"\n",
+            "cfg.toml",
+        )
+        .unwrap();
+        assert_eq!(
+            c.router.drain_grace,
+            Some(ConfigDuration(std::time::Duration::from_millis(250)))
+        );
+        let e = Config::from_toml(
+            "[router]\ndrain_grace_ms = 250\n[buses.a]\ntransport = \"memory\"\n",
+            "cfg.toml",
+        )
+        .unwrap_err();
+        assert_eq!(
+            e.message(),
+            "cfg.toml: router.drain_grace_ms: renamed to `drain_grace`, a duration with a unit (e.g. \"500ms\")"
+        );
     }
 
     #[test]

@@ -89,3 +89,52 @@ pub fn redact_url(url: &str) -> String {
         .collect::<Vec<_>>()
         .join(",")
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every place a credential can sit in a URL, each with the secret `s3cret`.
+    const SECRET_URLS: &[&str] = &[
+        "redis://user:s3cret@127.0.0.1:6379/0",
+        "redis://:s3cret@127.0.0.1:6379",
+        "rediss://default:s3cret@127.0.0.1:6380/1?protocol=resp3",
+        "redis://127.0.0.1:6379/0?password=s3cret",
+        "redis+unix:///run/redis.sock?db=1&pass=s3cret",
+        "unix:///run/redis.sock?user=app&password=s3cret",
+        "nats://s3cret@127.0.0.1:4222",
+        "nats://app:s3cret@127.0.0.1:4222,nats://127.0.0.1:4223",
+        "tls://127.0.0.1:4222?token=s3cret",
+    ];
+
+    #[test]
+    fn redaction_hides_every_secret_and_keeps_the_rest() {
+        for url in SECRET_URLS {
+            let shown = redact_url(url);
+            assert!(!shown.contains("s3cret"), "{url} -> {shown}");
+            assert!(shown.contains("127.0.0.1") || shown.contains("/run/redis.sock"));
+            assert_eq!(url_secrets(url), ["s3cret"], "{url}");
+            let scrubbed = scrub_secrets(&format!("cannot connect to {url}: bad s3cret"), url);
+            assert!(!scrubbed.contains("s3cret"), "{scrubbed}");
+        }
+        assert_eq!(
+            redact_url("redis+unix:///run/redis.sock?db=1&pass=s3cret"),
+            "redis+unix:///run/redis.sock?db=1&pass=***"
+        );
+        assert_eq!(redact_url("redis://u@h:1/0?db=2"), "redis://***@h:1/0?db=2");
+        assert!(url_secrets("redis://127.0.0.1:6379/0?db=2").is_empty());
+    }
+
+    #[test]
+    fn userinfo_splits_from_the_authority_only() {
+        assert_eq!(
+            split_userinfo("nats://a:b@h:1/x@y"),
+            Some(("nats://", Some("a:b"), "h:1/x@y"))
+        );
+        assert_eq!(
+            split_userinfo("redis://h:1/0?x=a@b"),
+            Some(("redis://", None, "h:1/0?x=a@b"))
+        );
+        assert_eq!(split_userinfo("h:1"), None);
+    }
+}

@@ -15,55 +15,57 @@ use tokio::signal::unix::{signal, Signal, SignalKind};
 
 use crate::text::{escape_payload, table};
 
-/// Installs the Ctrl-C (SIGINT) handler a command keeps for its whole run: one handler, so a
-/// Ctrl-C that lands between two waits is seen at the next (a `ctrl_c()` future made per
-/// wait would miss it, and the installed handler would keep the process from ending).
+/// The signals that stop a long-running command: Ctrl-C (SIGINT) and SIGTERM (what service
+/// managers send). Installed once for the whole run, so a signal that lands between two waits
+/// is seen at the next one (a `ctrl_c()` future made per wait would miss it).
+#[derive(Debug)]
+pub(crate) struct StopSignals {
+    interrupt: Signal,
+    terminate: Signal,
+}
+
+impl StopSignals {
+    /// Waits for SIGINT or SIGTERM; `None` if the handlers are gone.
+    pub(crate) async fn recv(&mut self) -> Option<()> {
+        tokio::select! {
+            r = self.interrupt.recv() => r,
+            r = self.terminate.recv() => r,
+        }
+    }
+}
+
+/// Installs the SIGINT and SIGTERM handlers a command keeps for its whole run.
 ///
 /// # Errors
-/// When the handler cannot be installed.
-pub(crate) fn ctrl_c_handler() -> Result<Signal> {
-    signal(SignalKind::interrupt()).map_err(|e| {
-        Error::new(
-            ErrorKind::Other,
-            "cannot install the Ctrl-C (SIGINT) handler",
-        )
-        .with_source(e)
+/// When a handler cannot be installed.
+pub(crate) fn ctrl_c_handler() -> Result<StopSignals> {
+    let install = |kind: SignalKind, name: &str| {
+        signal(kind).map_err(|e| {
+            Error::new(
+                ErrorKind::Other,
+                format!("cannot install the {name} handler"),
+            )
+            .with_source(e)
+        })
+    };
+    Ok(StopSignals {
+        interrupt: install(SignalKind::interrupt(), "Ctrl-C (SIGINT)")?,
+        terminate: install(SignalKind::terminate(), "SIGTERM")?,
     })
 }
 
-/// Fails when a bus names a transport kind `registry` does not know, naming the file, the
-/// key and the known kinds (the same error building the bus would give, without connecting).
-///
-/// # Errors
-/// [`ErrorKind::UnknownTransport`].
-pub fn check_transports(config: &Config, registry: &Registry) -> Result<()> {
-    let kinds = registry.kinds();
-    for (name, bus) in &config.buses {
-        if !kinds.contains(&bus.transport.as_str()) {
-            return Err(Error::new(
-                ErrorKind::UnknownTransport,
-                format!(
-                    "{}: buses.{name}.transport: unknown transport {:?}; known transports: {}",
-                    config.source,
-                    bus.transport,
-                    kinds.join(", ")
-                ),
-            ));
-        }
-    }
-    Ok(())
-}
-
-/// `busway check FILE`: loads the config (file and `BUSWAY_*` environment), checks its
-/// transports are known and builds the routing table, without connecting to any broker.
+/// `busway check FILE`: loads the config (file and `BUSWAY_*` environment), builds the
+/// routing table and checks every bus with its transport's own validation
+/// ([`Registry::validate`]), without connecting to any broker: a config `check` accepts is
+/// one every other command accepts, up to reaching the brokers.
 /// Returns the report: the buses (URLs redacted) and the routing table.
 ///
 /// # Errors
 /// The first problem found, naming the file, the key and the reason.
 pub fn check(path: &Path, registry: &Registry) -> Result<String> {
     let config = Config::load(path)?;
-    check_transports(&config, registry)?;
     RoutingTable::from_config(&config)?;
+    registry.validate(&config)?;
 
     let mut out = format!("config {} (app {:?})\n\nbuses\n", config.source, config.app);
     let rows: Vec<Vec<String>> = config

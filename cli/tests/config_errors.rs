@@ -1,7 +1,9 @@
 //! Every kind of invalid config, run through the real loading path (`Config::from_toml`, then
 //! `Router::from_config` with the CLI's registry: memory, redis, nats): each error is
-//! `InvalidConfig` (`UnknownTransport` for an unknown transport) and names the file, the key and the reason. docs/CONFIG_ERRORS.md lists
-//! these messages; the test fails if one of them is not there word for word.
+//! `InvalidConfig` (`UnknownTransport` for an unknown transport) and names the file, the key
+//! and the reason; `busway check` refuses the same config with the same message, without
+//! connecting. docs/CONFIG_ERRORS.md lists these messages; the test fails if one of them is
+//! not there word for word.
 
 use busway::{Config, ErrorKind, Router};
 
@@ -21,9 +23,15 @@ const CASES: &[(&str, &str, &str)] = &[
     ("wrong type (core key)", "[buses.a]\ntransport = \"memory\"\ncapacity = \"big\"\n", "buses.a"),
     ("unknown memory key", "[buses.a]\ntransport = \"memory\"\nretian = 5\n", "retian"),
     ("unknown redis key", "[buses.a]\ntransport = \"redis\"\nurl = \"redis://127.0.0.1:1\"\nbogus = 1\n", "bogus"),
-    ("wrong type (redis key)", "[buses.a]\ntransport = \"redis\"\nurl = \"redis://127.0.0.1:1\"\nbuffer_max = \"lots\"\n", "buses.a"),
+    ("wrong type (redis key)", "[buses.a]\ntransport = \"redis\"\nurl = \"redis://127.0.0.1:1\"\npublish_buffer = \"lots\"\n", "buses.a"),
+    ("misspelt redis key", "[buses.a]\ntransport = \"redis\"\nurl = \"redis://127.0.0.1:1\"\nframng = \"raw\"\n", "framng"),
+    ("renamed redis key", "[buses.a]\ntransport = \"redis\"\nurl = \"redis://127.0.0.1:1\"\nbuffer_max = 5\n", "buses.a.buffer_max"),
+    ("renamed redis duration key", "[buses.a]\ntransport = \"redis\"\nurl = \"redis://127.0.0.1:1\"\nresponse_timeout_ms = 5000\n", "buses.a.response_timeout_ms"),
     ("unknown nats key", "[buses.a]\ntransport = \"nats\"\nurl = \"nats://127.0.0.1:1\"\nframming = \"raw\"\n", "framming"),
-    ("wrong type (nats key)", "[buses.a]\ntransport = \"nats\"\nurl = \"nats://127.0.0.1:1\"\nmax_deliver = \"five\"\n", "buses.a"),
+    ("wrong type (nats key)", "[buses.a]\ntransport = \"nats\"\nurl = \"nats://127.0.0.1:1\"\nmax_deliveries = \"five\"\n", "buses.a"),
+    ("renamed nats key", "[buses.a]\ntransport = \"nats\"\nurl = \"nats://127.0.0.1:1\"\nmax_deliver = 5\n", "buses.a.max_deliver"),
+    ("duration without a unit", "[buses.a]\ntransport = \"nats\"\nurl = \"nats://127.0.0.1:1\"\npublish_timeout = \"forever\"\n", "buses.a"),
+    ("capacity zero", "[buses.a]\ntransport = \"memory\"\ncapacity = 0\n", "buses.a.capacity"),
     ("redis url missing", "[buses.a]\ntransport = \"redis\"\n", "buses.a.url"),
     ("redis url of another scheme", "[buses.a]\ntransport = \"redis\"\nurl = \"http://u:pw@h\"\n", "buses.a.url"),
     ("redis url unparsable", "[buses.a]\ntransport = \"redis\"\nurl = \"redis://h:notaport\"\n", "buses.a.url"),
@@ -77,6 +85,18 @@ async fn every_invalid_config_names_file_key_and_reason_and_is_documented() {
             msg.len() > FILE.len() + key.len() + 10,
             "{what}: no reason: {msg}"
         );
+        // `check` refuses it too, with the same words (the file is named by its path).
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(FILE);
+        std::fs::write(&path, text).unwrap();
+        match busway_cli::commands::check(&path, &busway_cli::registry()) {
+            Ok(report) => panic!("{what}: check accepted it:\n{report}"),
+            Err(e) => assert_eq!(
+                e.to_string().replacen(&path.display().to_string(), FILE, 1),
+                msg,
+                "{what}: check and build disagree"
+            ),
+        }
         if !doc.contains(&msg.replace('|', "\\|")) {
             undocumented.push(msg);
         }

@@ -152,7 +152,7 @@ to = {to}
 [default]
 to = "a"
 [router]
-drain_grace_ms = 200
+drain_grace = "200ms"
 "#,
             redis.url()
         ))
@@ -234,7 +234,7 @@ to = "{to}"
 [default]
 to = "old"
 [router]
-drain_grace_ms = 100
+drain_grace = "100ms"
 "#,
             old.url(),
             new.url()

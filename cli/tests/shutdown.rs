@@ -65,7 +65,10 @@ fn ctrl_c_in_the_demo_on_redis_streams_leaves_every_ok_publish_on_the_broker() {
     demo.interrupt();
     let (code, stdout, stderr) = demo.finish(Duration::from_secs(90));
     assert_eq!(code, Some(0), "stdout:\n{stdout}\nstderr:\n{stderr}");
-    assert!(stdout.contains("(stopped by Ctrl-C)"), "{stdout}");
+    assert!(
+        stdout.contains("(stopped by a signal: Ctrl-C or SIGTERM)"),
+        "{stdout}"
+    );
     let result = result_line(&stdout);
     assert_eq!(result.get("interrupted").map(|s| &**s), Some("true"));
     let ok = number(&result, "ok_publishes");
@@ -100,4 +103,29 @@ fn ctrl_c_in_the_demo_on_redis_streams_leaves_every_ok_publish_on_the_broker() {
         number(&result, "received"),
         "{stdout}"
     );
+}
+
+/// SIGTERM (what systemd, Kubernetes and other service managers send) stops `demo` and
+/// `tail` the way Ctrl-C does: drained, reported, exit 0.
+#[test]
+fn sigterm_stops_demo_and_tail_like_ctrl_c() {
+    let config = workspace_file("examples/demo.toml");
+    let config = config.to_str().unwrap();
+    let mut demo = Spawned::start_env(&["demo", "--config", config, "--seconds", "120"], &[]);
+    demo.wait_stderr("busway: demo running", Duration::from_secs(30));
+    std::thread::sleep(Duration::from_millis(500));
+    demo.signal("-TERM");
+    let (code, stdout, stderr) = demo.finish(Duration::from_secs(60));
+    assert_eq!(code, Some(0), "stdout:\n{stdout}\nstderr:\n{stderr}");
+    assert!(stdout.contains("(stopped by a signal"), "{stdout}");
+    assert_eq!(
+        result_line(&stdout).get("interrupted").map(|s| &**s),
+        Some("true")
+    );
+
+    let mut tail = Spawned::start_env(&["tail", "marketdata.>", "--config", config], &[]);
+    tail.wait_stderr("busway: tailing", Duration::from_secs(30));
+    tail.signal("-TERM");
+    let (code, stdout, stderr) = tail.finish(Duration::from_secs(30));
+    assert_eq!(code, Some(0), "stdout:\n{stdout}\nstderr:\n{stderr}");
 }

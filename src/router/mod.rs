@@ -175,8 +175,8 @@ impl Router {
             dedup_window: config.router.dedup_window.unwrap_or(DEFAULT_DEDUP_WINDOW),
             drain_grace: config
                 .router
-                .drain_grace_ms
-                .map_or(DEFAULT_DRAIN_GRACE, Duration::from_millis),
+                .drain_grace
+                .map_or(DEFAULT_DRAIN_GRACE, |d| d.0),
         };
         let router = Router::assemble(table, buses, DEFAULT_ROUTE_CACHE, settings)?;
         *router.specs.lock() = specs_of(config);

@@ -29,6 +29,13 @@ pub struct NatsServer {
 }
 
 impl NatsServer {
+    /// Whether JetStream's acknowledged messages survive a kill -9 and restart: always, for
+    /// streams with file storage (the store lives in the server's own dir, kept across
+    /// [`NatsServer::restart`]); core NATS messages are never stored.
+    pub fn persists(&self) -> bool {
+        true
+    }
+
     /// Starts a server with default options, or returns `None` (after printing `SKIPPED`)
     /// when `nats-server` is not installed.
     pub fn start(test: &str) -> Option<NatsServer> {

@@ -15,6 +15,7 @@ use crate::server::{broker_binary, free_port, ServerProcess};
 pub struct RedisServer {
     process: ServerProcess,
     password: Option<String>,
+    aof: bool,
 }
 
 impl RedisServer {
@@ -60,7 +61,18 @@ impl RedisServer {
             args.extend(["--requirepass".to_string(), p.clone()]);
         }
         let process = ServerProcess::start(&binary, args, port);
-        Some(RedisServer { process, password })
+        Some(RedisServer {
+            process,
+            password,
+            aof,
+        })
+    }
+
+    /// Whether an acknowledged write survives a kill -9 and restart: true only for
+    /// [`RedisServer::start_with_aof`] (every other server keeps nothing on disk). A fault test
+    /// that counts losses across a restart of a stream bus needs a persisting server.
+    pub fn persists(&self) -> bool {
+        self.aof
     }
 
     /// `redis://127.0.0.1:<port>` (with the password when the server requires one).

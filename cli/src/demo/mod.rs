@@ -19,7 +19,7 @@ use hdrhistogram::Histogram;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use crate::commands::{check_transports, ctrl_c_handler};
+use crate::commands::ctrl_c_handler;
 use crate::text::table;
 use engines::{Engine, ENGINES};
 use feed::Feed;
@@ -191,7 +191,7 @@ struct Running {
 /// subscription. Errors while running are counted per engine and shown in the report.
 pub async fn run(options: &DemoOptions, registry: &Registry) -> Result<DemoReport> {
     let config = load_config(options.config.as_deref())?;
-    check_transports(&config, registry)?;
+    registry.validate(&config)?;
     let engines = pick_engines(options.engines.as_deref())?;
     let router = Arc::new(Router::from_config(&config, registry).await?);
     // With a config file, SIGHUP reloads it while the engines run.
@@ -530,7 +530,7 @@ impl fmt::Display for DemoReport {
             self.config_source,
             self.elapsed.as_secs_f64(),
             if self.interrupted {
-                " (stopped by Ctrl-C)"
+                " (stopped by a signal: Ctrl-C or SIGTERM)"
             } else {
                 ""
             }
