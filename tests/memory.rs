@@ -217,18 +217,146 @@ async fn close_releases_a_publisher_blocked_on_a_full_queue() {
     let publisher = {
         let bus = bus.clone();
         tokio::spawn(async move {
+            let mut outcomes = Vec::new();
             for i in 0..3 {
-                let _ = bus.publish(Message::new(topic("q"), format!("{i}"))).await;
+                outcomes.push(bus.publish(Message::new(topic("q"), format!("{i}"))).await);
             }
+            outcomes
         })
     };
     wait_until("queue full", || s.pending() == 1).await;
     bus.close().await.unwrap();
-    tokio::time::timeout(WAIT, publisher)
+    let outcomes = tokio::time::timeout(WAIT, publisher)
         .await
         .expect("publisher released")
         .unwrap();
     assert_eq!(bus.stats().health, Health::Closed);
+    // The first publish reached the queue; the one waiting for room when `close` came never
+    // got there, and the one after it came after `close`: neither may say Ok.
+    assert!(outcomes[0].is_ok(), "{outcomes:?}");
+    for o in &outcomes[1..] {
+        assert_eq!(
+            o.as_ref().unwrap_err().kind(),
+            ErrorKind::Closed,
+            "{outcomes:?}"
+        );
+    }
+}
+
+/// Racing publishers under `block`: every publish that returns Ok is delivered, however
+/// `close` interleaves with them; the others fail with `Closed`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn close_racing_blocked_publishers_never_acknowledges_a_lost_message() {
+    for _round in 0..5 {
+        let bus = MemoryBus::new("b");
+        let mut s = bus
+            .subscribe(
+                pattern("q.*"),
+                SubscribeOptions::new()
+                    .capacity(4)
+                    .overflow(Overflow::Block),
+            )
+            .await
+            .unwrap();
+        let publishers: Vec<_> = (0..20)
+            .map(|p| {
+                let bus = bus.clone();
+                tokio::spawn(async move {
+                    let mut ok = 0u64;
+                    for i in 0..50 {
+                        let m = Message::new(topic(&format!("q.{p}")), format!("{i}"));
+                        if bus.publish(m).await.is_ok() {
+                            ok += 1;
+                        }
+                    }
+                    ok
+                })
+            })
+            .collect();
+        let reader = tokio::spawn(async move {
+            let mut n = 0u64;
+            while let Some(d) = s.recv().await {
+                let _ = d;
+                n += 1;
+                if n % 7 == 0 {
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
+            }
+            n
+        });
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        bus.close().await.unwrap();
+        let mut ok = 0;
+        for p in publishers {
+            ok += tokio::time::timeout(WAIT, p).await.unwrap().unwrap();
+        }
+        let delivered = tokio::time::timeout(WAIT, reader).await.unwrap().unwrap();
+        assert_eq!(delivered, ok, "delivered vs publishes that returned Ok");
+    }
+}
+
+/// Stream mode: `close` lets subscribers take what was published before it (they still read
+/// their queues to the end), and counts in `dropped` whatever they did not take in time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stream_close_delivers_every_accepted_publish_or_counts_it() {
+    let bus = MemoryBus::with_config(
+        "s",
+        MemoryConfig::new(Mode::Stream).close_timeout(Duration::from_secs(10)),
+    );
+    let mut s = bus
+        .subscribe(
+            pattern("t"),
+            SubscribeOptions::new()
+                .capacity(1)
+                .overflow(Overflow::Block),
+        )
+        .await
+        .unwrap();
+    for i in 0..3 {
+        bus.publish(Message::new(topic("t"), format!("{i}")))
+            .await
+            .unwrap();
+    }
+    let reader = tokio::spawn(async move {
+        let mut got = Vec::new();
+        while let Some(d) = s.recv().await {
+            got.push(text(&d));
+            d.ack().await.unwrap();
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        got
+    });
+    bus.close().await.unwrap();
+    let got = tokio::time::timeout(WAIT, reader).await.unwrap().unwrap();
+    assert_eq!(got, ["0", "1", "2"]);
+    assert_eq!(bus.stats().dropped, 0);
+
+    // A subscriber that never reads: `close` gives up after its timeout and counts the rest.
+    let bus = MemoryBus::with_config(
+        "s",
+        MemoryConfig::new(Mode::Stream).close_timeout(Duration::from_millis(50)),
+    );
+    let s = bus
+        .subscribe(
+            pattern("t"),
+            SubscribeOptions::new()
+                .capacity(1)
+                .overflow(Overflow::Block),
+        )
+        .await
+        .unwrap();
+    for i in 0..3 {
+        bus.publish(Message::new(topic("t"), format!("{i}")))
+            .await
+            .unwrap();
+    }
+    bus.close().await.unwrap();
+    assert_eq!(s.pending(), 1, "the one queued stays readable");
+    assert_eq!(
+        bus.stats().dropped,
+        2,
+        "the two never handed over are counted"
+    );
 }
 
 #[tokio::test]

@@ -118,6 +118,10 @@ impl MemoryBus {
     pub(super) async fn wait_blocked(&self, blocked: Vec<(Arc<Sub>, Delivery)>) -> Result<()> {
         for (sub, d) in blocked {
             if !sub.tx.send(d).await {
+                // Ended by `close` while this publish waited: the message never got there.
+                if self.inner.closed.load(Ordering::Acquire) {
+                    return Err(self.closed_error());
+                }
                 self.inner.remove_sub(sub.id, &sub.pattern);
             }
         }

@@ -11,6 +11,9 @@ pub(super) struct MemoryOptions {
     pub(super) retain: Option<usize>,
     /// Largest payload accepted in bytes (default 64 MiB).
     pub(super) max_payload: Option<usize>,
+    /// Stream mode: how long `close` waits for subscribers to take what they are owed
+    /// (default 5s).
+    pub(super) close_timeout: Option<ConfigDuration>,
 }
 
 /// Builds [`MemoryBus`]es for `transport = "memory"`.

@@ -24,6 +24,7 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use crate::bus::{request_via_inbox, Bus, Capabilities, Mode};
+use crate::config::ConfigDuration;
 use crate::delivery::{Acker, Delivery};
 use crate::error::{Error, ErrorKind, Result};
 use crate::message::Message;
@@ -56,6 +57,9 @@ pub struct MemoryConfig {
     pub retain: usize,
     /// Largest payload accepted.
     pub max_payload: usize,
+    /// Stream mode: how long `close` waits for subscribers to take the entries their groups
+    /// have not been handed yet; what is left after it is counted in `dropped`.
+    pub close_timeout: Duration,
 }
 
 impl Default for MemoryConfig {
@@ -65,6 +69,7 @@ impl Default for MemoryConfig {
             queue: QueueDefaults::default(),
             retain: 100_000,
             max_payload: 64 * 1024 * 1024,
+            close_timeout: Duration::from_secs(5),
         }
     }
 }
@@ -81,6 +86,13 @@ impl MemoryConfig {
     /// Sets the subscription queue defaults.
     pub fn queue(mut self, queue: QueueDefaults) -> Self {
         self.queue = queue;
+        self
+    }
+
+    /// Sets how long a stream-mode `close` waits for subscribers to take what their groups
+    /// have not been handed yet.
+    pub fn close_timeout(mut self, timeout: Duration) -> Self {
+        self.close_timeout = timeout;
         self
     }
 
@@ -308,7 +320,9 @@ impl Bus for MemoryBus {
     }
 
     async fn flush(&self) -> Result<()> {
-        // A publish has reached every subscriber's queue by the time it returns.
+        // Nothing is in flight: a publish has reached every matching queue (broadcast) or its
+        // topic's log (stream) by the time it returns. Stream entries reach subscribers as
+        // they take them; `close` waits for that.
         Ok(())
     }
 
@@ -318,6 +332,9 @@ impl Bus for MemoryBus {
             return Ok(());
         }
         inner.stats.set_health(Health::Closed);
+        if inner.config.mode == Mode::Stream {
+            inner.drain_stream().await;
+        }
         {
             let mut table = inner.table.write();
             let table = std::mem::take(&mut *table);

@@ -329,6 +329,44 @@ impl Inner {
         }
     }
 
+    /// Entries that groups with members have not handed to one yet: behind a cursor, or
+    /// waiting for room in a stalled member's queue.
+    fn undelivered(&self) -> u64 {
+        let st = self.stream.lock();
+        let mut left = 0;
+        for group in st.groups.values().filter(|g| !g.members.is_empty()) {
+            left += group.members.iter().filter(|m| m.stalled).count() as u64;
+            for (topic, cursor) in &group.cursors {
+                if let Some(log) = st.logs.get(topic) {
+                    left += log.end().saturating_sub(cursor.next.max(log.base));
+                }
+            }
+        }
+        left
+    }
+
+    /// On `close` (publishes already refused): lets subscribers take what their groups still
+    /// owe them, up to `close_timeout`; what is left then is counted in `dropped`.
+    pub(super) async fn drain_stream(&self) {
+        let deadline = Instant::now() + self.config.close_timeout;
+        loop {
+            let left = self.undelivered();
+            if left == 0 {
+                return;
+            }
+            if Instant::now() >= deadline {
+                self.stats.dropped.fetch_add(left, Ordering::Relaxed);
+                tracing::warn!(
+                    bus = &*self.name,
+                    undelivered = left,
+                    "closing a stream bus whose subscribers did not take every entry in time"
+                );
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    }
+
     /// Delivers again every pending entry whose time has come; returns the next due time.
     pub(super) fn redeliver_due(&self, st: &mut StreamState, now: Instant) -> Option<Instant> {
         let mut next_due: Option<Instant> = None;
