@@ -51,5 +51,8 @@ fn config_of(ctx: &BuildContext<'_>) -> Result<MemoryConfig> {
         }
         config.max_payload = max;
     }
+    if let Some(t) = opts.close_timeout {
+        config.close_timeout = t.0;
+    }
     Ok(config)
 }
