@@ -1,6 +1,5 @@
 //! `busway check`, `route`, `pub` and `tail`.
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -253,8 +252,9 @@ pub async fn tail(
     pattern: &str,
     limits: TailLimits,
     registry: &Registry,
-    out: &mut dyn Write,
+    out: &mut (dyn tokio::io::AsyncWrite + Unpin + Send),
 ) -> Result<u64> {
+    use tokio::io::AsyncWriteExt;
     let config = Config::load(config_path)?;
     let pattern = Pattern::new(pattern)?;
     let router = Arc::new(Router::from_config(&config, registry).await?);
@@ -286,7 +286,15 @@ pub async fn tail(
             let Some(delivery) = next else { break };
             let m = delivery.message();
             let line = format!("{} {}\n", m.topic, escape_payload(&m.payload));
-            match out.write_all(line.as_bytes()).and_then(|()| out.flush()) {
+            // A reader that stops reading (a full pipe) must not keep Ctrl-C from stopping us.
+            let written = tokio::select! {
+                r = async {
+                    out.write_all(line.as_bytes()).await?;
+                    out.flush().await
+                } => r,
+                _ = interrupt.recv() => break,
+            };
+            match written {
                 Ok(()) => {}
                 // `busway tail ... | head` closing the pipe is a normal way to stop.
                 Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => break,

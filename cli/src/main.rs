@@ -205,11 +205,18 @@ async fn main() -> ExitCode {
                 Err(e) => return fail(e),
             };
             let limits = TailLimits { count, timeout };
-            let mut stdout = std::io::stdout().lock();
-            match commands::tail(&config, &pattern, limits, &registry, &mut stdout).await {
-                Ok(_) => ExitCode::SUCCESS,
-                Err(e) => fail(e),
-            }
+            let mut stdout = tokio::io::stdout();
+            let code = match commands::tail(&config, &pattern, limits, &registry, &mut stdout).await
+            {
+                Ok(_) => 0,
+                Err(e) => {
+                    fail(e);
+                    1
+                }
+            };
+            // Not a return: a write still blocked on a full stdout pipe (stopped by a signal)
+            // would keep the runtime from shutting down.
+            std::process::exit(code)
         }
         Command::Audit {
             url,

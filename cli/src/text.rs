@@ -3,8 +3,10 @@
 use std::fmt::Write as _;
 
 /// A payload as one printable line: valid UTF-8 is shown as is, every byte that is not valid
-/// UTF-8 as `\xNN`, and control characters and backslashes escaped, so one message is always
-/// exactly one line and different payloads never print the same.
+/// UTF-8 as `\xNN`, and control characters, invisible format characters (bidi overrides and
+/// isolates, zero-width spaces and joiners, BOM, soft hyphen) and backslashes escaped, so one
+/// message is always exactly one line, a payload cannot reorder or hide text on the operator's
+/// terminal, and different payloads never print the same.
 pub fn escape_payload(bytes: &[u8]) -> String {
     let mut out = String::with_capacity(bytes.len());
     for chunk in bytes.utf8_chunks() {
@@ -14,7 +16,7 @@ pub fn escape_payload(bytes: &[u8]) -> String {
                 '\n' => out.push_str("\\n"),
                 '\r' => out.push_str("\\r"),
                 '\t' => out.push_str("\\t"),
-                c if c.is_control() => {
+                c if c.is_control() || is_invisible_format(c) => {
                     let _ = write!(out, "\\u{{{:x}}}", c as u32);
                 }
                 c => out.push(c),
@@ -25,6 +27,23 @@ pub fn escape_payload(bytes: &[u8]) -> String {
         }
     }
     out
+}
+
+/// Format characters (Unicode `Cf`) that change how the text around them is shown without
+/// showing themselves: bidi marks, embeddings, overrides and isolates, zero-width characters,
+/// the BOM and the soft hyphen.
+fn is_invisible_format(c: char) -> bool {
+    matches!(
+        c,
+        '\u{00ad}'
+            | '\u{061c}'
+            | '\u{180e}'
+            | '\u{200b}'..='\u{200f}'
+            | '\u{202a}'..='\u{202e}'
+            | '\u{2060}'..='\u{2064}'
+            | '\u{2066}'..='\u{2069}'
+            | '\u{feff}'
+    )
 }
 
 /// Renders rows as left-aligned columns under a header, two spaces apart, each line indented
@@ -65,6 +84,20 @@ mod tests {
         assert_eq!(escape_payload("prix 5€".as_bytes()), "prix 5€");
         assert_eq!(escape_payload(b"a\xffb\x00"), "a\\xffb\\u{0}");
         assert_eq!(escape_payload(b"two\nlines\\"), "two\\nlines\\\\");
+    }
+
+    #[test]
+    fn invisible_and_reordering_characters_are_escaped() {
+        // "Trojan source": a right-to-left override would show `evil` as `live`.
+        assert_eq!(
+            escape_payload("a\u{202e}live\u{202c}b".as_bytes()),
+            "a\\u{202e}live\\u{202c}b"
+        );
+        assert_eq!(
+            escape_payload("x\u{200b}y\u{feff}\u{2066}z".as_bytes()),
+            "x\\u{200b}y\\u{feff}\\u{2066}z"
+        );
+        assert_eq!(escape_payload("ä€→".as_bytes()), "ä€→");
     }
 
     #[test]

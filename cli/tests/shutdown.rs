@@ -129,3 +129,62 @@ fn sigterm_stops_demo_and_tail_like_ctrl_c() {
     let (code, stdout, stderr) = tail.finish(Duration::from_secs(30));
     assert_eq!(code, Some(0), "stdout:\n{stdout}\nstderr:\n{stderr}");
 }
+
+/// Ctrl-C stops `busway tail` even while its stdout is a full pipe nobody reads.
+#[test]
+fn ctrl_c_stops_a_tail_whose_stdout_is_full() {
+    use std::process::{Command, Stdio};
+    let test = "ctrl_c_stops_a_tail_whose_stdout_is_full";
+    let Some(redis) = RedisServer::start(test) else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("busway.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[buses.main]\ntransport = \"redis\"\nurl = \"{}\"\nframing = \"raw\"\n[default]\nto = \"main\"\n",
+            redis.url()
+        ),
+    )
+    .unwrap();
+    let stderr_path = dir.path().join("stderr");
+    // stdout is a pipe this test never reads: it fills after ~64 KiB.
+    let mut tail = Command::new(env!("CARGO_BIN_EXE_busway"))
+        .args(["tail", "x.>", "--config", config.to_str().unwrap()])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(std::fs::File::create(&stderr_path).unwrap())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !std::fs::read_to_string(&stderr_path)
+        .unwrap()
+        .contains("busway: tailing")
+    {
+        assert!(std::time::Instant::now() < deadline, "tail did not start");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let payload = "p".repeat(4096);
+    for _ in 0..64 {
+        redis.cli(&["PUBLISH", "x.y", &payload]);
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let kill = Command::new("kill")
+        .args(["-INT", &tail.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(kill.success());
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(status) = tail.try_wait().unwrap() {
+            break status;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = tail.kill();
+            panic!("tail still running 10 s after Ctrl-C with a full stdout pipe");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(status.code(), Some(0));
+}
