@@ -266,7 +266,7 @@ async fn main() -> ExitCode {
             match demo::run(&options, &registry).await {
                 Ok(report) => {
                     print!("{report}");
-                    if report.pass {
+                    if report.pass && report.unflushed.is_none() {
                         ExitCode::SUCCESS
                     } else {
                         ExitCode::FAILURE

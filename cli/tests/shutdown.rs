@@ -188,3 +188,39 @@ fn ctrl_c_stops_a_tail_whose_stdout_is_full() {
     };
     assert_eq!(status.code(), Some(0));
 }
+
+/// Ctrl-C of a demo whose broker is frozen (SIGSTOP): the report is still printed, says what
+/// could not be flushed, and the exit code is 1.
+#[test]
+fn a_demo_stopped_with_its_broker_frozen_still_reports() {
+    let test = "a_demo_stopped_with_its_broker_frozen_still_reports";
+    let Some(redis) = RedisServer::start(test) else {
+        return;
+    };
+    let mut env = Vec::new();
+    for bus in ["MARKETDATA", "ENGINE", "MAIN"] {
+        env.push((format!("BUSWAY_BUS_{bus}_URL"), redis.url()));
+        env.push((format!("BUSWAY_BUS_{bus}_MODE"), "stream".to_string()));
+    }
+    let config = workspace_file("examples/demo-redis.toml");
+    let mut demo = Spawned::start_env(
+        &[
+            "demo",
+            "--config",
+            config.to_str().unwrap(),
+            "--seconds",
+            "120",
+        ],
+        &env,
+    );
+    demo.wait_stderr("busway: demo running", Duration::from_secs(30));
+    std::thread::sleep(Duration::from_secs(1));
+    redis.pause();
+    std::thread::sleep(Duration::from_millis(300));
+    demo.interrupt();
+    let (code, stdout, stderr) = demo.finish(Duration::from_secs(90));
+    redis.resume();
+    assert_eq!(code, Some(1), "stdout:\n{stdout}\nstderr:\n{stderr}");
+    assert!(stdout.contains("RESULT demo interrupted=true"), "{stdout}");
+    assert!(stdout.contains("not flushed: "), "{stdout}");
+}
