@@ -105,3 +105,50 @@ fn check_and_pub_never_print_credentials() {
     assert!(!ok, "pub to a dead broker succeeded:\n{text}");
     assert_no_secret("pub", &text);
 }
+
+/// Every place a credential can sit in a Redis URL (userinfo, `password=` / `pass=` query
+/// parameters, on TCP and on a Unix socket), sent through every command against a server
+/// that refuses it: the secret never shows, on stdout or stderr, at `trace` logging.
+#[test]
+fn secrets_in_any_url_form_never_print_from_any_command() {
+    use busway_testkit::redis::RedisServer;
+    let test = "secrets_in_any_url_form_never_print_from_any_command";
+    let Some(redis) = RedisServer::start_with_password(test, "the-right-one") else {
+        return;
+    };
+    let port = redis.port();
+    let secret = "Wr0ng-s3cret";
+    let dir = tempfile::tempdir().unwrap();
+    let urls = [
+        format!("redis://:{secret}@127.0.0.1:{port}"),
+        format!("redis://default:{secret}@127.0.0.1:{port}/0"),
+        format!("redis://127.0.0.1:{port}/0?password={secret}"),
+        format!("redis://127.0.0.1:{port}/0?protocol=resp3&password={secret}"),
+        format!("redis+unix://{}/r.sock?pass={secret}", dir.path().display()),
+        format!("unix://{}/r.sock?password={secret}", dir.path().display()),
+    ];
+    for (i, url) in urls.iter().enumerate() {
+        let cfg = dir.path().join(format!("c{i}.toml"));
+        std::fs::write(
+            &cfg,
+            format!(
+                "[buses.main]\ntransport = \"redis\"\nurl = \"{url}\"\n[default]\nto = \"main\"\n"
+            ),
+        )
+        .unwrap();
+        let cfg = cfg.to_str().unwrap();
+        let runs: [&[&str]; 4] = [
+            &["check", cfg],
+            &["pub", "x.y", "hello", "--config", cfg],
+            &["tail", "x.>", "--config", cfg, "--timeout", "1"],
+            &["audit", url],
+        ];
+        for args in runs {
+            let (_, text) = run(args);
+            assert!(
+                !text.contains(secret),
+                "{args:?} printed the secret of {url}:\n{text}"
+            );
+        }
+    }
+}
