@@ -18,14 +18,16 @@ use busway::transport::BoxFuture;
 use busway::transport::QueueSender;
 use busway::{
     config::QueueDefaults,
-    transport::{BuildContext, Counters, TransportFactory, INBOX_PREFIX},
+    transport::{BuildContext, Counters, TransportFactory},
     Bus, Capabilities, Error, ErrorKind, Health, Message, Mode, Pattern, Result, StatsSnapshot,
     SubscribeOptions, Subscription, Topic,
 };
 use futures::FutureExt;
 use parking_lot::Mutex;
 
-use crate::config::{Framing, NatsConfig, OnDisconnect};
+use busway::transport::{is_inbox, Framing, OnDisconnect};
+
+use crate::config::NatsConfig;
 use crate::drops::{ClientDrops, ProbeSender, SETTLE_EVERY};
 use crate::headers;
 use crate::jetstream::StreamSetup;
@@ -353,7 +355,7 @@ impl Inner {
             headers: h,
         } = message;
         let headers = match self.config.framing {
-            Framing::Headers => headers::encode(&topic, &h)?,
+            Framing::Busway => headers::encode(&topic, &h)?,
             Framing::Raw => None,
         };
         let outbound = OutboundMessage {
@@ -829,13 +831,6 @@ fn decode_userinfo(s: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
-/// Whether `topic` is a request inbox: always core NATS, also on a stream bus.
-pub(crate) fn is_inbox(subject: &str) -> bool {
-    subject
-        .strip_prefix(INBOX_PREFIX)
-        .is_some_and(|rest| rest.starts_with('.'))
-}
-
 #[async_trait]
 impl Bus for NatsBus {
     fn name(&self) -> &str {
@@ -848,7 +843,7 @@ impl Bus for NatsBus {
             Mode::Broadcast => Capabilities::broadcast(max),
             Mode::Stream => Capabilities::stream(max),
         };
-        caps.headers = self.inner.config.framing == Framing::Headers;
+        caps.headers = self.inner.config.framing == Framing::Busway;
         caps
     }
 

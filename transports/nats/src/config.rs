@@ -4,7 +4,7 @@
 //! [buses.marketdata]
 //! transport = "nats"
 //! url = "nats://10.0.0.1:4222,nats://10.0.0.2:4222"   # one or several servers
-//! framing = "headers"          # or "raw": payload only, for non-busway peers
+//! framing = "busway"           # or "raw": payload only, for non-busway peers
 //! on_disconnect = "buffer"     # or "fail"
 //! token = "s3cret"             # or user + password, creds, nkey
 //!
@@ -23,33 +23,8 @@ use std::fmt;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use busway::transport::{ConfigDuration, Framing, OnDisconnect};
 use serde::Deserialize;
-
-/// How busway payloads and headers travel in NATS messages.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Framing {
-    /// busway headers as NATS headers (`Busway-Id`, `Content-Type`, ...), payload as is.
-    #[default]
-    Headers,
-    /// The payload alone, no headers: what a non-busway NATS client sends and expects.
-    /// The NATS reply subject still carries `reply_to`.
-    Raw,
-}
-
-/// What `publish` does while the client is disconnected.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum OnDisconnect {
-    /// Queue into async-nats's command buffer (`publish_buffer` operations), sent on
-    /// reconnect. When the buffer is full, `publish` waits up to `publish_timeout`, then fails
-    /// with `ErrorKind::BufferFull`. A broadcast message buffered this way is lost if the
-    /// process exits before the connection returns.
-    #[default]
-    Buffer,
-    /// Fail at once with `ErrorKind::Connection` naming the bus.
-    Fail,
-}
 
 /// JetStream storage of the bus's stream.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
@@ -62,53 +37,11 @@ pub enum Storage {
     Memory,
 }
 
-/// A duration in config: whole seconds (`30`) or a string with a unit (`"500ms"`, `"30s"`,
-/// `"15m"`, `"24h"`, `"7d"`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct ConfigDuration(pub Duration);
-
-impl<'de> Deserialize<'de> for ConfigDuration {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        #[derive(Deserialize)]
-        #[serde(untagged)]
-        enum Raw {
-            Secs(u64),
-            Text(String),
-        }
-        match Raw::deserialize(d)? {
-            Raw::Secs(s) => Ok(ConfigDuration(Duration::from_secs(s))),
-            Raw::Text(t) => parse_duration(&t)
-                .map(ConfigDuration)
-                .ok_or_else(|| {
-                    serde::de::Error::custom(format!(
-                        "invalid duration {t:?}; expected a number with a unit: ms, s, m, h or d (e.g. \"30s\")"
-                    ))
-                }),
-        }
-    }
-}
-
-fn parse_duration(text: &str) -> Option<Duration> {
-    let text = text.trim();
-    let split = text.find(|c: char| !c.is_ascii_digit())?;
-    let (n, unit) = text.split_at(split);
-    let n: u64 = n.parse().ok()?;
-    let ms = match unit.trim() {
-        "ms" => n,
-        "s" => n.checked_mul(1000)?,
-        "m" => n.checked_mul(60_000)?,
-        "h" => n.checked_mul(3_600_000)?,
-        "d" => n.checked_mul(86_400_000)?,
-        _ => return None,
-    };
-    Some(Duration::from_millis(ms))
-}
-
 /// The NATS keys of a bus. Every key is optional; unknown keys are an error.
 #[derive(Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct NatsConfig {
-    /// `headers` (default) or `raw`.
+    /// `busway` (default: busway headers as NATS headers) or `raw` (the payload alone).
     #[serde(default)]
     pub framing: Framing,
     /// `buffer` (default) or `fail`.

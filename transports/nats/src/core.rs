@@ -7,7 +7,7 @@ use std::task::Poll;
 use std::time::Duration;
 
 use async_nats::client::RequestErrorKind;
-use busway::transport::QueueSender;
+use busway::transport::{Framing, QueueSender};
 use busway::transport::{TransportDelivery, TransportSubscription};
 use busway::{
     transport::{new_message_id, Counters},
@@ -18,7 +18,6 @@ use futures::{FutureExt, StreamExt};
 use tokio::sync::mpsc::UnboundedReceiver;
 
 use crate::bus::{Inner, Members, SharedPump, StartPump, SubGuard};
-use crate::config::Framing;
 use crate::drops::{ClientDrops, Probe};
 use crate::headers;
 
@@ -416,7 +415,7 @@ pub(crate) async fn request(
     }
     let topic = message.topic.clone();
     let map = match inner.config.framing {
-        Framing::Headers => headers::encode(&topic, &message.headers)?,
+        Framing::Busway => headers::encode(&topic, &message.headers)?,
         Framing::Raw => None,
     };
     let mut request = async_nats::client::Request::new()

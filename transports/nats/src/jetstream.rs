@@ -30,7 +30,7 @@ use async_nats::jetstream::context::PublishErrorKind;
 use async_nats::jetstream::message::AckKind;
 use async_nats::jetstream::{self, stream};
 use async_trait::async_trait;
-use busway::transport::QueueSender;
+use busway::transport::{Framing, QueueSender};
 use busway::transport::{TransportDelivery, TransportSubscription};
 use busway::{
     config::DEFAULT_ACK_TIMEOUT,
@@ -42,7 +42,7 @@ use futures::{FutureExt, StreamExt, TryFutureExt};
 use parking_lot::Mutex;
 
 use crate::bus::{Inner, NatsBus};
-use crate::config::{Framing, NatsConfig, Storage};
+use crate::config::{NatsConfig, Storage};
 use crate::core::{to_message, with_topic, SubjectTopics};
 use crate::headers;
 
@@ -275,7 +275,7 @@ impl StreamSetup {
         } = message;
         let publish = jetstream::message::PublishMessage::build().payload(payload);
         let publish = match inner.config.framing {
-            Framing::Headers => match headers::encode(&topic, &h)? {
+            Framing::Busway => match headers::encode(&topic, &h)? {
                 Some(map) => publish.headers(map),
                 None => publish,
             },

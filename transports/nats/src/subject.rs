@@ -11,7 +11,7 @@ use std::cell::RefCell;
 use async_nats::Subject;
 use busway::Topic;
 
-use crate::bus::is_inbox;
+use busway::transport::is_inbox;
 
 /// Entries per thread (a power of two). A slot is picked by the topic's address, so the
 /// topics a thread sends in turn rarely evict one another.

@@ -346,7 +346,7 @@ async fn raw_nats_clients_interoperate() {
 }
 
 #[tokio::test]
-async fn headers_framing_reaches_raw_subscribers_as_hmsg_and_decodes_foreign_payloads() {
+async fn busway_framing_reaches_raw_subscribers_as_hmsg_and_decodes_foreign_payloads() {
     let Some(server) = NatsServer::start("headers_interop") else {
         return;
     };
@@ -354,7 +354,7 @@ async fn headers_framing_reaches_raw_subscribers_as_hmsg_and_decodes_foreign_pay
     let bus = connect(&server.url(), "hdr", Mode::Broadcast, "")
         .await
         .unwrap();
-    // A plain PUB without headers still decodes on a headers-framing bus.
+    // A plain PUB without headers still decodes on a `framing = "busway"` bus.
     let mut sub = bus
         .subscribe(pattern("legacy.>"), SubscribeOptions::new())
         .await
