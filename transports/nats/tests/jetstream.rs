@@ -19,7 +19,7 @@ fn pattern(s: &str) -> Pattern {
 }
 
 const STREAM: &str =
-    "subjects = [\"orders.>\", \"dead.>\"]\nmax_deliver = 3\ndead_letter = \"dead.orders\"";
+    "subjects = [\"orders.>\", \"dead.>\"]\nmax_deliveries = 3\ndead_letter = \"dead.orders\"";
 
 #[tokio::test]
 async fn ack_nack_and_redelivery_after_the_ack_timeout() {

@@ -162,7 +162,11 @@ async fn nkey_missing_or_wrong_is_a_fast_auth_error_and_the_seed_never_printed()
     let err = connect(&url, "sec", Mode::Broadcast, "nkey = \"SUNOTASEED-secret\"")
         .await
         .expect_err("a malformed seed cannot connect");
-    assert!(err.to_string().contains("\"sec\""), "names the bus: {err}");
+    assert_eq!(err.kind(), ErrorKind::InvalidConfig, "{err}");
+    assert!(
+        err.to_string().contains("buses.sec.nkey"),
+        "names the key: {err}"
+    );
     texts.push(format!("{err} {err:?}"));
 
     let bus = round_trip(&url, &format!("nkey = \"{seed}\"")).await;

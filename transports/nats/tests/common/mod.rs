@@ -6,7 +6,7 @@ use std::time::Duration;
 use busway::{
     config::BusConfig, transport::BuildContext, Delivery, Mode, Overflow, Result, Subscription,
 };
-use busway_nats::NatsBus;
+use busway_nats::{NatsBus, NatsConfig};
 
 /// Deliveries wait this long at most (a loaded 2-core machine).
 pub const WAIT: Duration = Duration::from_secs(10);
@@ -35,7 +35,7 @@ pub async fn connect_with(
         config: &config,
         source: "test.toml",
     };
-    NatsBus::connect(ctx).await
+    NatsBus::connect(NatsConfig::from_context(&ctx)?).await
 }
 
 /// The next delivery, failing the test after [`WAIT`].
