@@ -7,18 +7,10 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
 use std::time::Duration;
 
-use busway::{Bus, ErrorKind, Headers, Message, Mode, Overflow, Pattern, SubscribeOptions, Topic};
+use busway::{Bus, ErrorKind, Headers, Message, Mode, Overflow, SubscribeOptions};
 use busway_testkit::nats::{NatsServer, NatsServerOptions};
-use common::{connect, next, wait_until, WAIT};
+use common::{connect, next, pattern, topic, wait_until, WAIT};
 use futures::StreamExt;
-
-fn topic(s: &str) -> Topic {
-    Topic::new(s).unwrap()
-}
-
-fn pattern(s: &str) -> Pattern {
-    Pattern::new(s).unwrap()
-}
 
 #[tokio::test]
 async fn round_trip_keeps_every_header_and_names_the_connection() {
