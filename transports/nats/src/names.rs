@@ -50,8 +50,8 @@ pub(crate) fn subject_of(topic: &Topic) -> Subject {
                 }
                 _ => {
                     let subject = Subject::from(text);
-                    // The clone in the cache makes the subject's buffer shared now, once,
-                    // instead of on async-nats's clone of every publish.
+                    // The clone in the cache makes the subject's buffer shared here, once, so
+                    // async-nats's clone on every publish is a reference-count increment.
                     *entry = Some((topic.clone(), subject.clone()));
                     subject
                 }
@@ -63,7 +63,7 @@ pub(crate) fn subject_of(topic: &Topic) -> Subject {
 
 /// The topics of one subscription's subjects. Subjects repeat (an exact subscription sees
 /// one; a wildcard one often the same few), so the last topic is kept and a matching subject
-/// reuses it instead of being parsed and allocated again.
+/// reuses it: no parse, no allocation.
 #[derive(Debug, Clone)]
 pub(crate) struct SubjectTopics {
     last: Topic,

@@ -136,7 +136,7 @@ pin_project_lite::pin_project! {
         topic: Topic,
         timer: Option<Pin<Box<tokio::time::Sleep>>>,
         // Whether the outcome counts in the bus's `published` / `errors` (a `Bus::publish`).
-        // Counted here, not by a `map` around the boxed future: a poll layer per publish.
+        // Counted here: a `map` around the boxed future would add a poll layer per publish.
         counted: bool,
     }
 }

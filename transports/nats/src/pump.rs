@@ -97,8 +97,8 @@ pub(crate) fn pump_starter<'a>(
 struct Taken {
     subscriber: async_nats::Subscriber,
     drops: Arc<ClientDrops>,
-    /// Taken but not yet added to `drops`: counted once per batch instead of one atomic
-    /// increment per message, and always before a probe is answered.
+    /// Taken but not yet added to `drops`: added once per batch (one atomic add), always
+    /// before a probe is answered.
     untold: u64,
 }
 
@@ -185,8 +185,7 @@ impl PumpEnd {
 }
 
 /// Messages a pump takes from its async-nats subscriber and hands on at once: one lock of
-/// each member's queue and at most one wake-up of its consumer per batch, instead of per
-/// message.
+/// each member's queue and at most one wake-up of its consumer per batch.
 const BATCH: usize = 64;
 
 /// Moves messages from the async-nats subscriber into its members' queues, a batch (what

@@ -209,6 +209,17 @@ struct RawClient {
 }
 
 impl RawClient {
+    /// Sends `text` on a new raw connection and waits until the server has processed it.
+    async fn send_once(port: u16, text: &'static str) {
+        tokio::task::spawn_blocking(move || {
+            let mut raw = RawClient::connect(port);
+            raw.send(text);
+            raw.sync();
+        })
+        .await
+        .unwrap();
+    }
+
     fn connect(port: u16) -> RawClient {
         let stream = TcpStream::connect(("127.0.0.1", port)).unwrap();
         stream.set_read_timeout(Some(WAIT)).unwrap();
@@ -283,13 +294,7 @@ async fn raw_nats_clients_interoperate() {
         .subscribe(pattern("legacy.>"), SubscribeOptions::new())
         .await
         .unwrap();
-    tokio::task::spawn_blocking(move || {
-        let mut raw = RawClient::connect(port);
-        raw.send("PUB legacy.prices 5\r\nhello\r\n");
-        raw.sync();
-    })
-    .await
-    .unwrap();
+    RawClient::send_once(port, "PUB legacy.prices 5\r\nhello\r\n").await;
     let d = next(&mut sub).await;
     assert_eq!(d.message().topic.as_str(), "legacy.prices");
     assert_eq!(&d.message().payload[..], b"hello");
@@ -351,13 +356,7 @@ async fn busway_framing_reaches_raw_subscribers_as_hmsg_and_decodes_foreign_payl
         .subscribe(pattern("legacy.>"), SubscribeOptions::new())
         .await
         .unwrap();
-    tokio::task::spawn_blocking(move || {
-        let mut raw = RawClient::connect(port);
-        raw.send("PUB legacy.a 2\r\nhi\r\n");
-        raw.sync();
-    })
-    .await
-    .unwrap();
+    RawClient::send_once(port, "PUB legacy.a 2\r\nhi\r\n").await;
     let d = next(&mut sub).await;
     assert_eq!(
         (&d.message().payload[..], d.message().headers.is_empty()),
