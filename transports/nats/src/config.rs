@@ -1,10 +1,11 @@
-//! The NATS-specific keys of a bus's config (`[buses.<name>]` beside `transport = "nats"`).
+//! A NATS bus's settings: the NATS keys of `[buses.<name>]` ([`NatsOptions`]) and everything
+//! [`NatsBus::connect`](crate::NatsBus::connect) needs ([`NatsConfig`]).
 //!
 //! ```toml
 //! [buses.marketdata]
 //! transport = "nats"
 //! url = "nats://10.0.0.1:4222,nats://10.0.0.2:4222"   # one or several servers
-//! framing = "headers"          # or "raw": payload only, for non-busway peers
+//! framing = "busway"           # or "raw": payload only, for non-busway peers
 //! on_disconnect = "buffer"     # or "fail"
 //! token = "s3cret"             # or user + password, creds, nkey
 //!
@@ -15,41 +16,34 @@
 //! stream = "ENGINE"            # default: BUSWAY_<BUS> upper-cased
 //! subjects = ["engine.>"]      # default: ["<bus>.>"]
 //! max_age = "7d"
-//! max_deliver = 5
+//! max_deliveries = 5
 //! dead_letter = "dead.engine"
 //! ```
+//!
+//! [`NatsConfig::from_context`] refuses everything that can be refused without a server:
+//! unknown and renamed keys, bad values, URLs that are not NATS URLs, inconsistent
+//! credentials, unreadable credential and TLS files, and (in stream mode) bad stream names,
+//! subjects and dead-letter topics.
 
 use std::fmt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
 use std::time::Duration;
 
+use async_nats::ServerAddr;
+use busway::config::QueueDefaults;
+use busway::transport::{
+    redact_url, split_userinfo, BuildContext, ConfigDuration, Framing, OnDisconnect,
+};
+use busway::{Mode, Pattern, Result, Topic};
 use serde::Deserialize;
 
-/// How busway payloads and headers travel in NATS messages.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Framing {
-    /// busway headers as NATS headers (`Busway-Id`, `Content-Type`, ...), payload as is.
-    #[default]
-    Headers,
-    /// The payload alone, no headers: what a non-busway NATS client sends and expects.
-    /// The NATS reply subject still carries `reply_to`.
-    Raw,
-}
+/// Keys that were renamed: `(old, new)`. [`NatsConfig::from_context`] refuses the old name,
+/// naming the new one.
+pub const RENAMED: &[(&str, &str)] = &[("max_deliver", "max_deliveries")];
 
-/// What `publish` does while the client is disconnected.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum OnDisconnect {
-    /// Queue into async-nats's command buffer (`publish_buffer` operations), sent on
-    /// reconnect. When the buffer is full, `publish` waits up to `publish_timeout`, then fails
-    /// with `ErrorKind::BufferFull`. A broadcast message buffered this way is lost if the
-    /// process exits before the connection returns.
-    #[default]
-    Buffer,
-    /// Fail at once with `ErrorKind::Connection` naming the bus.
-    Fail,
-}
+/// The server a bus without `url` connects to.
+pub const DEFAULT_URL: &str = "nats://127.0.0.1:4222";
 
 /// JetStream storage of the bus's stream.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
@@ -62,56 +56,18 @@ pub enum Storage {
     Memory,
 }
 
-/// A duration in config: whole seconds (`30`) or a string with a unit (`"500ms"`, `"30s"`,
-/// `"15m"`, `"24h"`, `"7d"`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct ConfigDuration(pub Duration);
-
-impl<'de> Deserialize<'de> for ConfigDuration {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        #[derive(Deserialize)]
-        #[serde(untagged)]
-        enum Raw {
-            Secs(u64),
-            Text(String),
-        }
-        match Raw::deserialize(d)? {
-            Raw::Secs(s) => Ok(ConfigDuration(Duration::from_secs(s))),
-            Raw::Text(t) => parse_duration(&t)
-                .map(ConfigDuration)
-                .ok_or_else(|| {
-                    serde::de::Error::custom(format!(
-                        "invalid duration {t:?}; expected a number with a unit: ms, s, m, h or d (e.g. \"30s\")"
-                    ))
-                }),
-        }
-    }
-}
-
-fn parse_duration(text: &str) -> Option<Duration> {
-    let text = text.trim();
-    let split = text.find(|c: char| !c.is_ascii_digit())?;
-    let (n, unit) = text.split_at(split);
-    let n: u64 = n.parse().ok()?;
-    let ms = match unit.trim() {
-        "ms" => n,
-        "s" => n.checked_mul(1000)?,
-        "m" => n.checked_mul(60_000)?,
-        "h" => n.checked_mul(3_600_000)?,
-        "d" => n.checked_mul(86_400_000)?,
-        _ => return None,
-    };
-    Some(Duration::from_millis(ms))
-}
-
 /// The NATS keys of a bus. Every key is optional; unknown keys are an error.
 #[derive(Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct NatsConfig {
-    /// `headers` (default) or `raw`.
+pub struct NatsOptions {
+    /// `busway` (default: busway headers as NATS headers) or `raw` (the payload alone).
     #[serde(default)]
     pub framing: Framing,
-    /// `buffer` (default) or `fail`.
+    /// `buffer` (default) or `fail`. Under `buffer`, publishes wait in async-nats's command
+    /// buffer (`publish_buffer` operations) and go out on reconnect; when it is full,
+    /// `publish` waits up to `publish_timeout`, then fails with `ErrorKind::BufferFull`. A
+    /// broadcast message buffered this way is lost if the process exits before the
+    /// connection returns.
     #[serde(default)]
     pub on_disconnect: OnDisconnect,
     /// How long a publish may wait for buffer room (and, in stream mode, for the PubAck).
@@ -131,8 +87,8 @@ pub struct NatsConfig {
     /// `dropped`.
     #[serde(default)]
     pub client_capacity: Option<usize>,
-    /// async-nats's command buffer (publishes waiting to be written, also while
-    /// disconnected). Default 8,192.
+    /// async-nats's command buffer, in operations (publishes waiting to be written, also
+    /// while disconnected). Default 8,192.
     #[serde(default)]
     pub publish_buffer: Option<usize>,
     /// Give up reconnecting after this many attempts (default: never give up).
@@ -172,7 +128,8 @@ pub struct NatsConfig {
     /// `-` as `_`).
     #[serde(default)]
     pub stream: Option<String>,
-    /// Stream mode: the subjects the stream captures. Default `["<bus>.>"]`.
+    /// Stream mode: the subjects the stream captures. Default `["<bus>.>"]`, growing with
+    /// use.
     #[serde(default)]
     pub subjects: Option<Vec<String>>,
     /// Stream mode: keep at most this many messages (oldest removed first). Default: no limit.
@@ -190,29 +147,25 @@ pub struct NatsConfig {
     /// Stream mode: replicas of the stream (cluster). Default 1.
     #[serde(default)]
     pub replicas: Option<usize>,
-    /// Stream mode: delivery attempts before a message goes to `dead_letter` (or is
-    /// terminated and counted as dropped when no dead-letter topic is set). Default 5;
-    /// 0 means retry forever.
+    /// Stream mode: deliveries of one message before it is given up: published to
+    /// `dead_letter`, or terminated and counted as dropped when no dead-letter topic is set.
+    /// Default 5; 0 means redeliver forever.
     #[serde(default)]
-    pub max_deliver: Option<u32>,
-    /// Stream mode: where messages go after `max_deliver` failed attempts.
+    pub max_deliveries: Option<u32>,
+    /// Stream mode: where messages go after `max_deliveries` failed deliveries.
     #[serde(default)]
     pub dead_letter: Option<String>,
 }
 
-impl NatsConfig {
+impl NatsOptions {
     /// The publish timeout (default 5 s).
     pub fn publish_timeout(&self) -> Duration {
-        self.publish_timeout
-            .map(|d| d.0)
-            .unwrap_or(Duration::from_secs(5))
+        self.publish_timeout.map_or(Duration::from_secs(5), |d| d.0)
     }
 
     /// The connect timeout (default 5 s).
     pub fn connect_timeout(&self) -> Duration {
-        self.connect_timeout
-            .map(|d| d.0)
-            .unwrap_or(Duration::from_secs(5))
+        self.connect_timeout.map_or(Duration::from_secs(5), |d| d.0)
     }
 
     /// The async-nats subscription channel size for a bus whose queue capacity is
@@ -224,9 +177,14 @@ impl NatsConfig {
             .clamp(1, MAX_CLIENT_CAPACITY)
     }
 
-    /// The delivery attempts before dead-lettering (default 5; 0 = unlimited).
-    pub fn max_deliver(&self) -> u32 {
-        self.max_deliver.unwrap_or(5)
+    /// async-nats's command buffer, in operations (default 8,192).
+    pub fn publish_buffer(&self) -> usize {
+        self.publish_buffer.unwrap_or(8192).max(1)
+    }
+
+    /// The deliveries of one message before it is given up (default 5; 0 = unlimited).
+    pub fn max_deliveries(&self) -> u32 {
+        self.max_deliveries.unwrap_or(5)
     }
 }
 
@@ -237,9 +195,9 @@ fn secret(v: &Option<impl Sized>) -> Option<&'static str> {
     v.as_ref().map(|_| "***")
 }
 
-impl fmt::Debug for NatsConfig {
+impl fmt::Debug for NatsOptions {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("NatsConfig")
+        f.debug_struct("NatsOptions")
             .field("framing", &self.framing)
             .field("on_disconnect", &self.on_disconnect)
             .field("publish_timeout", &self.publish_timeout)
@@ -263,9 +221,327 @@ impl fmt::Debug for NatsConfig {
             .field("max_age", &self.max_age)
             .field("storage", &self.storage)
             .field("replicas", &self.replicas)
-            .field("max_deliver", &self.max_deliver)
+            .field("max_deliveries", &self.max_deliveries)
             .field("dead_letter", &self.dead_letter)
             .finish()
+    }
+}
+
+/// Everything a [`NatsBus`](crate::NatsBus) needs. `Debug` shows the URL redacted and no
+/// secret.
+#[derive(Clone)]
+#[non_exhaustive]
+pub struct NatsConfig {
+    /// The bus's name.
+    pub bus: String,
+    /// One or several comma-separated server URLs (`nats://`, `tls://`, `ws://`, `wss://`),
+    /// credentials in the userinfo allowed (`nats://user:pass@host`, `nats://token@host`).
+    pub url: String,
+    /// Broadcast (core NATS) or stream (JetStream).
+    pub mode: Mode,
+    /// The app name; the connection is named `busway:<app>:<bus>`.
+    pub app: String,
+    /// Default queue settings of subscriptions.
+    pub queue: QueueDefaults,
+    /// The NATS keys.
+    pub options: NatsOptions,
+}
+
+impl fmt::Debug for NatsConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("NatsConfig")
+            .field("bus", &self.bus)
+            .field("url", &redact_url(&self.url))
+            .field("mode", &self.mode)
+            .field("app", &self.app)
+            .field("queue", &self.queue)
+            .field("options", &self.options)
+            .finish()
+    }
+}
+
+impl NatsConfig {
+    /// A broadcast bus named `bus` on `url` with default options (app `busway`).
+    pub fn new(bus: impl Into<String>, url: impl Into<String>) -> NatsConfig {
+        NatsConfig {
+            bus: bus.into(),
+            url: url.into(),
+            mode: Mode::Broadcast,
+            app: "busway".to_string(),
+            queue: QueueDefaults::default(),
+            options: NatsOptions::default(),
+        }
+    }
+
+    /// Sets the mode.
+    pub fn mode(mut self, mode: Mode) -> Self {
+        self.mode = mode;
+        self
+    }
+
+    /// Sets the app name (the connection is named `busway:<app>:<bus>`).
+    pub fn app(mut self, app: impl Into<String>) -> Self {
+        self.app = app.into();
+        self
+    }
+
+    /// Sets the subscriptions' default queue capacity and overflow policy.
+    pub fn queue(mut self, queue: QueueDefaults) -> Self {
+        self.queue = queue;
+        self
+    }
+
+    /// Replaces the NATS keys.
+    pub fn options(mut self, options: NatsOptions) -> Self {
+        self.options = options;
+        self
+    }
+
+    /// Sets the framing.
+    pub fn framing(mut self, framing: Framing) -> Self {
+        self.options.framing = framing;
+        self
+    }
+
+    /// Sets what `publish` does while disconnected.
+    pub fn on_disconnect(mut self, on_disconnect: OnDisconnect) -> Self {
+        self.options.on_disconnect = on_disconnect;
+        self
+    }
+
+    /// Sets the publish timeout.
+    pub fn publish_timeout(mut self, timeout: Duration) -> Self {
+        self.options.publish_timeout = Some(ConfigDuration(timeout));
+        self
+    }
+
+    /// Sets the connect timeout.
+    pub fn connect_timeout(mut self, timeout: Duration) -> Self {
+        self.options.connect_timeout = Some(ConfigDuration(timeout));
+        self
+    }
+
+    /// Reads a bus's config as the registry hands it over (`url` defaults to
+    /// [`DEFAULT_URL`]) and checks it as far as it can without a server.
+    ///
+    /// # Errors
+    /// `InvalidConfig` naming the file and `buses.<bus>.<key>`: a renamed or unknown key, a
+    /// bad value, a URL that is not a NATS URL, `user` without `password` (or the reverse),
+    /// a malformed `nkey`, an unreadable or malformed `creds` file, an unreadable `tls_*`
+    /// file, `tls_cert` without `tls_key` (or the reverse); in stream mode an invalid
+    /// `stream` name, `subjects` or `dead_letter` topic.
+    pub fn from_context(ctx: &BuildContext<'_>) -> Result<NatsConfig> {
+        ctx.check_renamed(RENAMED)?;
+        let options: NatsOptions = ctx.options()?;
+        let config = NatsConfig {
+            bus: ctx.bus.to_string(),
+            url: ctx
+                .config
+                .url
+                .clone()
+                .unwrap_or_else(|| DEFAULT_URL.to_string()),
+            mode: ctx.config.mode,
+            app: ctx.app.to_string(),
+            queue: ctx.config.queue_defaults(),
+            options,
+        };
+        config
+            .check()
+            .map_err(|(key, why)| ctx.config_error(key, why))?;
+        Ok(config)
+    }
+
+    /// The connection's client name: `busway:<app>:<bus>`.
+    pub fn client_name(&self) -> String {
+        format!("busway:{}:{}", self.app, self.bus)
+    }
+
+    /// The URL list with passwords and tokens replaced by `***`.
+    pub fn redacted_url(&self) -> String {
+        redact_url(&self.url)
+    }
+
+    /// Checks everything that needs no server, and returns what connecting takes from it;
+    /// `(key, reason)` of the first problem.
+    pub(crate) fn check(&self) -> std::result::Result<Checked, (&'static str, String)> {
+        let servers = Servers::parse(&self.url).map_err(|why| ("url", why))?;
+        let o = &self.options;
+        match (&o.user, &o.password) {
+            (Some(_), None) => return Err(("password", "`user` is set without `password`".into())),
+            (None, Some(_)) => return Err(("user", "`password` is set without `user`".into())),
+            _ => {}
+        }
+        if let Some(seed) = &o.nkey {
+            // The seed itself is never part of the message.
+            if nkeys::KeyPair::from_seed(seed).is_err() {
+                return Err(("nkey", "is not an NKey seed (`SU...`)".into()));
+            }
+        }
+        if let Some(path) = &o.creds {
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| ("creds", format!("cannot read the credentials file: {e}")))?;
+            async_nats::ConnectOptions::with_credentials(&text).map_err(|e| {
+                (
+                    "creds",
+                    format!("is not a credentials file (a user JWT and its NKey seed): {e}"),
+                )
+            })?;
+        }
+        if o.tls_cert.is_some() != o.tls_key.is_some() {
+            return Err((
+                "tls_cert",
+                "`tls_cert` and `tls_key` must be set together".into(),
+            ));
+        }
+        for (key, path) in [
+            ("tls_ca", &o.tls_ca),
+            ("tls_cert", &o.tls_cert),
+            ("tls_key", &o.tls_key),
+        ] {
+            if let Some(path) = path {
+                readable(path).map_err(|why| (key, why))?;
+            }
+        }
+        let stream = match self.mode {
+            Mode::Broadcast => None,
+            Mode::Stream => Some(StreamKeys::check(&self.bus, o)?),
+        };
+        Ok(Checked { servers, stream })
+    }
+}
+
+fn readable(path: &Path) -> std::result::Result<(), String> {
+    std::fs::File::open(path)
+        .map(drop)
+        .map_err(|e| format!("cannot read {}: {e}", path.display()))
+}
+
+/// What a valid [`NatsConfig`] gives connecting.
+#[derive(Debug)]
+pub(crate) struct Checked {
+    pub(crate) servers: Servers,
+    /// Stream mode only.
+    pub(crate) stream: Option<StreamKeys>,
+}
+
+/// The seed servers of a URL list: addresses without their credentials, and the
+/// credentials the URLs carry (async-nats ignores credentials in URLs).
+#[derive(Debug)]
+pub(crate) struct Servers {
+    /// The addresses, userinfo removed: async-nats logs addresses at debug level.
+    pub(crate) addrs: Vec<ServerAddr>,
+    /// `nats://user:pass@host` (the last URL that has them).
+    pub(crate) user_pass: Option<(String, String)>,
+    /// `nats://token@host` (the last URL that has one).
+    pub(crate) token: Option<String>,
+}
+
+impl Servers {
+    /// Parses a comma-separated URL list; the reason names the offending URL, redacted.
+    fn parse(url: &str) -> std::result::Result<Servers, String> {
+        let mut servers = Servers {
+            addrs: Vec::new(),
+            user_pass: None,
+            token: None,
+        };
+        for one in url.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+            let not_nats =
+                |e: std::io::Error| format!("{:?} is not a NATS URL: {e}", redact_url(one));
+            // Parsed as written first, so a bad userinfo is refused too.
+            let addr = ServerAddr::from_str(one).map_err(not_nats)?;
+            let addr = match split_userinfo(one) {
+                Some((scheme, Some(userinfo), rest)) => {
+                    match userinfo.split_once(':') {
+                        Some((u, p)) => {
+                            servers.user_pass = Some((decode_userinfo(u), decode_userinfo(p)));
+                        }
+                        None => servers.token = Some(decode_userinfo(userinfo)),
+                    }
+                    ServerAddr::from_str(&format!("{scheme}{rest}")).map_err(not_nats)?
+                }
+                _ => addr,
+            };
+            servers.addrs.push(addr);
+        }
+        if servers.addrs.is_empty() {
+            return Err("is empty".into());
+        }
+        Ok(servers)
+    }
+}
+
+/// Percent-decodes URL user info (`p%40ss` -> `p@ss`).
+fn decode_userinfo(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' && i + 2 < bytes.len() {
+            let hex = std::str::from_utf8(&bytes[i + 1..i + 3]).unwrap_or("");
+            if let Ok(b) = u8::from_str_radix(hex, 16) {
+                out.push(b);
+                i += 3;
+                continue;
+            }
+        }
+        out.push(bytes[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// The stream-mode keys, checked.
+#[derive(Debug)]
+pub(crate) struct StreamKeys {
+    /// The JetStream stream's name.
+    pub(crate) name: String,
+    /// The subjects to create the stream with.
+    pub(crate) subjects: Vec<String>,
+    /// No `subjects` in config: the stream's subjects grow with use.
+    pub(crate) auto: bool,
+    pub(crate) dead_letter: Option<Topic>,
+}
+
+impl StreamKeys {
+    fn check(
+        bus: &str,
+        o: &NatsOptions,
+    ) -> std::result::Result<StreamKeys, (&'static str, String)> {
+        let name = o
+            .stream
+            .clone()
+            .unwrap_or_else(|| format!("BUSWAY_{}", bus.to_uppercase().replace('-', "_")));
+        if name.is_empty()
+            || name
+                .bytes()
+                .any(|b| !(0x21..=0x7e).contains(&b) || b".*>/\\".contains(&b))
+        {
+            return Err((
+                "stream",
+                format!("{name:?} is not a valid JetStream stream name (no '.', '*', '>', '/', '\\' or spaces)"),
+            ));
+        }
+        let auto = o.subjects.is_none();
+        let subjects = o
+            .subjects
+            .clone()
+            .unwrap_or_else(|| vec![format!("{bus}.>")]);
+        if subjects.is_empty() {
+            return Err(("subjects", "is empty".into()));
+        }
+        for s in &subjects {
+            Pattern::new(s).map_err(|e| ("subjects", e.to_string()))?;
+        }
+        let dead_letter = match &o.dead_letter {
+            Some(t) => Some(Topic::new(t).map_err(|e| ("dead_letter", e.to_string()))?),
+            None => None,
+        };
+        Ok(StreamKeys {
+            name,
+            subjects,
+            auto,
+            dead_letter,
+        })
     }
 }
 
@@ -273,7 +549,7 @@ impl fmt::Debug for NatsConfig {
 mod tests {
     use super::*;
 
-    fn parse(text: &str) -> Result<NatsConfig, toml::de::Error> {
+    fn parse(text: &str) -> std::result::Result<NatsOptions, toml::de::Error> {
         toml::from_str(text)
     }
 
@@ -303,8 +579,9 @@ mod tests {
             "user = \"alice\"\npassword = \"hunter2\"\ntoken = \"t0ken\"\nnkey = \"SUAKEY\"\ncreds = \"/x/secret.creds\"",
         )
         .unwrap();
-        let dbg = format!("{c:?}");
-        for secret in ["hunter2", "t0ken", "SUAKEY", "secret.creds"] {
+        let config = NatsConfig::new("b", "nats://bob:pa55word@h:4222").options(c);
+        let dbg = format!("{config:?}");
+        for secret in ["hunter2", "t0ken", "SUAKEY", "secret.creds", "pa55word"] {
             assert!(!dbg.contains(secret), "{secret} in {dbg}");
         }
         assert!(dbg.contains("alice"), "{dbg}");
@@ -312,11 +589,24 @@ mod tests {
 
     #[test]
     fn client_capacity_follows_the_queue() {
-        let c = NatsConfig::default();
+        let c = NatsOptions::default();
         assert_eq!(c.client_capacity(16), 65_536);
         assert_eq!(c.client_capacity(200_000), 200_000);
         assert_eq!(c.client_capacity(1 << 20), 1 << 20);
         let c = parse("client_capacity = 64").unwrap();
         assert_eq!(c.client_capacity(4096), 64);
+    }
+
+    #[test]
+    fn url_credentials_leave_the_addresses() {
+        let s =
+            Servers::parse("nats://al%40ce:p%3Ass@h1:4222, tls://t0k@h2:4223,,ws://h3").unwrap();
+        assert_eq!(s.addrs.len(), 3);
+        for addr in &s.addrs {
+            assert_eq!(addr.username(), None);
+        }
+        assert_eq!(s.user_pass, Some(("al@ce".to_string(), "p:ss".to_string())));
+        assert_eq!(s.token.as_deref(), Some("t0k"));
+        assert_eq!(Servers::parse(" , ").unwrap_err(), "is empty");
     }
 }

@@ -17,7 +17,7 @@
 //!   README), one client connection per bus named `busway:<app>:<bus>`.
 //! - **Stream** (JetStream): the bus's stream is created or updated at build; groups are
 //!   durable pull consumers; ack / nack (with delay) / redelivery after the ack timeout;
-//!   `max_deliver` with a dead-letter topic; publishes wait for their PubAck, pipelined.
+//!   `max_deliveries` with a dead-letter topic; publishes wait for their PubAck, pipelined.
 //! - **Request/reply** uses NATS's own inboxes; no responder is
 //!   [`ErrorKind::NoResponders`](busway::ErrorKind::NoResponders), not a hang.
 //! - **Slow consumers**: every async-nats subscriber is pumped into busway's per-subscription
@@ -25,15 +25,20 @@
 //!   counted in `dropped`. Subscriptions of one pattern without a group under a policy that
 //!   never waits share one NATS subscription; a `block` one has its own (see the README).
 //!
-//! See [`NatsConfig`] for every key and its default.
+//! Configure it in the bus's config table ([`NatsOptions`] lists every key and its default)
+//! or in code with [`NatsConfig`] and [`NatsBus::connect`].
 
+mod broadcast;
 mod bus;
 pub mod config;
-mod core;
+mod connect;
 mod drops;
-mod headers;
-mod jetstream;
-mod subject;
+mod names;
+mod publish;
+mod pump;
+mod state;
+mod stream;
+mod wire;
 
 pub use bus::{register, NatsBus, NatsFactory};
-pub use config::NatsConfig;
+pub use config::{NatsConfig, NatsOptions};

@@ -71,7 +71,7 @@ async fn jetstream_terminates_and_counts_undecodable_headers() {
         &server.url(),
         "eng",
         Mode::Stream,
-        "subjects = [\"bad.>\"]\nmax_deliver = 3",
+        "subjects = [\"bad.>\"]\nmax_deliveries = 3",
     )
     .await
     .unwrap();

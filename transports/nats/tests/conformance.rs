@@ -3,24 +3,18 @@
 
 use std::sync::Arc;
 
-use busway::{config::BusConfig, transport::BuildContext, Mode};
-use busway_nats::NatsBus;
+use busway::Mode;
+use busway_nats::{NatsBus, NatsConfig};
 use busway_testkit::conformance::Fixture;
 use busway_testkit::nats::NatsServer;
 
 async fn fixture(mode: Mode) -> Option<Fixture> {
     // No nats-server: the case is skipped (SKIPPED printed; BUSWAY_REQUIRE_BROKERS=1 fails).
     let server = NatsServer::start("nats conformance")?;
-    let mut config = BusConfig::new("nats");
-    config.url = Some(server.url());
-    config.mode = mode;
-    let ctx = BuildContext {
-        app: "conformance",
-        bus: "conformance",
-        config: &config,
-        source: "conformance.toml",
-    };
-    let bus = NatsBus::connect(ctx)
+    let config = NatsConfig::new("conformance", server.url())
+        .mode(mode)
+        .app("conformance");
+    let bus = NatsBus::connect(config)
         .await
         .expect("connect to the test nats-server");
     Some(Fixture::with_guard(Arc::new(bus), server))

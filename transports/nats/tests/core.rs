@@ -7,18 +7,10 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
 use std::time::Duration;
 
-use busway::{Bus, ErrorKind, Headers, Message, Mode, Overflow, Pattern, SubscribeOptions, Topic};
+use busway::{Bus, ErrorKind, Headers, Message, Mode, Overflow, SubscribeOptions};
 use busway_testkit::nats::{NatsServer, NatsServerOptions};
-use common::{connect, next, wait_until, WAIT};
+use common::{connect, next, pattern, topic, wait_until, WAIT};
 use futures::StreamExt;
-
-fn topic(s: &str) -> Topic {
-    Topic::new(s).unwrap()
-}
-
-fn pattern(s: &str) -> Pattern {
-    Pattern::new(s).unwrap()
-}
 
 #[tokio::test]
 async fn round_trip_keeps_every_header_and_names_the_connection() {
@@ -217,6 +209,17 @@ struct RawClient {
 }
 
 impl RawClient {
+    /// Sends `text` on a new raw connection and waits until the server has processed it.
+    async fn send_once(port: u16, text: &'static str) {
+        tokio::task::spawn_blocking(move || {
+            let mut raw = RawClient::connect(port);
+            raw.send(text);
+            raw.sync();
+        })
+        .await
+        .unwrap();
+    }
+
     fn connect(port: u16) -> RawClient {
         let stream = TcpStream::connect(("127.0.0.1", port)).unwrap();
         stream.set_read_timeout(Some(WAIT)).unwrap();
@@ -291,13 +294,7 @@ async fn raw_nats_clients_interoperate() {
         .subscribe(pattern("legacy.>"), SubscribeOptions::new())
         .await
         .unwrap();
-    tokio::task::spawn_blocking(move || {
-        let mut raw = RawClient::connect(port);
-        raw.send("PUB legacy.prices 5\r\nhello\r\n");
-        raw.sync();
-    })
-    .await
-    .unwrap();
+    RawClient::send_once(port, "PUB legacy.prices 5\r\nhello\r\n").await;
     let d = next(&mut sub).await;
     assert_eq!(d.message().topic.as_str(), "legacy.prices");
     assert_eq!(&d.message().payload[..], b"hello");
@@ -346,7 +343,7 @@ async fn raw_nats_clients_interoperate() {
 }
 
 #[tokio::test]
-async fn headers_framing_reaches_raw_subscribers_as_hmsg_and_decodes_foreign_payloads() {
+async fn busway_framing_reaches_raw_subscribers_as_hmsg_and_decodes_foreign_payloads() {
     let Some(server) = NatsServer::start("headers_interop") else {
         return;
     };
@@ -354,18 +351,12 @@ async fn headers_framing_reaches_raw_subscribers_as_hmsg_and_decodes_foreign_pay
     let bus = connect(&server.url(), "hdr", Mode::Broadcast, "")
         .await
         .unwrap();
-    // A plain PUB without headers still decodes on a headers-framing bus.
+    // A plain PUB without headers still decodes on a `framing = "busway"` bus.
     let mut sub = bus
         .subscribe(pattern("legacy.>"), SubscribeOptions::new())
         .await
         .unwrap();
-    tokio::task::spawn_blocking(move || {
-        let mut raw = RawClient::connect(port);
-        raw.send("PUB legacy.a 2\r\nhi\r\n");
-        raw.sync();
-    })
-    .await
-    .unwrap();
+    RawClient::send_once(port, "PUB legacy.a 2\r\nhi\r\n").await;
     let d = next(&mut sub).await;
     assert_eq!(
         (&d.message().payload[..], d.message().headers.is_empty()),

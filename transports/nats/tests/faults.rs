@@ -10,26 +10,18 @@ use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use busway::{Bus, ErrorKind, Message, Mode, Overflow, Pattern, SubscribeOptions, Topic};
+use busway::{Bus, ErrorKind, Message, Mode, Overflow, SubscribeOptions};
 use busway_nats::NatsBus;
 use busway_testkit::faults::{
     check_hung_error, restart_under_load, slow_consumer_with_dropping_policy, wait_until,
     Guarantee, LoadPlan,
 };
 use busway_testkit::nats::NatsServer;
-use common::{connect, connect_with, WAIT};
+use common::{connect, connect_with, pattern, topic, WAIT};
 use futures::StreamExt;
 
 /// No test may take longer than this: a hang fails instead of blocking the run.
 const TEST_LIMIT: Duration = Duration::from_secs(120);
-
-fn topic(s: &str) -> Topic {
-    Topic::new(s).unwrap()
-}
-
-fn pat(s: &str) -> Pattern {
-    Pattern::new(s).unwrap()
-}
 
 async fn within<T>(what: &str, f: impl std::future::Future<Output = T>) -> T {
     tokio::time::timeout(TEST_LIMIT, f)
@@ -54,7 +46,7 @@ async fn core_restart_under_load_reconnects_and_counts_losses() {
         );
         let sub = bus
             .subscribe(
-                pat("load.>"),
+                pattern("load.>"),
                 SubscribeOptions::new()
                     .capacity(20_000)
                     .overflow(Overflow::Block),
@@ -89,7 +81,7 @@ async fn jetstream_restart_under_load_delivers_every_ok_publish() {
         );
         let sub = bus
             .subscribe(
-                pat("load.orders"),
+                pattern("load.orders"),
                 SubscribeOptions::new()
                     .group("faults")
                     .capacity(20_000)
@@ -131,11 +123,11 @@ async fn hung_broker_times_out_clearly_and_resumes() {
             .await
             .unwrap();
         let mut csub = core
-            .subscribe(pat("hung.c"), SubscribeOptions::new())
+            .subscribe(pattern("hung.c"), SubscribeOptions::new())
             .await
             .unwrap();
         let mut jsub = js
-            .subscribe(pat("faults.hung"), SubscribeOptions::new().group("g"))
+            .subscribe(pattern("faults.hung"), SubscribeOptions::new().group("g"))
             .await
             .unwrap();
 
@@ -272,7 +264,7 @@ async fn core_slow_consumer_under_block_drops_in_the_client_and_counts_them() {
         let n = 2_000;
         let mut fast = bus
             .subscribe(
-                pat("blk.t"),
+                pattern("blk.t"),
                 SubscribeOptions::new()
                     .capacity(n)
                     .overflow(Overflow::DropNewest),
@@ -281,7 +273,7 @@ async fn core_slow_consumer_under_block_drops_in_the_client_and_counts_them() {
             .unwrap();
         let mut slow = bus
             .subscribe(
-                pat("blk.t"),
+                pattern("blk.t"),
                 SubscribeOptions::new()
                     .capacity(10)
                     .overflow(Overflow::Block),
@@ -438,7 +430,7 @@ async fn close_leaves_every_accepted_jetstream_publish_and_ack_on_the_broker() {
         .unwrap();
         // Acks: deliver 500 messages, ack them all, close at once; none may stay pending.
         let mut sub = bus
-            .subscribe(pat("acks.t"), SubscribeOptions::new().group("closers"))
+            .subscribe(pattern("acks.t"), SubscribeOptions::new().group("closers"))
             .await
             .unwrap();
         for i in 0..500 {

@@ -6,20 +6,12 @@ mod common;
 use std::collections::HashSet;
 use std::time::Duration;
 
-use busway::{Bus, ErrorKind, Message, Mode, Pattern, StartFrom, SubscribeOptions, Topic};
+use busway::{Bus, ErrorKind, Message, Mode, StartFrom, SubscribeOptions};
 use busway_testkit::nats::NatsServer;
-use common::{connect, next, wait_until, WAIT};
-
-fn topic(s: &str) -> Topic {
-    Topic::new(s).unwrap()
-}
-
-fn pattern(s: &str) -> Pattern {
-    Pattern::new(s).unwrap()
-}
+use common::{connect, next, pattern, topic, wait_until, WAIT};
 
 const STREAM: &str =
-    "subjects = [\"orders.>\", \"dead.>\"]\nmax_deliver = 3\ndead_letter = \"dead.orders\"";
+    "subjects = [\"orders.>\", \"dead.>\"]\nmax_deliveries = 3\ndead_letter = \"dead.orders\"";
 
 #[tokio::test]
 async fn ack_nack_and_redelivery_after_the_ack_timeout() {
@@ -78,7 +70,7 @@ async fn ack_nack_and_redelivery_after_the_ack_timeout() {
 }
 
 #[tokio::test]
-async fn nack_with_delay_and_dead_letter_after_max_deliver() {
+async fn nack_with_delay_and_dead_letter_after_max_deliveries() {
     let Some(server) = NatsServer::start("js_dead_letter") else {
         return;
     };

@@ -5,9 +5,9 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use busway::{Bus, ErrorKind, Message, Mode, Pattern, SubscribeOptions, Topic};
+use busway::{Bus, ErrorKind, Mode};
 use busway_testkit::nats::{NatsServer, NatsServerOptions};
-use common::{connect, next};
+use common::connect;
 
 /// "Fast": well under any retry loop, generous for a loaded 2-core machine.
 const FAST: Duration = Duration::from_secs(3);
@@ -44,18 +44,12 @@ async fn refused(server: &NatsServer, url: &str, keys: &str) -> String {
     format!("{err} {err:?}")
 }
 
-async fn round_trip(url: &str, keys: &str) -> busway_nats::NatsBus {
+/// Connects with `keys` and checks a message makes the round trip.
+async fn connects(url: &str, keys: &str) -> busway_nats::NatsBus {
     let bus = connect(url, "sec", Mode::Broadcast, keys)
         .await
         .unwrap_or_else(|e| panic!("{keys:?}: {e}"));
-    let mut sub = bus
-        .subscribe(Pattern::new("s.x").unwrap(), SubscribeOptions::new())
-        .await
-        .unwrap();
-    bus.publish(Message::new(Topic::new("s.x").unwrap(), "ok"))
-        .await
-        .unwrap();
-    assert_eq!(&next(&mut sub).await.message().payload[..], b"ok");
+    common::round_trip(&bus, "s.x", "ok").await;
     bus
 }
 
@@ -88,9 +82,9 @@ async fn user_password_missing_or_wrong_is_a_fast_auth_error_and_never_printed()
     let in_url = url.replace("nats://", "nats://alice:Wr0ng-pw-abc@");
     texts.push(refused(&server, &in_url, "").await);
 
-    let bus = round_trip(&url, "user = \"alice\"\npassword = \"Pa55-w0rd-xyz\"").await;
+    let bus = connects(&url, "user = \"alice\"\npassword = \"Pa55-w0rd-xyz\"").await;
     texts.push(format!("{bus:?}"));
-    let bus = round_trip(&url.replace("nats://", "nats://alice:Pa55-w0rd-xyz@"), "").await;
+    let bus = connects(&url.replace("nats://", "nats://alice:Pa55-w0rd-xyz@"), "").await;
     texts.push(format!("{bus:?} {:?}", bus.stats()));
     texts.push(logs.text());
     for text in &texts {
@@ -121,9 +115,9 @@ async fn token_missing_or_wrong_is_a_fast_auth_error_and_never_printed() {
         )
         .await,
     ];
-    let bus = round_trip(&url, "token = \"T0ken-secret-123\"").await;
+    let bus = connects(&url, "token = \"T0ken-secret-123\"").await;
     texts.push(format!("{bus:?}"));
-    let bus = round_trip(&url.replace("nats://", "nats://T0ken-secret-123@"), "").await;
+    let bus = connects(&url.replace("nats://", "nats://T0ken-secret-123@"), "").await;
     texts.push(format!("{bus:?}"));
     texts.push(logs.text());
     for text in &texts {
@@ -162,10 +156,14 @@ async fn nkey_missing_or_wrong_is_a_fast_auth_error_and_the_seed_never_printed()
     let err = connect(&url, "sec", Mode::Broadcast, "nkey = \"SUNOTASEED-secret\"")
         .await
         .expect_err("a malformed seed cannot connect");
-    assert!(err.to_string().contains("\"sec\""), "names the bus: {err}");
+    assert_eq!(err.kind(), ErrorKind::InvalidConfig, "{err}");
+    assert!(
+        err.to_string().contains("buses.sec.nkey"),
+        "names the key: {err}"
+    );
     texts.push(format!("{err} {err:?}"));
 
-    let bus = round_trip(&url, &format!("nkey = \"{seed}\"")).await;
+    let bus = connects(&url, &format!("nkey = \"{seed}\"")).await;
     texts.push(format!("{bus:?}"));
     texts.push(logs.text());
     for text in &texts {
@@ -256,7 +254,7 @@ async fn creds_file_of_a_trusted_account_connects_and_others_are_refused() {
     );
     texts.push(format!("{err} {err:?}"));
 
-    let bus = round_trip(&url, &format!("creds = \"{good}\"")).await;
+    let bus = connects(&url, &format!("creds = \"{good}\"")).await;
     texts.push(format!("{bus:?}"));
     texts.push(logs.text());
     for text in &texts {

@@ -5,9 +5,9 @@ mod common;
 use std::path::Path;
 use std::process::Command;
 
-use busway::{Bus, ErrorKind, Message, Mode, Pattern, SubscribeOptions, Topic};
+use busway::{ErrorKind, Mode};
 use busway_testkit::nats::{NatsServer, NatsServerOptions};
-use common::{connect, next};
+use common::{connect, round_trip};
 
 fn openssl(dir: &Path, args: &[&str]) -> bool {
     Command::new("openssl")
@@ -107,12 +107,5 @@ async fn tls_with_a_generated_ca() {
     let bus = connect(&server.url(), "sec", Mode::Broadcast, &keys)
         .await
         .unwrap();
-    let mut sub = bus
-        .subscribe(Pattern::new("t.x").unwrap(), SubscribeOptions::new())
-        .await
-        .unwrap();
-    bus.publish(Message::new(Topic::new("t.x").unwrap(), "over tls"))
-        .await
-        .unwrap();
-    assert_eq!(&next(&mut sub).await.message().payload[..], b"over tls");
+    round_trip(&bus, "t.x", "over tls").await;
 }

@@ -1,4 +1,5 @@
-//! busway [`Headers`] <-> NATS headers.
+//! busway messages on the wire: [`Headers`] <-> NATS headers, and NATS messages -> busway
+//! messages.
 //!
 //! | busway field     | NATS header       |
 //! |------------------|-------------------|
@@ -17,7 +18,8 @@
 use std::str::FromStr;
 
 use async_nats::header::{HeaderMap, HeaderName, HeaderValue};
-use busway::{Error, ErrorKind, Headers, Result, Topic};
+use busway::transport::Framing;
+use busway::{Error, ErrorKind, Headers, Message, Result, Topic};
 
 const ID: &str = "Busway-Id";
 const TS: &str = "Busway-Ts";
@@ -76,6 +78,21 @@ fn is_empty(headers: &Headers) -> bool {
         && reply_to.is_none()
         && correlation_id.is_none()
         && extra.is_empty()
+}
+
+/// The NATS headers a bus with `framing` sends for `headers`: none under `raw`.
+///
+/// # Errors
+/// As [`encode`].
+pub(crate) fn encode_framed(
+    framing: Framing,
+    topic: &Topic,
+    headers: &Headers,
+) -> Result<Option<HeaderMap>> {
+    match framing {
+        Framing::Busway => encode(topic, headers),
+        Framing::Raw => Ok(None),
+    }
 }
 
 /// NATS headers for `headers`, or `None` when there is nothing to send.
@@ -166,6 +183,50 @@ pub(crate) fn decode(map: Option<&HeaderMap>) -> Result<Headers> {
     }
     headers.extra.append(&mut extra);
     Ok(headers)
+}
+
+/// A busway message from a NATS message. `reply` (the NATS reply subject) stands in for a
+/// missing `Busway-Reply-To` header, so plain NATS requesters can be answered.
+pub(crate) fn to_message(
+    subject: &str,
+    payload: bytes::Bytes,
+    map: Option<&async_nats::HeaderMap>,
+    reply: Option<&str>,
+) -> Result<Message> {
+    with_topic(Topic::new(subject)?, payload, map, reply)
+}
+
+/// As [`to_message`], for a subject already parsed into `topic`.
+pub(crate) fn with_topic(
+    topic: Topic,
+    payload: bytes::Bytes,
+    map: Option<&async_nats::HeaderMap>,
+    reply: Option<&str>,
+) -> Result<Message> {
+    Ok(Message {
+        topic,
+        payload,
+        headers: reply_headers(map, reply)?,
+    })
+}
+
+/// The busway headers of a NATS message with headers `map` and reply subject `reply`.
+#[inline]
+pub(crate) fn reply_headers(
+    map: Option<&async_nats::HeaderMap>,
+    reply: Option<&str>,
+) -> Result<Headers> {
+    if map.is_none() && reply.is_none() {
+        // Most messages: built where the caller puts them, not returned through `decode`.
+        return Ok(Headers::default());
+    }
+    let mut h = decode(map)?;
+    if h.reply_to.is_none() {
+        if let Some(reply) = reply {
+            h.reply_to = Some(Topic::new(reply)?);
+        }
+    }
+    Ok(h)
 }
 
 #[cfg(test)]

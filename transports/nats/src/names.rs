@@ -1,17 +1,21 @@
-//! NATS subjects for busway topics, without a copy per publish.
+//! Topics <-> NATS subjects, without a copy per message.
 //!
+//! Publishing:
 //! A [`Topic`] is an `Arc<str>`; an async-nats [`Subject`] is a `Bytes`. Making one from the
 //! other copies the topic into a new buffer, and async-nats then turns that buffer into a
 //! shared one on its first clone: two allocations and two frees per publish. Publishers send
 //! the same few topics over and over from the same threads, so each thread keeps the subjects
 //! of the topics it sent last, and a repeated topic costs a reference-count increment.
+//!
+//! Receiving: [`SubjectTopics`] keeps the last topic of a subscription, so a repeated subject
+//! is not parsed again.
 
 use std::cell::RefCell;
 
 use async_nats::Subject;
-use busway::Topic;
+use busway::{Pattern, Result, Topic};
 
-use crate::bus::is_inbox;
+use busway::transport::is_inbox;
 
 /// Entries per thread (a power of two). A slot is picked by the topic's address, so the
 /// topics a thread sends in turn rarely evict one another.
@@ -27,7 +31,7 @@ thread_local! {
 
 /// The NATS subject of `topic`. Request inboxes (each used once, by one reply) are copied,
 /// not cached: they would only push the repeated topics out.
-pub(crate) fn of(topic: &Topic) -> Subject {
+pub(crate) fn subject_of(topic: &Topic) -> Subject {
     let text = topic.as_str();
     if is_inbox(text) {
         return Subject::from(text);
@@ -46,8 +50,8 @@ pub(crate) fn of(topic: &Topic) -> Subject {
                 }
                 _ => {
                     let subject = Subject::from(text);
-                    // The clone in the cache makes the subject's buffer shared now, once,
-                    // instead of on async-nats's clone of every publish.
+                    // The clone in the cache makes the subject's buffer shared here, once, so
+                    // async-nats's clone on every publish is a reference-count increment.
                     *entry = Some((topic.clone(), subject.clone()));
                     subject
                 }
@@ -55,6 +59,37 @@ pub(crate) fn of(topic: &Topic) -> Subject {
         })
         // The thread is exiting (its cache is gone): copy.
         .unwrap_or_else(|_| Subject::from(text))
+}
+
+/// The topics of one subscription's subjects. Subjects repeat (an exact subscription sees
+/// one; a wildcard one often the same few), so the last topic is kept and a matching subject
+/// reuses it: no parse, no allocation.
+#[derive(Debug, Clone)]
+pub(crate) struct SubjectTopics {
+    last: Topic,
+}
+
+impl SubjectTopics {
+    pub(crate) fn new(pattern: &Pattern) -> SubjectTopics {
+        // Any valid topic will do until the first message: a subject never equals it by
+        // chance in a way that matters (equal strings are the same topic).
+        let last = pattern
+            .as_topic()
+            .unwrap_or_else(|| Topic::new("_").expect("\"_\" is a valid topic"));
+        SubjectTopics { last }
+    }
+
+    /// The topic named by `subject`.
+    ///
+    /// # Errors
+    /// When the subject is not a valid busway topic (a foreign publisher's).
+    pub(crate) fn topic(&mut self, subject: &str) -> Result<Topic> {
+        if subject == self.last.as_str() {
+            Ok(self.last.clone())
+        } else {
+            Topic::new(subject).inspect(|t| self.last = t.clone())
+        }
+    }
 }
 
 #[cfg(test)]
@@ -68,13 +103,13 @@ mod tests {
             .collect();
         for _ in 0..3 {
             for t in &topics {
-                assert_eq!(of(t).as_str(), t.as_str());
+                assert_eq!(subject_of(t).as_str(), t.as_str());
             }
         }
         // An equal topic in another buffer finds the same text.
         let again = Topic::new("a.b.0").unwrap();
-        assert_eq!(of(&again).as_str(), "a.b.0");
+        assert_eq!(subject_of(&again).as_str(), "a.b.0");
         let inbox = Topic::new("_INBOX.abc.1").unwrap();
-        assert_eq!(of(&inbox).as_str(), "_INBOX.abc.1");
+        assert_eq!(subject_of(&inbox).as_str(), "_INBOX.abc.1");
     }
 }

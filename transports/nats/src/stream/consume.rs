@@ -1,0 +1,208 @@
+//! The consume loop of a stream subscription: pull, decode, hand on with an acker, and
+//! dead-letter what failed `max_deliveries` times.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::jetstream::consumer::pull;
+use async_nats::jetstream::message::AckKind;
+use async_nats::jetstream::{self};
+use busway::transport::{Counters, QueueSender, TransportDelivery};
+use busway::{Bus, Delivery, Message};
+use futures::StreamExt;
+
+use super::acker::JsAcker;
+use super::StreamSetup;
+use crate::names::SubjectTopics;
+use crate::state::Inner;
+use crate::wire;
+
+/// How often the server confirms a waiting pull request while no message flows. Two missed in
+/// a row end the pull stream, and the pump pulls afresh (see `Pump::run`).
+const PULL_HEARTBEAT: Duration = Duration::from_secs(2);
+
+/// Moves one consumer's messages into its subscription's queue; gets or recreates the
+/// consumer when it is lost.
+pub(super) struct Pump {
+    pub(super) inner: Arc<Inner>,
+    pub(super) setup: Arc<StreamSetup>,
+    pub(super) tx: QueueSender,
+    pub(super) via: Arc<dyn Bus>,
+    pub(super) config: pull::Config,
+    pub(super) durable: bool,
+    pub(super) capacity: usize,
+}
+
+impl Pump {
+    pub(super) async fn run(
+        self,
+        mut consumer: jetstream::consumer::PullConsumer,
+        mut topics: SubjectTopics,
+    ) {
+        let setup = &*self.setup;
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            let batch = self.capacity.clamp(1, 256);
+            let messages = consumer
+                .stream()
+                .max_messages_per_batch(batch)
+                .heartbeat(PULL_HEARTBEAT)
+                .expires(Duration::from_secs(30))
+                .messages()
+                .await;
+            match messages {
+                Ok(mut messages) => {
+                    while let Some(item) = messages.next().await {
+                        match item {
+                            Ok(msg) => {
+                                backoff = Duration::from_millis(100);
+                                if !self.handle(setup, &mut topics, msg).await {
+                                    return;
+                                }
+                            }
+                            Err(e) => {
+                                use async_nats::jetstream::consumer::pull::MessagesErrorKind as K;
+                                match e.kind() {
+                                    // The stream recovers by itself after this.
+                                    K::Pull => {
+                                        tracing::debug!(bus = %self.inner.name, error = %e, "JetStream pull hiccup");
+                                    }
+                                    // The server stopped answering this pull stream (no
+                                    // message, no heartbeat): the stream would wait for its
+                                    // own request expiry (~35 s) before asking again. Pull
+                                    // afresh now, through the consumer lookup below (100 ms
+                                    // back-off); anything unacked is redelivered.
+                                    K::MissingHeartbeat => {
+                                        tracing::debug!(bus = %self.inner.name, error = %e, "JetStream pull stream went quiet; pulling afresh");
+                                        break;
+                                    }
+                                    _ => {
+                                        tracing::warn!(bus = %self.inner.name, error = %e, "JetStream consumer lost; recreating it");
+                                        break;
+                                    }
+                                }
+                            }
+                        }
+                    }
+                }
+                Err(e) => {
+                    tracing::debug!(bus = %self.inner.name, error = %e, "cannot start pulling");
+                }
+            }
+            if self.inner.is_closed() || self.tx.is_closed() {
+                return;
+            }
+            // Lost the consumer (server restart without it, deletion) or the pull loop: get or
+            // recreate it by name and continue. A durable keeps its acked position.
+            loop {
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(2));
+                if self.inner.is_closed() || self.tx.is_closed() {
+                    return;
+                }
+                match setup.consumer(&self.inner.name, &self.config).await {
+                    Ok(c) => {
+                        consumer = c;
+                        break;
+                    }
+                    Err(e) => {
+                        tracing::debug!(bus = %self.inner.name, error = %e, durable = self.durable, "recreating the consumer failed; retrying");
+                    }
+                }
+            }
+        }
+    }
+
+    /// Handles one JetStream message; false when the subscription is gone.
+    async fn handle(
+        &self,
+        setup: &StreamSetup,
+        topics: &mut SubjectTopics,
+        msg: jetstream::Message,
+    ) -> bool {
+        let attempt = match msg.info() {
+            Ok(info) => u32::try_from(info.delivered.max(1)).unwrap_or(u32::MAX),
+            Err(_) => 1,
+        };
+        let (msg, acker) = msg.split();
+        let counters = &self.inner.counters;
+        let decoded = topics.topic(msg.subject.as_str()).and_then(|topic| {
+            wire::with_topic(topic, msg.payload.clone(), msg.headers.as_ref(), None)
+        });
+        let message = match decoded {
+            Ok(m) => m,
+            Err(e) => {
+                // Undecodable: redelivering cannot help, so it is terminated and counted.
+                Counters::incr(&counters.decode_errors);
+                Counters::incr(&self.tx.stats().decode_errors);
+                tracing::debug!(bus = %self.inner.name, subject = %msg.subject, error = %e, "skipped an undecodable JetStream message");
+                let _ = acker.ack_with(AckKind::Term).await;
+                return true;
+            }
+        };
+        if setup.max_deliveries > 0 && attempt > setup.max_deliveries {
+            self.dead_letter(setup, message, attempt, acker).await;
+            return true;
+        }
+        if attempt > 1 {
+            Counters::incr(&counters.redelivered);
+            Counters::incr(&self.tx.stats().redelivered);
+        }
+        let delivery = Delivery::new(message)
+            .with_attempt(attempt)
+            .with_acker(Box::new(JsAcker::new(acker, self.inner.clone())))
+            .with_reply_via_if_request(&self.via);
+        // A delivery a dropping policy discards is never acked: the server redelivers it
+        // after the ack wait, so stream mode stays at least once.
+        self.tx.send(delivery).await
+    }
+
+    /// Publishes a delivery that failed `max_deliveries` times to `dead_letter` (with
+    /// headers `dead_letter_topic` and `dead_letter_attempts`) and terminates it.
+    async fn dead_letter(
+        &self,
+        setup: &StreamSetup,
+        message: Message,
+        attempt: u32,
+        acker: jetstream::message::Acker,
+    ) {
+        let counters = &self.inner.counters;
+        let Some(dl) = &setup.dead_letter else {
+            Counters::incr(&counters.dropped);
+            tracing::warn!(bus = %self.inner.name, topic = %message.topic, attempt, "delivery failed max_deliveries times and no dead_letter topic is set: terminated");
+            let _ = acker.ack_with(AckKind::Term).await;
+            return;
+        };
+        let original = message.topic.clone();
+        let mut letter = Message {
+            topic: dl.clone(),
+            payload: message.payload,
+            headers: message.headers,
+        };
+        letter
+            .headers
+            .insert("dead_letter_topic", original.as_str());
+        letter
+            .headers
+            .insert("dead_letter_attempts", (attempt - 1).to_string());
+        let published = if setup.auto || setup.captures(dl) {
+            setup.publish(&self.inner, letter).await
+        } else {
+            self.inner.publish_core(letter).await
+        };
+        match published {
+            Ok(()) => {
+                Counters::incr(&counters.dead_lettered);
+                let _ = acker.ack_with(AckKind::Term).await;
+            }
+            Err(e) => {
+                // Keep it: it comes back later and the dead-lettering is tried again.
+                Counters::incr(&counters.errors);
+                tracing::warn!(bus = %self.inner.name, topic = %original, error = %e, "cannot publish a dead letter; will retry");
+                let _ = acker
+                    .ack_with(AckKind::Nak(Some(Duration::from_secs(1))))
+                    .await;
+            }
+        }
+    }
+}

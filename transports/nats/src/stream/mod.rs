@@ -1,0 +1,219 @@
+//! Stream mode on JetStream: the bus's stream (`setup`), publishing into it and requests
+//! (here), consumers (`consumer`), the consume loop with dead letters (`consume`) and acks
+//! (`acker`).
+//!
+//! - The stream (`stream`, `subjects`, limits from config) is created at build, or updated
+//!   when its subjects or limits differ from the config.
+//! - Without `subjects` in config the stream's subjects follow use: it starts with
+//!   `<bus>.>`, and the first publish or subscribe under a new first token `t` adds `t` and
+//!   `t.>` to the stream (one stream update per new token; subjects other processes added are
+//!   kept). Topics whose first token is a wildcard cannot be derived and need `subjects`.
+//!   With `subjects` set, anything outside them is refused with `ErrorKind::Unsupported`.
+//! - A subscription with a group uses the durable pull consumer `<group>-<hash of pattern>`
+//!   (group name with characters NATS refuses in consumer names replaced by `_`): every member
+//!   of the group, in any process, shares it and the server splits the messages. It outlives
+//!   the subscription, so the group resumes where it left off.
+//! - A subscription without a group gets its own pull consumer `busway-<random>` with explicit
+//!   acks (not an "ordered consumer", which cannot ack). It is deleted when the subscription
+//!   drops or the bus closes, and the server removes it after `inactive_threshold` (1 hour) if
+//!   the process died. It is durable on the server, so it also survives a server restart.
+//! - `max_deliveries` is enforced by busway, not the server: a delivery whose attempt exceeds it
+//!   is published to `dead_letter` and terminated (or terminated and counted as dropped when
+//!   there is no dead-letter topic). Subscribers see attempts `1..=max_deliveries`.
+
+mod acker;
+mod consume;
+mod consumer;
+mod setup;
+
+use std::collections::HashSet;
+use std::future::{Future, IntoFuture};
+use std::time::Duration;
+
+use async_nats::jetstream::context::PublishErrorKind;
+use async_nats::jetstream::{self};
+use busway::transport::new_message_id;
+use busway::{Bus, Error, ErrorKind, Message, Pattern, Result, Topic};
+use futures::{FutureExt, StreamExt, TryFutureExt};
+use parking_lot::Mutex;
+
+use crate::state::Inner;
+use crate::wire;
+
+/// The bus's JetStream stream and what its subscriptions need.
+#[derive(Debug)]
+pub(crate) struct StreamSetup {
+    js: jetstream::Context,
+    name: String,
+    subjects: parking_lot::RwLock<Vec<Pattern>>,
+    /// No `subjects` in config: new first tokens are added to the stream on first use.
+    pub(crate) auto: bool,
+    /// Serialises stream updates for new subjects.
+    growing: tokio::sync::Mutex<()>,
+    max_deliveries: u32,
+    dead_letter: Option<Topic>,
+    /// Per-subscription consumers to delete on close.
+    ephemeral: Mutex<HashSet<String>>,
+}
+
+fn js_err(what: String, e: impl std::error::Error + Send + Sync + 'static) -> Error {
+    Error::new(ErrorKind::Broker, format!("{what}: {e}")).with_source(e)
+}
+
+impl StreamSetup {
+    /// Whether the stream stores messages published on `topic`.
+    pub(crate) fn captures(&self, topic: &Topic) -> bool {
+        self.subjects.read().iter().any(|p| p.matches(topic))
+    }
+
+    fn subject_list(&self) -> Vec<String> {
+        self.subjects
+            .read()
+            .iter()
+            .map(|p| p.as_str().to_string())
+            .collect()
+    }
+
+    /// The topic and the client's publish of `message` (headers encoded per the framing).
+    fn prepare(
+        &self,
+        inner: &Inner,
+        message: Message,
+    ) -> Result<(Topic, jetstream::message::PublishMessage)> {
+        let Message {
+            topic,
+            payload,
+            headers: h,
+        } = message;
+        let publish = jetstream::message::PublishMessage::build().payload(payload);
+        let publish = match wire::encode_framed(inner.options.framing, &topic, &h)? {
+            Some(map) => publish.headers(map),
+            None => publish,
+        };
+        Ok((topic, publish))
+    }
+
+    /// Publishes and waits for the PubAck. Concurrent publishers are not serialised: each
+    /// awaits its own ack while the client pipelines the writes.
+    ///
+    /// The future is boxed on every publish, so it is kept small (under the allocator's
+    /// fast-path size): the message becomes the client's publish before the future is made,
+    /// the future holds the client's send and then its ack (never both), and the rare growing
+    /// of the stream for a new first token is boxed on its own.
+    pub(crate) fn publish<'a>(
+        &'a self,
+        inner: &'a Inner,
+        message: Message,
+    ) -> impl Future<Output = Result<()>> + Send + 'a {
+        use futures::future::Either;
+        if !self.captures(&message.topic) {
+            return Either::Left(Box::pin(async move {
+                self.ensure_topic(&inner.name, &message.topic).await?;
+                self.send(inner, message).await
+            }));
+        }
+        Either::Right(self.send(inner, message))
+    }
+
+    /// [`StreamSetup::publish`] of a topic the stream holds.
+    fn send<'a>(
+        &'a self,
+        inner: &'a Inner,
+        message: Message,
+    ) -> impl Future<Output = Result<()>> + Send + 'a {
+        use futures::future::{ready, Either};
+        let (topic, publish) = match self.prepare(inner, message) {
+            Ok(prepared) => prepared,
+            Err(e) => return Either::Left(ready(Err(e))),
+        };
+        let subject = async_nats::Subject::from(topic.as_str());
+        Either::Right(
+            self.js
+                .send_publish(subject, publish)
+                .and_then(IntoFuture::into_future)
+                .map(move |acked| {
+                    acked.map(drop).map_err(|e| {
+                        let kind = match e.kind() {
+                            PublishErrorKind::MaxPayloadExceeded => ErrorKind::PayloadTooLarge,
+                            PublishErrorKind::StreamNotFound => ErrorKind::Broker,
+                            _ if !inner.is_connected() => ErrorKind::Connection,
+                            PublishErrorKind::TimedOut => ErrorKind::Timeout,
+                            PublishErrorKind::BrokenPipe => ErrorKind::Connection,
+                            _ => ErrorKind::Broker,
+                        };
+                        Error::new(
+                            kind,
+                            format!(
+                                "bus {:?}: publish on {:?} to JetStream stream {:?} was not acknowledged: {e}",
+                                inner.name,
+                                topic.as_str(),
+                                self.name
+                            ),
+                        )
+                        .with_source(e)
+                    })
+                }),
+        )
+    }
+
+    /// A request on a stream bus: the request is stored in the stream (so a responder may
+    /// be offline for a while) and the reply comes back on a core NATS inbox. JetStream
+    /// cannot tell that nobody listens, so a missing responder is a timeout.
+    pub(crate) async fn request(
+        &self,
+        inner: &Inner,
+        bus: &dyn Bus,
+        mut message: Message,
+        timeout: Duration,
+    ) -> Result<Message> {
+        let inbox = Topic::new(inner.client.new_inbox())?;
+        let mut replies = inner
+            .client
+            .subscribe(inbox.as_str().to_string())
+            .await
+            .map_err(|e| {
+                inner.failed(
+                    Error::new(
+                        ErrorKind::Connection,
+                        format!("bus {:?}: cannot subscribe to a reply inbox", inner.name),
+                    )
+                    .with_source(e),
+                )
+            })?;
+        let topic = message.topic.clone();
+        message.headers.reply_to = Some(inbox);
+        if message.headers.correlation_id.is_none() {
+            message.headers.correlation_id = Some(new_message_id());
+        }
+        bus.publish(message).await?;
+        match tokio::time::timeout(timeout, replies.next()).await {
+            Ok(Some(reply)) => wire::to_message(
+                reply.subject.as_str(),
+                reply.payload,
+                reply.headers.as_ref(),
+                None,
+            ),
+            Ok(None) => Err(inner.closed_error()),
+            Err(_) => Err(inner.failed(Error::new(
+                ErrorKind::Timeout,
+                format!(
+                    "request on {:?} (bus {:?}): no reply within {timeout:?}",
+                    topic.as_str(),
+                    inner.name
+                ),
+            ))),
+        }
+    }
+
+    /// Deletes the per-subscription consumers (groups keep theirs: they are the group's
+    /// position in the stream).
+    pub(crate) async fn close(&self) {
+        let names: Vec<String> = self.ephemeral.lock().drain().collect();
+        if let Ok(stream) = self.js.get_stream_no_info(&self.name).await {
+            for name in names {
+                let _ = tokio::time::timeout(Duration::from_secs(2), stream.delete_consumer(&name))
+                    .await;
+            }
+        }
+    }
+}
