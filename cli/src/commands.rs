@@ -238,6 +238,8 @@ pub struct TailLimits {
     pub count: Option<u64>,
     /// Stop after this long, whatever arrived.
     pub timeout: Option<Duration>,
+    /// At exit, print the subscription's counters and each bus's on stderr.
+    pub stats: bool,
 }
 
 /// `busway tail PATTERN --config FILE`: subscribes through the router and writes one line
@@ -308,6 +310,12 @@ pub async fn tail(
             seen += 1;
             if limits.count.is_some_and(|n| seen >= n) {
                 break;
+            }
+        }
+        if limits.stats {
+            eprintln!("busway: subscription {pattern}: {}", sub.stats());
+            for (name, stats) in router.bus_stats() {
+                eprintln!("busway: bus {name}: {stats}");
             }
         }
         Ok(seen)

@@ -96,6 +96,10 @@ enum Command {
         /// Stop after this many seconds.
         #[arg(long, value_name = "SECS")]
         timeout: Option<f64>,
+        /// At exit, print the subscription's and each bus's counters (delivered, dropped,
+        /// decode errors, reconnects...) on stderr.
+        #[arg(long)]
+        stats: bool,
     },
     /// Connections to a broker per busway app and bus and per other client, and its CPU use.
     Audit {
@@ -199,12 +203,17 @@ async fn main() -> ExitCode {
             config,
             count,
             timeout,
+            stats,
         } => {
             let timeout = match timeout.map(|t| seconds("--timeout", t)).transpose() {
                 Ok(t) => t,
                 Err(e) => return fail(e),
             };
-            let limits = TailLimits { count, timeout };
+            let limits = TailLimits {
+                count,
+                timeout,
+                stats,
+            };
             let mut stdout = tokio::io::stdout();
             let code = match commands::tail(&config, &pattern, limits, &registry, &mut stdout).await
             {
