@@ -25,32 +25,8 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use busway::transport::redact_url;
-use busway::{config::QueueDefaults, transport::BuildContext, Mode, Result, Topic};
-
-/// How broadcast-mode messages are laid out on the channel.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Framing {
-    /// A compact versioned frame carrying the headers and the payload (see `frame`).
-    #[default]
-    Busway,
-    /// The payload alone, so `redis-cli` and non-busway clients interoperate; no headers
-    /// travel (`Capabilities::headers` is false, request/reply is unsupported).
-    Raw,
-}
-
-/// What `publish` does while the bus cannot reach the server.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum OnDisconnect {
-    /// Hold publishes (up to `buffer_max`) and send them after reconnecting; past the bound,
-    /// `publish` fails with `ErrorKind::BufferFull`.
-    #[default]
-    Buffer,
-    /// Fail at once with `ErrorKind::Connection`.
-    Fail,
-}
+use busway::transport::{redact_url, scrub_secrets, Framing, OnDisconnect};
+use busway::{config::QueueDefaults, transport::BuildContext, Capabilities, Mode, Result, Topic};
 
 fn d_buffer_max() -> usize {
     10_000
@@ -334,6 +310,24 @@ impl RedisConfig {
         Ok(())
     }
 
+    /// What a bus with this config can do.
+    pub(crate) fn capabilities(&self) -> Capabilities {
+        let max = self.options.max_payload;
+        match self.mode {
+            Mode::Broadcast => {
+                let mut c = Capabilities::broadcast(max);
+                // Groups are refused rather than emulated: Redis pub/sub has no competing
+                // consumers; stream mode has real ones.
+                c.groups = false;
+                let framed = self.options.framing == Framing::Busway;
+                c.headers = framed;
+                c.request_reply = framed;
+                c
+            }
+            Mode::Stream => Capabilities::stream(max),
+        }
+    }
+
     pub(crate) fn response_timeout(&self) -> Duration {
         Duration::from_millis(self.options.response_timeout_ms.max(1))
     }
@@ -362,25 +356,10 @@ pub(crate) fn check_url(url: &str) -> std::result::Result<(), String> {
             ))
         }
     }
-    redis::Client::open(url)
-        .map(drop)
-        .map_err(|e| format!("{shown:?} cannot be parsed: {}", scrub(&e.to_string(), url)))
-}
-
-/// Removes a URL's password from a message produced by the redis client.
-pub(crate) fn scrub(message: &str, url: &str) -> String {
-    let mut out = message.replace(url, &redact_url(url));
-    if let Some(pw) = password_of(url) {
-        if !pw.is_empty() {
-            out = out.replace(pw, "***");
-        }
-    }
-    out
-}
-
-fn password_of(url: &str) -> Option<&str> {
-    let rest = url.split_once("://")?.1;
-    let authority = &rest[..rest.find(['/', '?']).unwrap_or(rest.len())];
-    let userinfo = &authority[..authority.rfind('@')?];
-    userinfo.split_once(':').map(|(_, p)| p)
+    redis::Client::open(url).map(drop).map_err(|e| {
+        format!(
+            "{shown:?} cannot be parsed: {}",
+            scrub_secrets(&e.to_string(), url)
+        )
+    })
 }

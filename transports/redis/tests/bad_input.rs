@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use busway::{Bus, ErrorKind, Message, Mode, Pattern, SubscribeOptions, Topic};
-use busway_redis::{frame, RedisBus, RedisConfig, RedisOptions};
+use busway_redis::{wire, RedisBus, RedisConfig, RedisOptions};
 use busway_testkit::redis::RedisServer;
 
 const WAIT: Duration = Duration::from_secs(10);
@@ -51,21 +51,21 @@ async fn broadcast_skips_garbage_truncated_and_oversized_frames() {
         .unwrap();
     let mut full = Message::new(topic("g.x"), &b"payload"[..]).with_id("an-id");
     full.headers.correlation_id = Some("c".into());
-    let good = frame::encode(&full);
+    let good = wire::encode(&full);
     let truncated = good[..good.len() - full.payload.len() - 2].to_vec();
-    let oversized = frame::encode(&Message::new(topic("g.x"), vec![7u8; MAX + 1]));
+    let oversized = wire::encode(&Message::new(topic("g.x"), vec![7u8; MAX + 1]));
     let bad: Vec<(&str, Vec<u8>)> = vec![
         ("text", b"not a busway frame".to_vec()),
         ("empty", Vec::new()),
         ("truncated", truncated),
-        ("unknown version", vec![frame::MAGIC, 99, 0]),
+        ("unknown version", vec![wire::MAGIC, 99, 0]),
         (
             "length past the end",
-            vec![frame::MAGIC, frame::VERSION, 0x01, 0x7f, b'a'],
+            vec![wire::MAGIC, wire::VERSION, 0x01, 0x7f, b'a'],
         ),
         (
             "bad reply_to",
-            [&[frame::MAGIC, frame::VERSION, 0x10, 9][..], b"bad topic"].concat(),
+            [&[wire::MAGIC, wire::VERSION, 0x10, 9][..], b"bad topic"].concat(),
         ),
         ("oversized", oversized),
     ];

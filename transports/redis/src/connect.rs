@@ -1,28 +1,41 @@
-//! Opening named connections, mapping redis errors, and the reconnect backoff.
+//! Connection set-up: the bus's parsed clients (TLS included), named connections, redis
+//! errors mapped to busway's, and the reconnect backoff.
 
+use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
 use redis::aio::MultiplexedConnection;
 use redis::{AsyncConnectionConfig, Client, IntoConnectionInfo, ProtocolVersion};
 
+use busway::transport::{redact_url, scrub_secrets, Counters};
 use busway::{Error, ErrorKind};
 
-use crate::config::{scrub, RedisConfig};
+use crate::config::RedisConfig;
 
 /// What every connection of one bus shares: the parsed client and names for messages.
-#[derive(Debug)]
+/// `Debug` shows the URL redacted.
 pub(crate) struct Connector {
     client: Client,
     resp3: Client,
-    pub(crate) bus: String,
-    pub(crate) url: String,
+    bus: String,
+    url: String,
     redacted: String,
     client_name: String,
     connect_timeout: Duration,
     response_timeout: Duration,
     min_backoff: Duration,
     max_backoff: Duration,
+}
+
+impl fmt::Debug for Connector {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Connector")
+            .field("bus", &self.bus)
+            .field("url", &redact_url(&self.url))
+            .field("client_name", &self.client_name)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Connector {
@@ -33,7 +46,7 @@ impl Connector {
                     "bus {:?}: url {:?}: {}",
                     config.bus,
                     config.redacted_url(),
-                    scrub(&e.to_string(), &config.url)
+                    scrub_secrets(&e.to_string(), &config.url)
                 ))
             })?;
             if resp3 {
@@ -48,7 +61,7 @@ impl Connector {
                     "bus {:?}: url {:?}: {}",
                     config.bus,
                     config.redacted_url(),
-                    scrub(&e.to_string(), &config.url)
+                    scrub_secrets(&e.to_string(), &config.url)
                 ))
             })
         };
@@ -117,7 +130,7 @@ impl Connector {
             }
             _ => ErrorKind::Broker,
         };
-        let text = scrub(&e.to_string(), &self.url);
+        let text = scrub_secrets(&e.to_string(), &self.url);
         let text =
             if kind == ErrorKind::Auth || text.contains("NOAUTH") || text.contains("WRONGPASS") {
                 return Error::new(
@@ -144,6 +157,14 @@ impl Connector {
                 "bus {:?}: not connected to {} (on_disconnect = \"fail\")",
                 self.bus, self.redacted
             ),
+        )
+    }
+
+    /// A `Connection` error for commands issued while the command connection is down.
+    pub(crate) fn disconnected_plain(&self) -> Error {
+        Error::new(
+            ErrorKind::Connection,
+            format!("bus {:?}: not connected to {}", self.bus, self.redacted),
         )
     }
 
@@ -212,10 +233,10 @@ pub(crate) fn is_connection_error(e: &redis::RedisError) -> bool {
 
 /// Counts one open connection while alive.
 #[derive(Debug)]
-pub(crate) struct ConnCount(Arc<busway::transport::Counters>);
+pub(crate) struct ConnCount(Arc<Counters>);
 
 impl ConnCount {
-    pub(crate) fn new(stats: &Arc<busway::transport::Counters>) -> ConnCount {
+    pub(crate) fn new(stats: &Arc<Counters>) -> ConnCount {
         stats
             .connections
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -228,15 +249,5 @@ impl Drop for ConnCount {
         self.0
             .connections
             .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
-    }
-}
-
-impl Connector {
-    /// A `Connection` error for commands issued while the command connection is down.
-    pub(crate) fn disconnected_plain(&self) -> Error {
-        Error::new(
-            ErrorKind::Connection,
-            format!("bus {:?}: not connected to {}", self.bus, self.redacted),
-        )
     }
 }
