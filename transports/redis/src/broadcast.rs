@@ -387,7 +387,7 @@ impl Task {
                 return;
             }
         };
-        let message = if self.shared.config.options.framing == Framing::Raw {
+        let message = if self.shared.config.framing == Framing::Raw {
             Message::new(topic, payload)
         } else {
             match wire::decode(topic, payload) {
@@ -400,7 +400,7 @@ impl Task {
             }
         };
         // A foreign publisher is not bound by our max_payload; subscribers are promised it.
-        let max = self.shared.config.options.max_payload;
+        let max = self.shared.config.max_payload;
         if message.payload.len() > max {
             Counters::incr(&self.shared.stats.decode_errors);
             tracing::debug!(bus = %self.shared.config.bus, channel, size = message.payload.len(), max_payload = max, "skipped a message larger than max_payload");

@@ -70,11 +70,7 @@ impl RedisBus {
     /// `InvalidConfig` for inconsistent options; `Connection` / `Auth` when the server
     /// cannot be reached or refuses the credentials (naming the bus and the redacted URL).
     pub async fn connect(config: RedisConfig) -> Result<RedisBus> {
-        config
-            .check()
-            .map_err(|(key, why)| Error::config(format!("bus {:?}: {key}: {why}", config.bus)))?;
-        crate::config::check_url(&config.url)
-            .map_err(|why| Error::config(format!("bus {:?}: url: {why}", config.bus)))?;
+        config.validate()?;
         let connector = Connector::new(&config)?;
         let (events_tx, events) = mpsc::unbounded_channel();
         let con = connector.connect(None, Some(events_tx)).await?;

@@ -13,6 +13,9 @@ use busway::{Error, ErrorKind};
 
 use crate::config::RedisConfig;
 
+/// The least of every timeout and delay: a zero would mean "none" to the client.
+const MIN_TIMEOUT: Duration = Duration::from_millis(1);
+
 /// What every connection of one bus shares: the parsed client and names for messages.
 /// `Debug` shows the URL redacted.
 pub(crate) struct Connector {
@@ -72,16 +75,13 @@ impl Connector {
             url: config.url.clone(),
             redacted: config.redacted_url(),
             client_name: config.client_name.clone(),
-            connect_timeout: Duration::from_millis(config.options.connect_timeout_ms.max(1)),
+            connect_timeout: config.connect_timeout.max(MIN_TIMEOUT),
             response_timeout: config.response_timeout(),
-            min_backoff: Duration::from_millis(config.options.reconnect_min_ms.max(1)),
-            max_backoff: Duration::from_millis(
-                config
-                    .options
-                    .reconnect_max_ms
-                    .max(config.options.reconnect_min_ms)
-                    .max(1),
-            ),
+            min_backoff: config.reconnect_min.max(MIN_TIMEOUT),
+            max_backoff: config
+                .reconnect_max
+                .max(config.reconnect_min)
+                .max(MIN_TIMEOUT),
         })
     }
 
@@ -183,7 +183,7 @@ impl Connector {
 /// A client for `info`, trusting `tls_ca` and presenting `tls_cert` / `tls_key` when set.
 #[cfg(feature = "tls")]
 fn open_client(config: &RedisConfig, info: redis::ConnectionInfo) -> redis::RedisResult<Client> {
-    let o = &config.options;
+    let o = config;
     if o.tls_ca.is_none() && o.tls_cert.is_none() {
         return Client::open(info);
     }
@@ -215,8 +215,8 @@ fn open_client(config: &RedisConfig, info: redis::ConnectionInfo) -> redis::Redi
 
 #[cfg(not(feature = "tls"))]
 fn open_client(config: &RedisConfig, info: redis::ConnectionInfo) -> redis::RedisResult<Client> {
-    // `check` refuses tls_* keys without a rediss:// URL, and `check_url` refuses rediss://
-    // without the feature, so nothing is lost here.
+    // The config refuses tls_* keys without a rediss:// URL, and rediss:// without the
+    // feature, so nothing is lost here.
     let _ = config;
     Client::open(info)
 }

@@ -53,7 +53,7 @@ impl Publisher {
         con: MultiplexedConnection,
         events: mpsc::UnboundedReceiver<redis::PushInfo>,
     ) -> (Publisher, Writer) {
-        let (tx, rx) = mpsc::channel(shared.config.options.publish_queue);
+        let (tx, rx) = mpsc::channel(shared.config.publish_queue);
         let writer = Writer::new(shared.clone(), streams, rx, con, events);
         (Publisher { shared, tx }, writer)
     }
@@ -66,22 +66,22 @@ impl Publisher {
         }
         config.capabilities().check_payload(&config.bus, &message)?;
         if !shared.cmd_up.load(Relaxed) {
-            match config.options.on_disconnect {
+            match config.on_disconnect {
                 OnDisconnect::Fail => {
                     Counters::incr(&shared.stats.errors);
                     return Err(shared.connector.disconnected());
                 }
                 OnDisconnect::Buffer => {
-                    if shared.queued.load(Relaxed) >= config.options.buffer_max {
+                    if shared.queued.load(Relaxed) >= config.publish_buffer {
                         Counters::incr(&shared.stats.errors);
                         return Err(Error::new(
                             ErrorKind::BufferFull,
                             format!(
-                                "bus {:?}: {} publishes are held while {} is unreachable (buffer_max = {}); {:?} was not published",
+                                "bus {:?}: {} publishes are held while {} is unreachable (publish_buffer = {}); {:?} was not published",
                                 config.bus,
                                 shared.queued.load(Relaxed),
                                 config.redacted_url(),
-                                config.options.buffer_max,
+                                config.publish_buffer,
                                 message.topic.as_str()
                             ),
                         ));
@@ -103,7 +103,7 @@ impl Publisher {
                 Some(rx),
             )
         } else {
-            let data = if config.options.framing == Framing::Raw {
+            let data = if config.framing == Framing::Raw {
                 message.payload.to_vec()
             } else {
                 wire::encode(&message)
@@ -313,7 +313,7 @@ impl Writer {
 
     pub(crate) async fn run(mut self) {
         let mut shutdown = self.shared.shutdown.subscribe();
-        let max_batch = self.shared.config.options.max_batch;
+        let max_batch = self.shared.config.max_batch;
         loop {
             if *shutdown.borrow() {
                 // Closed first: a publish racing `close` then gets `Closed` instead of `Ok`
@@ -416,7 +416,7 @@ impl Writer {
         }
         self.shared.set_cmd_connection(None);
         self.shared.cmd_up.store(false, Relaxed);
-        if self.shared.config.options.on_disconnect == OnDisconnect::Fail {
+        if self.shared.config.on_disconnect == OnDisconnect::Fail {
             self.fail_pending(&e);
         }
     }
@@ -443,7 +443,7 @@ impl Writer {
                 item = self.rx.recv() => match item {
                     Some(item) => {
                         self.take(item);
-                        if self.shared.config.options.on_disconnect == OnDisconnect::Fail {
+                        if self.shared.config.on_disconnect == OnDisconnect::Fail {
                             self.fail_pending(&self.shared.connector.disconnected());
                         }
                     }
@@ -466,7 +466,7 @@ impl Writer {
             Err(e) => {
                 self.attempt = self.attempt.saturating_add(1);
                 tracing::debug!(bus = %self.shared.config.bus, error = %e, "reconnect failed");
-                if self.shared.config.options.on_disconnect == OnDisconnect::Fail {
+                if self.shared.config.on_disconnect == OnDisconnect::Fail {
                     self.fail_pending(&e);
                 }
             }
@@ -492,7 +492,7 @@ impl Writer {
         pipe.ignore_errors();
         let mut n = 0;
         let mut replies_per_item = Vec::new();
-        let opts = &self.shared.config.options;
+        let opts = &self.shared.config;
         for item in self.pending.iter().skip(from) {
             if n >= max_batch {
                 break;

@@ -25,7 +25,7 @@ pub(super) struct Ctx {
 
 impl Ctx {
     pub(super) fn topic_of(&self, key: &str) -> Option<Topic> {
-        key.strip_prefix(&self.shared.config.options.key_prefix)
+        key.strip_prefix(&self.shared.config.key_prefix)
             .and_then(|t| Topic::new(t).ok())
     }
 
@@ -40,7 +40,7 @@ impl Ctx {
             .topic_of(key)
             .ok_or_else(|| format!("key {key:?} names no topic"))?;
         let m = decode_entry(topic, fields)?;
-        let max = self.shared.config.options.max_payload;
+        let max = self.shared.config.max_payload;
         if m.payload.len() > max {
             return Err(format!(
                 "payload of {} bytes exceeds max_payload {max}",
@@ -59,7 +59,6 @@ impl Ctx {
     pub(super) fn exhausted(&self, delivered: u32) -> bool {
         self.shared
             .config
-            .options
             .max_deliveries
             .is_some_and(|m| delivered >= m)
     }
@@ -71,7 +70,7 @@ impl Ctx {
         message: Option<Message>,
         delivered: u32,
     ) -> Result<()> {
-        let Some(dead) = self.shared.config.options.dead_letter.as_deref() else {
+        let Some(dead) = self.shared.config.dead_letter.as_deref() else {
             return Ok(());
         };
         let dead = Topic::new(dead)?;

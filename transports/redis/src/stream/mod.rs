@@ -67,7 +67,6 @@ mod registry;
 
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
-use std::time::Duration;
 
 use busway::transport::TransportSubscription;
 use busway::{
@@ -91,10 +90,9 @@ pub(crate) async fn subscribe(
     via: Arc<dyn Bus>,
 ) -> Result<Subscription> {
     let shared = &*streams.shared;
-    let opts = &shared.config.options;
+    let opts = &shared.config;
     let idle = opts
-        .claim_idle_ms
-        .map(Duration::from_millis)
+        .claim_idle
         .or(options.ack_timeout)
         .unwrap_or(DEFAULT_ACK_TIMEOUT);
     let mut cmd = shared.cmd_connection()?;

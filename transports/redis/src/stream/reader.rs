@@ -23,11 +23,10 @@ use super::registry::{Join, NewMember, ReaderHandle};
 use crate::connect::{is_connection_error, ConnCount};
 use crate::state::Shared;
 
-/// A reader connection (its read blocks up to `block_ms`, so its response timeout is
+/// A reader connection (its read blocks up to `read_block`, so its response timeout is
 /// longer) and its `CLIENT ID`.
 pub(super) async fn connect(shared: &Shared) -> Result<(MultiplexedConnection, u64)> {
-    let read_timeout =
-        Duration::from_millis(shared.config.options.block_ms) + shared.config.response_timeout();
+    let read_timeout = shared.config.read_block + shared.config.response_timeout();
     let mut con = shared.connector.connect(Some(read_timeout), None).await?;
     let id: u64 = redis::cmd("CLIENT")
         .arg("ID")
@@ -94,7 +93,11 @@ impl Task {
 
     pub(super) async fn run(mut self) {
         let mut shutdown = self.shared().shutdown.subscribe();
-        let rescan = Duration::from_millis(self.shared().config.options.rescan_ms.max(10));
+        let rescan = self
+            .shared()
+            .config
+            .rescan_interval
+            .max(Duration::from_millis(10));
         let mut next_maintenance = Instant::now() + rescan;
         loop {
             if *shutdown.borrow() {
@@ -130,7 +133,11 @@ impl Task {
                 continue;
             }
             // A read never blocks past the next maintenance (wildcard rescan, reclaim).
-            let block = (self.shared().config.options.block_ms as u128)
+            let block = self
+                .shared()
+                .config
+                .read_block
+                .as_millis()
                 .min(until.as_millis())
                 .max(1) as u64;
             let reply = tokio::select! {
@@ -317,7 +324,7 @@ impl Task {
             return Ok(from);
         };
         let mut at = from;
-        let count = self.shared().config.options.read_count.max(1);
+        let count = self.shared().config.read_count.max(1);
         while at < until {
             let mut cmd = self.shared().cmd_connection().map_err(|e| (at, e))?;
             let reply: Value = redis::cmd("XRANGE")
@@ -391,7 +398,7 @@ impl Task {
     /// read them yet, from their first entry (they had no busway entries when those
     /// subscriptions started).
     async fn discover(&mut self, topics: Vec<String>) -> Result<()> {
-        let prefix = self.shared().config.options.key_prefix.clone();
+        let prefix = self.shared().config.key_prefix.clone();
         let mut changed = false;
         let mut result = Ok(());
         for t in topics {
@@ -441,7 +448,7 @@ impl Task {
         if self.members.iter().any(|m| !m.pattern.is_literal()) {
             let mut cmd = self.shared().cmd_connection()?;
             let all: Vec<String> = redis::cmd("SMEMBERS")
-                .arg(&self.shared().config.options.index_key)
+                .arg(&self.shared().config.index_key)
                 .query_async(&mut cmd)
                 .await
                 .map_err(|e| self.shared().connector.error("SMEMBERS", e))?;
@@ -464,7 +471,7 @@ impl Task {
     /// follow at the next turns.
     async fn sweep(&mut self) {
         let now = Instant::now();
-        let count = self.shared().config.options.read_count.max(1);
+        let count = self.shared().config.read_count.max(1);
         for i in 0..self.members.len() {
             let target = self.members[i].target.clone();
             let due: Vec<(Arc<str>, StreamId)> = target
@@ -489,7 +496,7 @@ impl Task {
         };
         let idle = idle.as_millis() as u64;
         let mut cmd = self.shared().cmd_connection()?;
-        let count = self.shared().config.options.read_count;
+        let count = self.shared().config.read_count;
         let keys: Vec<Arc<str>> = self.keys.keys().cloned().collect();
         for key in keys {
             let pending: Value = redis::cmd("XPENDING")
@@ -529,7 +536,7 @@ impl Task {
     }
 
     async fn read(&mut self, block: u64) -> redis::RedisResult<Value> {
-        let opts = &self.ctx.shared.config.options;
+        let opts = &self.ctx.shared.config;
         let mut cmd = match &self.ctx.group {
             Some(group) => {
                 let mut cmd = redis::cmd("XREADGROUP");
