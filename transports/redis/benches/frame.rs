@@ -1,4 +1,4 @@
-//! The broadcast frame codec beside the alternative it replaces: the same message as JSON
+//! The broadcast frame codec beside the obvious alternative: the same message as JSON
 //! (serde_json of busway's `Headers` plus the payload), 64-byte payload, with and without
 //! headers.
 

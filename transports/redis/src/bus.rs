@@ -67,8 +67,9 @@ impl RedisBus {
     /// with the first broadcast subscription; stream readers with their subscriptions.
     ///
     /// # Errors
-    /// `InvalidConfig` for inconsistent options; `Connection` / `Auth` when the server
-    /// cannot be reached or refuses the credentials (naming the bus and the redacted URL).
+    /// `InvalidConfig` for what [`RedisConfig::validate`] refuses; `Connection` / `Auth` when
+    /// the server cannot be reached or refuses the credentials (naming the bus and the
+    /// redacted URL).
     pub async fn connect(config: RedisConfig) -> Result<RedisBus> {
         config.validate()?;
         let connector = Connector::new(&config)?;

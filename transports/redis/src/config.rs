@@ -33,7 +33,7 @@ use busway::transport::{
 };
 use busway::{config::QueueDefaults, Capabilities, Error, Mode, Result, Topic};
 
-/// Keys of earlier versions, refused with their new names.
+/// Renamed keys, `(old, new)`: an old key is refused naming the new one.
 const RENAMED: &[(&str, &str)] = &[
     ("buffer_max", "publish_buffer"),
     ("response_timeout_ms", "publish_timeout"),

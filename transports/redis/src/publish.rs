@@ -254,8 +254,8 @@ pub(crate) struct Writer {
 const IDLE_PING: Duration = Duration::from_secs(1);
 
 /// Pipelines in flight at once: while the server works through one, the next one is built
-/// and sent, so neither side waits for the other (one at a time, each waited for the
-/// other's turn: 7 publishers got ~0.8 of the raw client's rate).
+/// and sent, so neither side waits for the other (with one, 7 publishers reach ~0.8 of the
+/// raw client's rate).
 const MAX_INFLIGHT: usize = 2;
 
 type Replies = redis::RedisResult<Vec<Value>>;

@@ -12,7 +12,7 @@ use super::entry::decode_entry;
 use super::registry::StreamState;
 use crate::state::Shared;
 
-/// What a reader's deliveries need after they leave the reader (to ack, nack, redeliver).
+/// What a reader's deliveries need after they leave the reader.
 pub(super) struct Ctx {
     pub(super) shared: Arc<Shared>,
     pub(super) streams: Arc<StreamState>,

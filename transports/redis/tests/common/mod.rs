@@ -7,7 +7,7 @@
 use std::time::{Duration, Instant};
 
 use busway::transport::{BuildContext, TransportFactory};
-use busway::{Delivery, Mode, Pattern, Subscription, Topic};
+use busway::{Delivery, ErrorKind, Mode, Pattern, Subscription, Topic};
 use busway_redis::{RedisBus, RedisConfig, RedisFactory};
 
 /// How long a test waits for what should come.
@@ -45,6 +45,19 @@ pub async fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
         assert!(start.elapsed() < WAIT, "timed out waiting for {what}");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+/// Asserts that bus `main` in `cfg.toml`, whose table is `transport = "redis"` plus `body`,
+/// is refused with `InvalidConfig` starting with `want`, by `RedisFactory::validate` (no
+/// server needed) and by `build` alike, without printing a password.
+pub async fn assert_refused(body: &str, want: &str) {
+    let err = config_error(body).await;
+    assert_eq!(err.kind(), ErrorKind::InvalidConfig, "{err}");
+    assert!(
+        err.to_string().starts_with(want),
+        "want {want:?}, got {err}"
+    );
+    assert!(!format!("{err} {err:?}").contains(":pw@"), "{err}");
 }
 
 /// The error of bus `main` in `cfg.toml` whose table is `transport = "redis"` plus `body`:
