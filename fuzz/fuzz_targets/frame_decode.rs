@@ -6,7 +6,7 @@
 #![no_main]
 
 use busway::Topic;
-use busway_redis::frame::{decode, encode};
+use busway_redis::wire::{decode, encode};
 use bytes::Bytes;
 use libfuzzer_sys::fuzz_target;
 

@@ -1,9 +1,9 @@
-//! The broadcast frame codec beside the alternative it replaces: the same message as JSON
+//! The broadcast frame codec beside the obvious alternative: the same message as JSON
 //! (serde_json of busway's `Headers` plus the payload), 64-byte payload, with and without
 //! headers.
 
 use busway::{Headers, Message, Topic};
-use busway_redis::frame;
+use busway_redis::wire;
 use bytes::Bytes;
 use criterion::{criterion_group, criterion_main, Criterion};
 
@@ -27,14 +27,12 @@ struct JsonFrame {
 fn codec(c: &mut Criterion) {
     let mut g = c.benchmark_group("frame_64B");
     for (name, m) in messages() {
-        let encoded = Bytes::from(frame::encode(&m));
+        let encoded = Bytes::from(wire::encode(&m));
         g.bench_function(format!("busway_encode/{name}"), |b| {
-            b.iter(|| frame::encode(std::hint::black_box(&m)))
+            b.iter(|| wire::encode(std::hint::black_box(&m)))
         });
         g.bench_function(format!("busway_decode/{name}"), |b| {
-            b.iter(|| {
-                frame::decode(m.topic.clone(), std::hint::black_box(encoded.clone())).unwrap()
-            })
+            b.iter(|| wire::decode(m.topic.clone(), std::hint::black_box(encoded.clone())).unwrap())
         });
         let json = serde_json::to_vec(&JsonFrame {
             headers: m.headers.clone(),

@@ -1,5 +1,7 @@
 //! The Redis bus's settings: the shared [`BusConfig`](busway::config::BusConfig) keys plus the
-//! Redis-specific keys below (all optional; unknown keys are an error).
+//! Redis-specific keys of [`RedisOptions`] (all optional; unknown keys are an error), read
+//! into the typed [`RedisConfig`]. Durations are strings with a unit (`"500ms"`, `"5s"`) or
+//! whole seconds.
 //!
 //! ```toml
 //! [buses.engine]
@@ -8,11 +10,12 @@
 //! mode = "stream"
 //! framing = "busway"          # broadcast mode: busway (headers in a frame) | raw (payload alone)
 //! on_disconnect = "buffer"    # buffer | fail: what publish does while the server is away
-//! buffer_max = 10000          # publishes held while disconnected before BufferFull
+//! publish_buffer = 10000      # publishes held while disconnected before BufferFull
+//! publish_timeout = "5s"      # how long a publish, flush or command waits for the server
 //! stream_maxlen = 100000      # XADD MAXLEN ~ N per stream key; 0 keeps everything
 //! key_prefix = "busway:stream:"  # stream key = key_prefix + topic
 //! index_key = "busway:topics" # set of topics published in stream mode (wildcard discovery)
-//! claim_idle_ms = 30000       # reclaim entries pending longer than this (default: ack timeout)
+//! claim_idle = "30s"          # reclaim entries pending longer than this (default: ack timeout)
 //! max_deliveries = 5          # after this many deliveries an entry goes to dead_letter
 //! dead_letter = "engine.dead" # topic (on this bus) for entries that failed max_deliveries
 //! tls_ca = "/etc/busway/ca.pem"  # rediss:// only: trust this CA instead of the system's
@@ -25,50 +28,40 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use busway::transport::redact_url;
-use busway::{config::QueueDefaults, transport::BuildContext, Mode, Result, Topic};
+use busway::transport::{
+    redact_url, scrub_secrets, BuildContext, ConfigDuration, Framing, OnDisconnect,
+};
+use busway::{config::QueueDefaults, Capabilities, Error, Mode, Result, Topic};
 
-/// How broadcast-mode messages are laid out on the channel.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Framing {
-    /// A compact versioned frame carrying the headers and the payload (see `frame`).
-    #[default]
-    Busway,
-    /// The payload alone, so `redis-cli` and non-busway clients interoperate; no headers
-    /// travel (`Capabilities::headers` is false, request/reply is unsupported).
-    Raw,
-}
+/// Renamed keys, `(old, new)`: an old key is refused naming the new one.
+const RENAMED: &[(&str, &str)] = &[
+    ("buffer_max", "publish_buffer"),
+    ("response_timeout_ms", "publish_timeout"),
+    ("connect_timeout_ms", "connect_timeout"),
+    ("reconnect_min_ms", "reconnect_min"),
+    ("reconnect_max_ms", "reconnect_max"),
+    ("block_ms", "read_block"),
+    ("rescan_ms", "rescan_interval"),
+    ("claim_idle_ms", "claim_idle"),
+];
 
-/// What `publish` does while the bus cannot reach the server.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum OnDisconnect {
-    /// Hold publishes (up to `buffer_max`) and send them after reconnecting; past the bound,
-    /// `publish` fails with `ErrorKind::BufferFull`.
-    #[default]
-    Buffer,
-    /// Fail at once with `ErrorKind::Connection`.
-    Fail,
-}
-
-fn d_buffer_max() -> usize {
+fn d_publish_buffer() -> usize {
     10_000
 }
 fn d_max_payload() -> usize {
     64 * 1024 * 1024
 }
-fn d_response_timeout_ms() -> u64 {
-    5_000
+fn d_publish_timeout() -> ConfigDuration {
+    ConfigDuration(Duration::from_secs(5))
 }
-fn d_connect_timeout_ms() -> u64 {
-    2_000
+fn d_connect_timeout() -> ConfigDuration {
+    ConfigDuration(Duration::from_secs(2))
 }
-fn d_reconnect_min_ms() -> u64 {
-    50
+fn d_reconnect_min() -> ConfigDuration {
+    ConfigDuration(Duration::from_millis(50))
 }
-fn d_reconnect_max_ms() -> u64 {
-    2_000
+fn d_reconnect_max() -> ConfigDuration {
+    ConfigDuration(Duration::from_secs(2))
 }
 fn d_max_batch() -> usize {
     1_024
@@ -85,14 +78,14 @@ fn d_index_key() -> String {
 fn d_stream_maxlen() -> u64 {
     100_000
 }
-fn d_block_ms() -> u64 {
-    500
+fn d_read_block() -> ConfigDuration {
+    ConfigDuration(Duration::from_millis(500))
 }
 fn d_read_count() -> usize {
     256
 }
-fn d_rescan_ms() -> u64 {
-    1_000
+fn d_rescan_interval() -> ConfigDuration {
+    ConfigDuration(Duration::from_secs(1))
 }
 
 /// The Redis-specific keys of a bus config. Every field has a default (shown in brackets).
@@ -107,24 +100,24 @@ pub struct RedisOptions {
     #[serde(default)]
     pub on_disconnect: OnDisconnect,
     /// Publishes held while disconnected under `buffer` (default: 10000).
-    #[serde(default = "d_buffer_max")]
-    pub buffer_max: usize,
+    #[serde(default = "d_publish_buffer")]
+    pub publish_buffer: usize,
     /// Largest payload accepted, bytes (default: 64 MiB).
     #[serde(default = "d_max_payload")]
     pub max_payload: usize,
-    /// How long a command (or a stream publish, or `flush`) may wait for the server
-    /// (default: 5000).
-    #[serde(default = "d_response_timeout_ms")]
-    pub response_timeout_ms: u64,
-    /// How long one connection attempt may take (default: 2000).
-    #[serde(default = "d_connect_timeout_ms")]
-    pub connect_timeout_ms: u64,
-    /// First reconnect delay; doubles per failed attempt, with jitter (default: 50).
-    #[serde(default = "d_reconnect_min_ms")]
-    pub reconnect_min_ms: u64,
-    /// Cap of the reconnect delay (default: 2000).
-    #[serde(default = "d_reconnect_max_ms")]
-    pub reconnect_max_ms: u64,
+    /// How long a publish (broadcast: until queued; stream: until the server accepted it),
+    /// `flush` or a command waits for the server (default: 5s).
+    #[serde(default = "d_publish_timeout")]
+    pub publish_timeout: ConfigDuration,
+    /// How long one connection attempt may take (default: 2s).
+    #[serde(default = "d_connect_timeout")]
+    pub connect_timeout: ConfigDuration,
+    /// First reconnect delay; doubles per failed attempt, with jitter (default: 50ms).
+    #[serde(default = "d_reconnect_min")]
+    pub reconnect_min: ConfigDuration,
+    /// Cap of the reconnect delay (default: 2s).
+    #[serde(default = "d_reconnect_max")]
+    pub reconnect_max: ConfigDuration,
     /// Most publishes sent in one pipeline (default: 1024).
     #[serde(default = "d_max_batch")]
     pub max_batch: usize,
@@ -141,21 +134,21 @@ pub struct RedisOptions {
     /// Stream mode: `XADD MAXLEN ~ N`; 0 never trims (default: 100000).
     #[serde(default = "d_stream_maxlen")]
     pub stream_maxlen: u64,
-    /// Stream mode: `XREADGROUP BLOCK` milliseconds; bounds how late a nack's redelivery
-    /// and a rescan run (default: 500).
-    #[serde(default = "d_block_ms")]
-    pub block_ms: u64,
-    /// Stream mode: `XREADGROUP COUNT` (default: 256).
+    /// Stream mode: `XREADGROUP` / `XREAD` `BLOCK`; bounds how late a nack's redelivery
+    /// and a rescan run (default: 500ms).
+    #[serde(default = "d_read_block")]
+    pub read_block: ConfigDuration,
+    /// Stream mode: `XREADGROUP` / `XREAD` `COUNT` (default: 256).
     #[serde(default = "d_read_count")]
     pub read_count: usize,
     /// Stream mode: how often wildcard subscriptions rescan `index_key` and pending entries
-    /// are checked for reclaiming (default: 1000).
-    #[serde(default = "d_rescan_ms")]
-    pub rescan_ms: u64,
+    /// are checked for reclaiming (default: 1s).
+    #[serde(default = "d_rescan_interval")]
+    pub rescan_interval: ConfigDuration,
     /// Stream mode: reclaim entries pending longer than this; unset uses each
     /// subscription's ack timeout (default: unset).
     #[serde(default)]
-    pub claim_idle_ms: Option<u64>,
+    pub claim_idle: Option<ConfigDuration>,
     /// Stream mode: deliveries after which an entry is moved to `dead_letter` (default:
     /// unset, unlimited). Needs `dead_letter`.
     #[serde(default)]
@@ -185,13 +178,25 @@ impl Default for RedisOptions {
     }
 }
 
-/// Everything a [`RedisBus`](crate::RedisBus) needs. `Debug` redacts the URL's password.
+/// Everything a [`RedisBus`](crate::RedisBus) needs, typed: [`RedisConfig::new`] gives the
+/// defaults of [`RedisOptions`], and the fields can be set one by one. `Debug` redacts the
+/// URL's password.
+///
+/// ```
+/// use std::time::Duration;
+/// let mut config = busway_redis::RedisConfig::new("main", "redis://127.0.0.1:6379")
+///     .mode(busway::Mode::Stream)
+///     .app("pricing");
+/// config.read_block = Duration::from_millis(100);
+/// assert_eq!(config.publish_timeout, Duration::from_secs(5));
+/// ```
 #[derive(Clone)]
 #[non_exhaustive]
 pub struct RedisConfig {
     /// The bus's name.
     pub bus: String,
-    /// `redis://[user:password@]host[:port][/db]` or `rediss://...`.
+    /// `redis://[user:password@]host[:port][/db]`, `rediss://...`, `redis+unix://` or
+    /// `unix://`.
     pub url: String,
     /// Broadcast or stream.
     pub mode: Mode,
@@ -199,21 +204,86 @@ pub struct RedisConfig {
     pub client_name: String,
     /// Default queue settings of subscriptions.
     pub queue: QueueDefaults,
-    /// The Redis-specific options.
-    pub options: RedisOptions,
     /// The app name put in the `source` header of published messages.
     pub app: String,
+    /// Broadcast-mode framing.
+    pub framing: Framing,
+    /// Outage policy for publishes.
+    pub on_disconnect: OnDisconnect,
+    /// Publishes held while disconnected under [`OnDisconnect::Buffer`].
+    pub publish_buffer: usize,
+    /// Largest payload accepted, bytes.
+    pub max_payload: usize,
+    /// How long a publish, `flush` or a command waits for the server.
+    pub publish_timeout: Duration,
+    /// How long one connection attempt may take.
+    pub connect_timeout: Duration,
+    /// First reconnect delay; doubles per failed attempt, with jitter.
+    pub reconnect_min: Duration,
+    /// Cap of the reconnect delay.
+    pub reconnect_max: Duration,
+    /// Most publishes sent in one pipeline.
+    pub max_batch: usize,
+    /// Publishes queued for the writer before `publish` waits for room.
+    pub publish_queue: usize,
+    /// Stream mode: stream key = `key_prefix` + topic.
+    pub key_prefix: String,
+    /// Stream mode: the set of published topics, read by wildcard subscriptions.
+    pub index_key: String,
+    /// Stream mode: `XADD MAXLEN ~ N`; 0 never trims.
+    pub stream_maxlen: u64,
+    /// Stream mode: `XREADGROUP` / `XREAD` `BLOCK`.
+    pub read_block: Duration,
+    /// Stream mode: `XREADGROUP` / `XREAD` `COUNT`.
+    pub read_count: usize,
+    /// Stream mode: the wildcard rescan and reclaim period.
+    pub rescan_interval: Duration,
+    /// Stream mode: reclaim entries pending longer than this; `None` uses each
+    /// subscription's ack timeout.
+    pub claim_idle: Option<Duration>,
+    /// Stream mode: deliveries after which an entry is moved to `dead_letter`.
+    pub max_deliveries: Option<u32>,
+    /// Stream mode: the topic that receives entries past `max_deliveries`.
+    pub dead_letter: Option<String>,
+    /// `rediss://` only: a PEM file of the CA(s) to trust instead of the system's.
+    pub tls_ca: Option<String>,
+    /// `rediss://` only: a PEM client certificate (with `tls_key`).
+    pub tls_cert: Option<String>,
+    /// `rediss://` only: the PEM private key of `tls_cert`.
+    pub tls_key: Option<String>,
 }
 
 impl fmt::Debug for RedisConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("RedisConfig")
             .field("bus", &self.bus)
-            .field("url", &redact_url(&self.url))
+            .field("url", &self.redacted_url())
             .field("mode", &self.mode)
             .field("client_name", &self.client_name)
             .field("queue", &self.queue)
-            .field("options", &self.options)
+            .field("app", &self.app)
+            .field("framing", &self.framing)
+            .field("on_disconnect", &self.on_disconnect)
+            .field("publish_buffer", &self.publish_buffer)
+            .field("max_payload", &self.max_payload)
+            .field("publish_timeout", &self.publish_timeout)
+            .field("connect_timeout", &self.connect_timeout)
+            .field("reconnect_min", &self.reconnect_min)
+            .field("reconnect_max", &self.reconnect_max)
+            .field("max_batch", &self.max_batch)
+            .field("publish_queue", &self.publish_queue)
+            .field("key_prefix", &self.key_prefix)
+            .field("index_key", &self.index_key)
+            .field("stream_maxlen", &self.stream_maxlen)
+            .field("read_block", &self.read_block)
+            .field("read_count", &self.read_count)
+            .field("rescan_interval", &self.rescan_interval)
+            .field("claim_idle", &self.claim_idle)
+            .field("max_deliveries", &self.max_deliveries)
+            .field("dead_letter", &self.dead_letter)
+            .field("tls_ca", &self.tls_ca)
+            .field("tls_cert", &self.tls_cert)
+            .field("tls_key", &self.tls_key)
             .finish()
     }
 }
@@ -221,15 +291,40 @@ impl fmt::Debug for RedisConfig {
 impl RedisConfig {
     /// A broadcast bus named `bus` on `url` with default options (app `busway`).
     pub fn new(bus: impl Into<String>, url: impl Into<String>) -> RedisConfig {
-        let bus = bus.into();
+        RedisConfig::with_options(bus.into(), url.into(), RedisOptions::default())
+    }
+
+    /// A broadcast bus of app `busway` with options `o`.
+    fn with_options(bus: String, url: String, o: RedisOptions) -> RedisConfig {
         RedisConfig {
             client_name: format!("busway:busway:{bus}"),
             bus,
-            url: url.into(),
+            url,
             mode: Mode::Broadcast,
             queue: QueueDefaults::default(),
-            options: RedisOptions::default(),
             app: "busway".to_string(),
+            framing: o.framing,
+            on_disconnect: o.on_disconnect,
+            publish_buffer: o.publish_buffer,
+            max_payload: o.max_payload,
+            publish_timeout: o.publish_timeout.0,
+            connect_timeout: o.connect_timeout.0,
+            reconnect_min: o.reconnect_min.0,
+            reconnect_max: o.reconnect_max.0,
+            max_batch: o.max_batch,
+            publish_queue: o.publish_queue,
+            key_prefix: o.key_prefix,
+            index_key: o.index_key,
+            stream_maxlen: o.stream_maxlen,
+            read_block: o.read_block.0,
+            read_count: o.read_count,
+            rescan_interval: o.rescan_interval.0,
+            claim_idle: o.claim_idle.map(|d| d.0),
+            max_deliveries: o.max_deliveries,
+            dead_letter: o.dead_letter,
+            tls_ca: o.tls_ca,
+            tls_cert: o.tls_cert,
+            tls_key: o.tls_key,
         }
     }
 
@@ -246,19 +341,40 @@ impl RedisConfig {
         self
     }
 
-    /// Replaces the Redis-specific options.
-    pub fn options(mut self, options: RedisOptions) -> Self {
-        self.options = options;
-        self
+    /// Sets every Redis-specific option from config keys.
+    pub fn options(self, o: RedisOptions) -> Self {
+        let RedisConfig {
+            bus,
+            url,
+            mode,
+            client_name,
+            queue,
+            app,
+            ..
+        } = self;
+        RedisConfig {
+            bus,
+            url,
+            mode,
+            client_name,
+            queue,
+            app,
+            ..RedisConfig::with_options(String::new(), String::new(), o)
+        }
     }
 
-    /// Reads a bus's config as the registry hands it over.
+    /// Reads a bus's config as the registry hands it over, and checks it without
+    /// connecting: whatever [`RedisBus::connect`](crate::RedisBus::connect) would refuse for
+    /// its config is refused here, so `validate` and `build` give the same error.
     ///
     /// # Errors
-    /// `InvalidConfig` naming the file and `buses.<bus>.<key>`: a missing or unparsable
-    /// `url`, an unknown key, a bad value, `framing = "raw"` in stream mode,
-    /// `max_deliveries` without `dead_letter`, an invalid `dead_letter` topic.
+    /// `InvalidConfig` naming the file and `buses.<bus>.<key>`: a renamed key (naming its new
+    /// name), an unknown key, a bad value, a missing `url` or one that is not a Redis URL or
+    /// does not parse, `tls_*` without `rediss://` or an unreadable TLS file,
+    /// `framing = "raw"` in stream mode, `max_deliveries` without `dead_letter`, an invalid
+    /// `dead_letter` topic.
     pub fn from_context(ctx: &BuildContext<'_>) -> Result<RedisConfig> {
+        ctx.check_renamed(RENAMED)?;
         let options: RedisOptions = ctx.options()?;
         let url = ctx.config.url.clone().ok_or_else(|| {
             ctx.config_error(
@@ -266,58 +382,69 @@ impl RedisConfig {
                 "is required for the redis transport (redis://host:port)",
             )
         })?;
-        check_url(&url).map_err(|why| ctx.config_error("url", why))?;
-        let config = RedisConfig {
-            bus: ctx.bus.to_string(),
-            url,
-            mode: ctx.config.mode,
-            client_name: ctx.client_name(),
-            queue: ctx.config.queue_defaults(),
-            options,
-            app: ctx.app.to_string(),
-        };
+        let mut config = RedisConfig::new(ctx.bus, url)
+            .mode(ctx.config.mode)
+            .app(ctx.app)
+            .options(options);
+        config.client_name = ctx.client_name();
+        config.queue = ctx.config.queue_defaults();
         config
-            .check()
-            .map_err(|(key, why)| ctx.config_error(key, why))?;
-        Ok(config)
+            .problem()
+            .map_or(Ok(config), |(key, why)| Err(ctx.config_error(key, why)))
     }
 
-    /// Cross-field checks: `(key, reason)` of the first problem.
-    pub(crate) fn check(&self) -> std::result::Result<(), (&'static str, String)> {
-        let o = &self.options;
-        if self.mode == Mode::Stream && o.framing == Framing::Raw {
-            return Err((
+    /// Checks the config as [`from_context`](Self::from_context) does, for a config built
+    /// in code.
+    ///
+    /// # Errors
+    /// `InvalidConfig`: `bus "<bus>": <key>: <why>`.
+    pub fn validate(&self) -> Result<()> {
+        match self.problem() {
+            None => Ok(()),
+            Some((key, why)) => Err(Error::config(format!("bus {:?}: {key}: {why}", self.bus))),
+        }
+    }
+
+    /// The first problem of the config, as `(key, reason)`.
+    fn problem(&self) -> Option<(&'static str, String)> {
+        if let Err(why) = check_url(&self.url) {
+            return Some(("url", why));
+        }
+        if self.mode == Mode::Stream && self.framing == Framing::Raw {
+            return Some((
                 "framing",
                 "\"raw\" applies to broadcast mode; stream mode carries headers as stream fields"
                     .into(),
             ));
         }
-        if o.max_deliveries.is_some() && o.dead_letter.is_none() {
-            return Err((
+        if self.max_deliveries.is_some() && self.dead_letter.is_none() {
+            return Some((
                 "max_deliveries",
                 "needs dead_letter (the topic that receives entries past the limit)".into(),
             ));
         }
-        if let Some(t) = &o.dead_letter {
-            Topic::new(t).map_err(|e| ("dead_letter", e.to_string()))?;
+        if let Some(t) = &self.dead_letter {
+            if let Err(e) = Topic::new(t) {
+                return Some(("dead_letter", e.to_string()));
+            }
         }
-        if o.max_batch == 0 || o.publish_queue == 0 || o.read_count == 0 {
-            return Err((
+        if self.max_batch == 0 || self.publish_queue == 0 || self.read_count == 0 {
+            return Some((
                 "max_batch",
                 "max_batch, publish_queue and read_count must be at least 1".into(),
             ));
         }
-        if o.key_prefix.is_empty() {
-            return Err(("key_prefix", "must not be empty".into()));
+        if self.key_prefix.is_empty() {
+            return Some(("key_prefix", "must not be empty".into()));
         }
-        let tls_key_set = o.tls_ca.is_some() || o.tls_cert.is_some() || o.tls_key.is_some();
-        if tls_key_set && !self.url.starts_with("rediss://") {
-            let key = match (&o.tls_ca, &o.tls_cert) {
-                (Some(_), _) => "tls_ca",
-                (None, Some(_)) => "tls_cert",
-                (None, None) => "tls_key",
-            };
-            return Err((
+        let tls_files = [
+            ("tls_ca", &self.tls_ca),
+            ("tls_cert", &self.tls_cert),
+            ("tls_key", &self.tls_key),
+        ];
+        let (key, _) = tls_files.iter().find(|(_, path)| path.is_some())?;
+        if !self.url.starts_with("rediss://") {
+            return Some((
                 key,
                 format!(
                     "applies to rediss:// URLs only; the url is {:?}",
@@ -325,17 +452,44 @@ impl RedisConfig {
                 ),
             ));
         }
-        if o.tls_cert.is_some() != o.tls_key.is_some() {
-            return Err((
+        if self.tls_cert.is_some() != self.tls_key.is_some() {
+            return Some((
                 "tls_cert",
                 "tls_cert and tls_key go together (a client certificate and its key)".into(),
             ));
         }
-        Ok(())
+        for (key, path) in tls_files {
+            if let Some(path) = path {
+                // Read as `connect` reads it, so `busway check` finds a missing file too.
+                if let Err(e) = std::fs::read(path) {
+                    return Some((key, format!("cannot read {path:?}: {e}")));
+                }
+            }
+        }
+        None
     }
 
+    /// What a bus with this config can do.
+    pub(crate) fn capabilities(&self) -> Capabilities {
+        let max = self.max_payload;
+        match self.mode {
+            Mode::Broadcast => {
+                let mut c = Capabilities::broadcast(max);
+                // Groups are refused rather than emulated: Redis pub/sub has no competing
+                // consumers; stream mode has real ones.
+                c.groups = false;
+                let framed = self.framing == Framing::Busway;
+                c.headers = framed;
+                c.request_reply = framed;
+                c
+            }
+            Mode::Stream => Capabilities::stream(max),
+        }
+    }
+
+    /// `publish_timeout`, at least 1ms.
     pub(crate) fn response_timeout(&self) -> Duration {
-        Duration::from_millis(self.options.response_timeout_ms.max(1))
+        self.publish_timeout.max(Duration::from_millis(1))
     }
 
     /// The URL with its password replaced, for messages.
@@ -345,7 +499,7 @@ impl RedisConfig {
 }
 
 /// Why a URL cannot be used, without echoing its password.
-pub(crate) fn check_url(url: &str) -> std::result::Result<(), String> {
+fn check_url(url: &str) -> std::result::Result<(), String> {
     let shown = redact_url(url);
     let scheme = url.split("://").next().unwrap_or("");
     match scheme {
@@ -362,25 +516,10 @@ pub(crate) fn check_url(url: &str) -> std::result::Result<(), String> {
             ))
         }
     }
-    redis::Client::open(url)
-        .map(drop)
-        .map_err(|e| format!("{shown:?} cannot be parsed: {}", scrub(&e.to_string(), url)))
-}
-
-/// Removes a URL's password from a message produced by the redis client.
-pub(crate) fn scrub(message: &str, url: &str) -> String {
-    let mut out = message.replace(url, &redact_url(url));
-    if let Some(pw) = password_of(url) {
-        if !pw.is_empty() {
-            out = out.replace(pw, "***");
-        }
-    }
-    out
-}
-
-fn password_of(url: &str) -> Option<&str> {
-    let rest = url.split_once("://")?.1;
-    let authority = &rest[..rest.find(['/', '?']).unwrap_or(rest.len())];
-    let userinfo = &authority[..authority.rfind('@')?];
-    userinfo.split_once(':').map(|(_, p)| p)
+    redis::Client::open(url).map(drop).map_err(|e| {
+        format!(
+            "{shown:?} cannot be parsed: {}",
+            scrub_secrets(&e.to_string(), url)
+        )
+    })
 }

@@ -16,15 +16,15 @@
 //! See the README for connection counts, framing, the stream key layout and the outage
 //! policy.
 
-mod ack;
+mod broadcast;
 mod bus;
 mod config;
-mod conn;
-pub mod frame;
-mod pubsub;
-mod reader;
+mod connect;
+mod publish;
+mod state;
 mod stream;
-mod writer;
+pub mod wire;
 
 pub use bus::{register, RedisBus, RedisFactory};
-pub use config::{Framing, OnDisconnect, RedisConfig, RedisOptions};
+pub use busway::transport::{Framing, OnDisconnect};
+pub use config::{RedisConfig, RedisOptions};

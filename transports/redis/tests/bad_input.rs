@@ -2,32 +2,25 @@
 //! `decode_errors` and skipped, the subscription going on; an oversized publish is refused
 //! naming the limit. Each test starts its own redis-server.
 
+mod common;
+
 use std::time::Duration;
 
-use busway::{Bus, ErrorKind, Message, Mode, Pattern, SubscribeOptions, Topic};
-use busway_redis::{frame, RedisBus, RedisConfig, RedisOptions};
+use busway::{Bus, ErrorKind, Message, Mode, SubscribeOptions};
+use busway_redis::{wire, RedisBus};
 use busway_testkit::redis::RedisServer;
 
-const WAIT: Duration = Duration::from_secs(10);
+use common::{connect, pat, topic, WAIT};
+
 const MAX: usize = 16;
 
 async fn bus(url: &str, mode: Mode) -> RedisBus {
-    let mut o = RedisOptions::default();
-    o.max_payload = MAX;
-    o.block_ms = 200;
-    o.rescan_ms = 200;
-    RedisBus::connect(
-        RedisConfig::new("main", url)
-            .app("test")
-            .mode(mode)
-            .options(o),
-    )
+    connect("main", url, mode, |c| {
+        c.max_payload = MAX;
+        c.read_block = Duration::from_millis(200);
+        c.rescan_interval = Duration::from_millis(200);
+    })
     .await
-    .expect("connect")
-}
-
-fn topic(s: &str) -> Topic {
-    Topic::new(s).unwrap()
 }
 
 /// A plain redis client: the foreign publisher.
@@ -46,26 +39,26 @@ async fn broadcast_skips_garbage_truncated_and_oversized_frames() {
     };
     let bus = bus(&server.url(), Mode::Broadcast).await;
     let mut sub = bus
-        .subscribe(Pattern::new("g.*").unwrap(), SubscribeOptions::new())
+        .subscribe(pat("g.*"), SubscribeOptions::new())
         .await
         .unwrap();
     let mut full = Message::new(topic("g.x"), &b"payload"[..]).with_id("an-id");
     full.headers.correlation_id = Some("c".into());
-    let good = frame::encode(&full);
+    let good = wire::encode(&full);
     let truncated = good[..good.len() - full.payload.len() - 2].to_vec();
-    let oversized = frame::encode(&Message::new(topic("g.x"), vec![7u8; MAX + 1]));
+    let oversized = wire::encode(&Message::new(topic("g.x"), vec![7u8; MAX + 1]));
     let bad: Vec<(&str, Vec<u8>)> = vec![
         ("text", b"not a busway frame".to_vec()),
         ("empty", Vec::new()),
         ("truncated", truncated),
-        ("unknown version", vec![frame::MAGIC, 99, 0]),
+        ("unknown version", vec![wire::MAGIC, 99, 0]),
         (
             "length past the end",
-            vec![frame::MAGIC, frame::VERSION, 0x01, 0x7f, b'a'],
+            vec![wire::MAGIC, wire::VERSION, 0x01, 0x7f, b'a'],
         ),
         (
             "bad reply_to",
-            [&[frame::MAGIC, frame::VERSION, 0x10, 9][..], b"bad topic"].concat(),
+            [&[wire::MAGIC, wire::VERSION, 0x10, 9][..], b"bad topic"].concat(),
         ),
         ("oversized", oversized),
     ];
@@ -111,10 +104,7 @@ async fn stream_skips_bad_and_oversized_entries() {
     };
     let bus = bus(&server.url(), Mode::Stream).await;
     let mut sub = bus
-        .subscribe(
-            Pattern::new("s").unwrap(),
-            SubscribeOptions::new().group("g"),
-        )
+        .subscribe(pat("s"), SubscribeOptions::new().group("g"))
         .await
         .unwrap();
     let key = "busway:stream:s";

@@ -1,34 +1,20 @@
 //! Broadcast mode against a real redis-server started per test.
 
+mod common;
+
 use std::io::{BufRead, BufReader};
 use std::process::Stdio;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use busway::{Bus, ErrorKind, Health, Message, Pattern, SubscribeOptions, Topic};
-use busway_redis::{Framing, OnDisconnect, RedisBus, RedisConfig, RedisOptions};
+use busway::{Bus, ErrorKind, Health, Message, Mode, Pattern, SubscribeOptions};
+use busway_redis::{Framing, OnDisconnect, RedisBus, RedisConfig};
 use busway_testkit::redis::RedisServer;
 
-const WAIT: Duration = Duration::from_secs(10);
+use common::{assert_refused, connect, topic, wait_for, WAIT};
 
-async fn bus(url: &str, f: impl FnOnce(&mut RedisOptions)) -> RedisBus {
-    let mut o = RedisOptions::default();
-    f(&mut o);
-    RedisBus::connect(RedisConfig::new("main", url).app("test").options(o))
-        .await
-        .expect("connect")
-}
-
-fn topic(s: &str) -> Topic {
-    Topic::new(s).unwrap()
-}
-
-async fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
-    let start = Instant::now();
-    while !cond() {
-        assert!(start.elapsed() < WAIT, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+async fn bus(url: &str, f: impl FnOnce(&mut RedisConfig)) -> RedisBus {
+    connect("main", url, Mode::Broadcast, f).await
 }
 
 #[tokio::test]
@@ -132,7 +118,7 @@ async fn raw_framing_interoperates_with_redis_cli() {
     let Some(server) = RedisServer::start("raw_framing_interop") else {
         return;
     };
-    let bus = bus(&server.url(), |o| o.framing = Framing::Raw).await;
+    let bus = bus(&server.url(), |c| c.framing = Framing::Raw).await;
     assert!(!bus.capabilities().headers);
     // redis-cli PUBLISH -> busway subscriber.
     let mut sub = bus
@@ -340,7 +326,7 @@ async fn outage_policy_fail_names_bus_and_hides_password() {
     let Some(mut server) = RedisServer::start_with_password("outage_fail", "s3cret-pw") else {
         return;
     };
-    let bus = bus(&server.url(), |o| o.on_disconnect = OnDisconnect::Fail).await;
+    let bus = bus(&server.url(), |c| c.on_disconnect = OnDisconnect::Fail).await;
     bus.publish(Message::new(topic("x"), &b"1"[..]))
         .await
         .unwrap();
@@ -375,7 +361,7 @@ async fn outage_policy_buffer_holds_then_sends_and_bounds() {
         return;
     };
     let url = server.url();
-    let bus = Arc::new(bus(&url, |o| o.buffer_max = 5).await);
+    let bus = Arc::new(bus(&url, |c| c.publish_buffer = 5).await);
     server.kill();
     wait_for("health to leave up", || {
         bus.stats().health == Health::Connecting
@@ -391,7 +377,7 @@ async fn outage_policy_buffer_holds_then_sends_and_bounds() {
         .await
         .unwrap_err();
     assert_eq!(err.kind(), ErrorKind::BufferFull);
-    assert!(err.to_string().contains("buffer_max = 5"), "{err}");
+    assert!(err.to_string().contains("publish_buffer = 5"), "{err}");
     server.restart();
     // Subscribe from a second bus once the server is back: the buffered messages are sent
     // after the command connection returns, so count them on the server instead.
@@ -448,8 +434,7 @@ async fn connection_count_is_fixed_and_named() {
 
 #[tokio::test]
 async fn factory_config_errors_name_file_and_key() {
-    let mut registry = busway::Registry::new();
-    busway_redis::register(&mut registry);
+    // Each refused by validate, without a server, with build's message.
     let cases = [
         (
             "url = \"redis://127.0.0.1:1\"\nframing = \"rawx\"",
@@ -465,6 +450,10 @@ async fn factory_config_errors_name_file_and_key() {
             "cfg.toml: buses.main.url: \"http://u:***@h\" is not a redis URL",
         ),
         (
+            "url = \"redis://u:pw@127.0.0.1:99999\"",
+            "cfg.toml: buses.main.url: \"redis://u:***@127.0.0.1:99999\" cannot be parsed",
+        ),
+        (
             "url = \"redis://127.0.0.1:1\"\nmax_deliveries = 3",
             "cfg.toml: buses.main.max_deliveries: needs dead_letter",
         ),
@@ -472,25 +461,21 @@ async fn factory_config_errors_name_file_and_key() {
             "url = \"redis://127.0.0.1:1\"\nmode = \"stream\"\nframing = \"raw\"",
             "cfg.toml: buses.main.framing",
         ),
+        (
+            "url = \"redis://u:pw@127.0.0.1:1\"\ntls_ca = \"ca.pem\"",
+            "cfg.toml: buses.main.tls_ca: applies to rediss:// URLs only; the url is \"redis://u:***@127.0.0.1:1\"",
+        ),
+        (
+            "url = \"redis://127.0.0.1:1\"\npublish_timeout = \"5 parsecs\"",
+            "cfg.toml: buses.main.publish_timeout: invalid duration",
+        ),
     ];
     for (body, want) in cases {
-        let text = format!("[buses.main]\ntransport = \"redis\"\n{body}\n");
-        let config = busway::Config::from_toml(&text, "cfg.toml").unwrap();
-        let ctx = busway::transport::BuildContext {
-            app: "test",
-            bus: "main",
-            config: &config.buses["main"],
-            source: "cfg.toml",
-        };
-        let err = registry.build_context(ctx).await.unwrap_err();
-        assert_eq!(err.kind(), ErrorKind::InvalidConfig, "{err}");
-        assert!(
-            err.to_string().starts_with(want),
-            "want {want:?}, got {err}"
-        );
-        assert!(!err.to_string().contains(":pw@"), "{err}");
+        assert_refused(body, want).await;
     }
-    // Nothing listens on port 1: a connection error naming the bus.
+    let mut registry = busway::Registry::new();
+    busway_redis::register(&mut registry);
+    // Valid, and nothing listens on port 1: a connection error naming the bus.
     let config = busway::Config::from_toml(
         "[buses.main]\ntransport = \"redis\"\nurl = \"redis://u:pw@127.0.0.1:1\"\n",
         "cfg.toml",
@@ -506,6 +491,47 @@ async fn factory_config_errors_name_file_and_key() {
     assert_eq!(err.kind(), ErrorKind::Connection, "{err}");
     assert!(err.to_string().contains("\"main\""), "{err}");
     assert!(!format!("{err} {err:?}").contains(":pw@"), "{err}");
+}
+
+#[tokio::test]
+async fn renamed_keys_are_refused_naming_the_new_key() {
+    let cases = [
+        ("buffer_max = 5", "buffer_max: renamed to `publish_buffer`"),
+        (
+            "block_ms = 100",
+            "block_ms: renamed to `read_block`, a duration with a unit",
+        ),
+        (
+            "response_timeout_ms = 500",
+            "response_timeout_ms: renamed to `publish_timeout`",
+        ),
+        (
+            "claim_idle_ms = 500",
+            "claim_idle_ms: renamed to `claim_idle`",
+        ),
+    ];
+    for (key, want) in cases {
+        let body = format!("url = \"redis://127.0.0.1:1\"\n{key}");
+        assert_refused(&body, &format!("cfg.toml: buses.main.{want}")).await;
+    }
+}
+
+#[tokio::test]
+async fn durations_take_a_unit_or_whole_seconds() {
+    let text = "[buses.main]\ntransport = \"redis\"\nurl = \"redis://127.0.0.1:1\"\n\
+                publish_timeout = \"250ms\"\nconnect_timeout = 3\nclaim_idle = \"2m\"\n";
+    let config = busway::Config::from_toml(text, "cfg.toml").unwrap();
+    let ctx = busway::transport::BuildContext {
+        app: "test",
+        bus: "main",
+        config: &config.buses["main"],
+        source: "cfg.toml",
+    };
+    let config = RedisConfig::from_context(&ctx).unwrap();
+    assert_eq!(config.publish_timeout, Duration::from_millis(250));
+    assert_eq!(config.connect_timeout, Duration::from_secs(3));
+    assert_eq!(config.claim_idle, Some(Duration::from_secs(120)));
+    assert_eq!(config.read_block, Duration::from_millis(500), "a default");
 }
 
 #[tokio::test]

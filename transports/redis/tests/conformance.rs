@@ -1,24 +1,23 @@
 //! The conformance suite on Redis, broadcast and stream mode, a fresh redis-server per case.
 
+mod common;
+
 use std::sync::Arc;
+use std::time::Duration;
 
 use busway::Mode;
-use busway_redis::{RedisBus, RedisConfig, RedisOptions};
 use busway_testkit::conformance::Fixture;
 use busway_testkit::redis::RedisServer;
 
 async fn fixture(mode: Mode) -> Option<Fixture> {
     // No redis-server: the case is skipped (SKIPPED printed; BUSWAY_REQUIRE_BROKERS=1 fails).
     let server = RedisServer::start("redis conformance")?;
-    let mut options = RedisOptions::default();
     // Short read blocks and rescans keep nack redelivery and wildcard discovery quick.
-    options.block_ms = 100;
-    options.rescan_ms = 200;
-    let config = RedisConfig::new("conformance", server.url())
-        .app("test")
-        .mode(mode)
-        .options(options);
-    let bus = RedisBus::connect(config).await.expect("connect");
+    let bus = common::connect("conformance", &server.url(), mode, |c| {
+        c.read_block = Duration::from_millis(100);
+        c.rescan_interval = Duration::from_millis(200);
+    })
+    .await;
     Some(Fixture::with_guard(Arc::new(bus), server))
 }
 

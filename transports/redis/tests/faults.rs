@@ -2,12 +2,14 @@
 //! kill -9 and restart under load, a hung (SIGSTOPped) server, slow consumers, and `close`
 //! flushing what was accepted. Each prints `RESULT ...` lines copied into RELIABILITY.md.
 
+mod common;
+
 use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use busway::{Bus, ErrorKind, Message, Mode, Overflow, Pattern, SubscribeOptions, Topic};
-use busway_redis::{RedisBus, RedisConfig, RedisOptions};
+use busway::{Bus, ErrorKind, Message, Mode, Overflow, SubscribeOptions};
+use busway_redis::{RedisBus, RedisConfig};
 use busway_testkit::faults::{
     check_hung_error, restart_under_load, slow_consumer_with_dropping_policy, wait_until,
     Guarantee, LoadPlan,
@@ -15,29 +17,13 @@ use busway_testkit::faults::{
 use busway_testkit::redis::RedisServer;
 use futures::StreamExt;
 
-const WAIT: Duration = Duration::from_secs(10);
+use common::{connect, pat, topic, WAIT};
+
 /// No test may take longer than this: a hang fails instead of blocking the run.
 const TEST_LIMIT: Duration = Duration::from_secs(120);
 
-async fn bus(url: &str, mode: Mode, f: impl FnOnce(&mut RedisOptions)) -> RedisBus {
-    let mut o = RedisOptions::default();
-    f(&mut o);
-    RedisBus::connect(
-        RedisConfig::new("faults", url)
-            .app("test")
-            .mode(mode)
-            .options(o),
-    )
-    .await
-    .expect("connect")
-}
-
-fn topic(s: &str) -> Topic {
-    Topic::new(s).unwrap()
-}
-
-fn pat(s: &str) -> Pattern {
-    Pattern::new(s).unwrap()
+async fn bus(url: &str, mode: Mode, f: impl FnOnce(&mut RedisConfig)) -> RedisBus {
+    connect("faults", url, mode, f).await
 }
 
 async fn within<T>(what: &str, f: impl std::future::Future<Output = T>) -> T {
@@ -129,7 +115,7 @@ async fn hung_broker_times_out_clearly_and_resumes() {
         return;
     };
     within("hung broker", async {
-        let short = |o: &mut RedisOptions| o.response_timeout_ms = SHORT.as_millis() as u64;
+        let short = |c: &mut RedisConfig| c.publish_timeout = SHORT;
         let stream = bus(&server.url(), Mode::Stream, short).await;
         let broadcast = bus(&server.url(), Mode::Broadcast, short).await;
         let mut bsub = broadcast
@@ -361,8 +347,8 @@ async fn close_flushes_every_accepted_broadcast_publish() {
         let client = redis::Client::open(server.url()).unwrap();
         let mut raw = client.get_async_pubsub().await.unwrap();
         raw.subscribe("close.t").await.unwrap();
-        let bus = bus(&server.url(), Mode::Broadcast, |o| {
-            o.framing = busway_redis::Framing::Raw;
+        let bus = bus(&server.url(), Mode::Broadcast, |c| {
+            c.framing = busway_redis::Framing::Raw;
         })
         .await;
         let ok = publish_then_close(bus, 8, 5_000).await;

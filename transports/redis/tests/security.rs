@@ -2,13 +2,15 @@
 //! fail fast with `Auth` and no retry storm; right ones work in both modes; no secret
 //! appears in errors, `Debug` or the logs.
 
+mod common;
+
 use std::time::{Duration, Instant};
 
-use busway::{Bus, ErrorKind, Message, Mode, Pattern, SubscribeOptions, Topic};
+use busway::{Bus, ErrorKind, Message, Mode, SubscribeOptions};
 use busway_redis::{RedisBus, RedisConfig};
 use busway_testkit::redis::RedisServer;
 
-const WAIT: Duration = Duration::from_secs(10);
+use common::{pat, topic, WAIT};
 /// "Fast": well under any retry loop, generous for a loaded 2-core machine.
 const FAST: Duration = Duration::from_secs(3);
 const ADMIN: &str = "Adm1n-secret-pw";
@@ -57,12 +59,10 @@ async fn round_trip(url: String, mode: Mode) -> String {
         .await
         .unwrap_or_else(|e| panic!("{mode:?}: {e}"));
     let mut sub = bus
-        .subscribe(Pattern::new("s.x").unwrap(), SubscribeOptions::new())
+        .subscribe(pat("s.x"), SubscribeOptions::new())
         .await
         .unwrap();
-    bus.publish(Message::new(Topic::new("s.x").unwrap(), "ok"))
-        .await
-        .unwrap();
+    bus.publish(Message::new(topic("s.x"), "ok")).await.unwrap();
     let d = sub.recv_timeout(WAIT).await.unwrap().unwrap();
     assert_eq!(&d.message().payload[..], b"ok", "{mode:?}");
     let _ = d.ack().await;

@@ -1,40 +1,24 @@
 //! Stream mode against a real redis-server started per test.
 
+mod common;
+
 use std::time::{Duration, Instant};
 
-use busway::{
-    Bus, Health, Message, Mode, Pattern, StartFrom, SubscribeOptions, Subscription, Topic,
-};
-use busway_redis::{RedisBus, RedisConfig, RedisOptions};
+use busway::{Bus, Health, Message, Mode, StartFrom, SubscribeOptions, Subscription};
+use busway_redis::{RedisBus, RedisConfig};
 use busway_testkit::redis::RedisServer;
 
-const WAIT: Duration = Duration::from_secs(10);
+use common::{connect, next, pat, topic, WAIT};
 
-async fn bus(url: &str, f: impl FnOnce(&mut RedisOptions)) -> RedisBus {
-    let mut o = RedisOptions::default();
-    o.block_ms = 200;
-    o.rescan_ms = 200;
-    f(&mut o);
-    RedisBus::connect(
-        RedisConfig::new("engine", url)
-            .app("test")
-            .mode(Mode::Stream)
-            .options(o),
-    )
+/// A stream bus with short read blocks and rescans, so nack redelivery and wildcard
+/// discovery are quick.
+async fn bus(url: &str, f: impl FnOnce(&mut RedisConfig)) -> RedisBus {
+    connect("engine", url, Mode::Stream, |c| {
+        c.read_block = Duration::from_millis(200);
+        c.rescan_interval = Duration::from_millis(200);
+        f(c)
+    })
     .await
-    .expect("connect")
-}
-
-fn topic(s: &str) -> Topic {
-    Topic::new(s).unwrap()
-}
-
-fn pat(s: &str) -> Pattern {
-    Pattern::new(s).unwrap()
-}
-
-async fn next(sub: &mut Subscription) -> busway::Delivery {
-    sub.recv_timeout(WAIT).await.unwrap().expect("a delivery")
 }
 
 async fn nothing(sub: &mut Subscription) {
@@ -143,9 +127,9 @@ async fn nack_redelivers_and_max_deliveries_dead_letters() {
     let Some(server) = RedisServer::start("stream_nack") else {
         return;
     };
-    let bus = bus(&server.url(), |o| {
-        o.max_deliveries = Some(3);
-        o.dead_letter = Some("dead.letters".into());
+    let bus = bus(&server.url(), |c| {
+        c.max_deliveries = Some(3);
+        c.dead_letter = Some("dead.letters".into());
     })
     .await;
     let mut dead = bus
@@ -181,7 +165,10 @@ async fn entries_of_a_dead_consumer_are_reclaimed() {
     let Some(server) = RedisServer::start("stream_reclaim") else {
         return;
     };
-    let bus = bus(&server.url(), |o| o.claim_idle_ms = Some(300)).await;
+    let bus = bus(&server.url(), |c| {
+        c.claim_idle = Some(Duration::from_millis(300))
+    })
+    .await;
     let mut first = bus
         .subscribe(pat("work"), SubscribeOptions::new().group("g"))
         .await
@@ -325,7 +312,10 @@ async fn restart_with_aof_loses_nothing_unacked() {
     let Some(mut server) = RedisServer::start_with_aof("stream_restart_aof") else {
         return;
     };
-    let bus = bus(&server.url(), |o| o.claim_idle_ms = Some(500)).await;
+    let bus = bus(&server.url(), |c| {
+        c.claim_idle = Some(Duration::from_millis(500))
+    })
+    .await;
     let mut sub = bus
         .subscribe(pat("fills"), SubscribeOptions::new().group("book"))
         .await
@@ -733,9 +723,9 @@ async fn a_blocked_reader_takes_new_subscriptions_and_keys_at_once() {
     };
     // Reads block for a minute and wildcard rescans are a minute apart: everything below
     // arrives within WAIT only because the readers are woken.
-    let bus = bus(&server.url(), |o| {
-        o.block_ms = 60_000;
-        o.rescan_ms = 60_000;
+    let bus = bus(&server.url(), |c| {
+        c.read_block = Duration::from_secs(60);
+        c.rescan_interval = Duration::from_secs(60);
     })
     .await;
     let _first = bus
@@ -789,9 +779,9 @@ async fn groupless_nack_ack_timeout_and_dead_letter_work_in_process() {
     let Some(server) = RedisServer::start("stream_groupless_redelivery") else {
         return;
     };
-    let bus = bus(&server.url(), |o| {
-        o.max_deliveries = Some(3);
-        o.dead_letter = Some("dead.letters".into());
+    let bus = bus(&server.url(), |c| {
+        c.max_deliveries = Some(3);
+        c.dead_letter = Some("dead.letters".into());
     })
     .await;
     let mut dead = bus

@@ -1,5 +1,6 @@
-//! Broadcast subscriptions: one RESP3 pub/sub connection per bus shared by every
-//! subscription, with messages dispatched by channel or glob to the subscriptions' queues.
+//! Broadcast mode's subscriptions (its publishes are `PUBLISH`es on the publish path): one
+//! RESP3 pub/sub connection per bus shared by every subscription, with messages dispatched by
+//! channel or glob to the subscriptions' queues.
 //!
 //! A literal pattern becomes `SUBSCRIBE <topic>`; a wildcard pattern becomes
 //! `PSUBSCRIBE <glob>` where both `*` and `>` become the glob `*` (which also matches dots, so
@@ -17,17 +18,15 @@ use redis::aio::MultiplexedConnection;
 use redis::{PushInfo, PushKind, Value};
 use tokio::sync::{mpsc, oneshot};
 
-use busway::transport::QueueSender;
-use busway::transport::{TransportDelivery, TransportSubscription};
+use busway::transport::{Counters, Framing, QueueSender, TransportDelivery, TransportSubscription};
 use busway::{
-    topic::PatternToken, transport::Counters, Bus, Delivery, Message, Pattern, Result,
-    SubscribeOptions, Subscription, Topic,
+    topic::PatternToken, Bus, Delivery, Message, Pattern, Result, SubscribeOptions, Subscription,
+    Topic,
 };
 
-use crate::bus::Inner;
-use crate::config::Framing;
-use crate::conn::{is_connection_error, ConnCount};
-use crate::frame;
+use crate::connect::{is_connection_error, ConnCount};
+use crate::state::Shared;
+use crate::wire;
 
 /// A Redis subscription: an exact channel or a glob.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -73,8 +72,9 @@ enum Ctl {
     Unsubscribe(Key),
 }
 
-/// The shared pub/sub state of one bus.
-pub(crate) struct PubSub {
+/// The broadcast subscriptions of one bus, by Redis subscription.
+pub(crate) struct Broadcast {
+    shared: Arc<Shared>,
     table: Mutex<HashMap<Key, Vec<Entry>>>,
     ctl: mpsc::UnboundedSender<Ctl>,
     ctl_rx: Mutex<Option<mpsc::UnboundedReceiver<Ctl>>>,
@@ -82,9 +82,9 @@ pub(crate) struct PubSub {
     next_id: std::sync::atomic::AtomicU64,
 }
 
-impl std::fmt::Debug for PubSub {
+impl std::fmt::Debug for Broadcast {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("PubSub")
+        f.debug_struct("Broadcast")
             .field("keys", &self.table.lock().len())
             .finish()
     }
@@ -92,17 +92,16 @@ impl std::fmt::Debug for PubSub {
 
 /// Removes a subscription from the table when dropped.
 struct SubGuard {
-    inner: Weak<Inner>,
+    broadcast: Weak<Broadcast>,
     key: Key,
     id: u64,
 }
 
 impl Drop for SubGuard {
     fn drop(&mut self) {
-        let Some(inner) = self.inner.upgrade() else {
+        let Some(ps) = self.broadcast.upgrade() else {
             return;
         };
-        let ps = &inner.pubsub;
         let mut table = ps.table.lock();
         if let Some(entries) = table.get_mut(&self.key) {
             entries.retain(|e| e.id != self.id);
@@ -114,10 +113,11 @@ impl Drop for SubGuard {
     }
 }
 
-impl PubSub {
-    pub(crate) fn new() -> PubSub {
+impl Broadcast {
+    pub(crate) fn new(shared: Arc<Shared>) -> Broadcast {
         let (ctl, rx) = mpsc::unbounded_channel();
-        PubSub {
+        Broadcast {
+            shared,
             table: Mutex::new(HashMap::new()),
             ctl,
             ctl_rx: Mutex::new(Some(rx)),
@@ -135,41 +135,44 @@ impl PubSub {
         }
     }
 
+    /// A subscription to `pattern`; its deliveries of requests reply through `via`.
     pub(crate) async fn subscribe(
-        inner: &Arc<Inner>,
+        self: &Arc<Self>,
         pattern: Pattern,
         options: &SubscribeOptions,
+        via: Arc<dyn Bus>,
     ) -> Result<Subscription> {
-        let ps = &inner.pubsub;
+        let (ps, shared) = (self, &self.shared);
         {
             // The first subscription opens the connection here, so its errors reach the caller
             // and the subscription is live when this returns.
             let mut started = ps.start.lock().await;
             if !*started {
                 let (push_tx, push_rx) = mpsc::unbounded_channel();
-                let con = inner.connector.connect(None, Some(push_tx)).await?;
+                let con = shared.connector.connect(None, Some(push_tx)).await?;
                 let ctl_rx = ps
                     .ctl_rx
                     .lock()
                     .take()
                     .expect("the pub/sub task starts once");
-                inner.pubsub_up.store(true, Relaxed);
-                inner.pubsub_started.store(true, Relaxed);
+                shared.pubsub_up.store(true, Relaxed);
+                shared.pubsub_started.store(true, Relaxed);
                 let task = Task {
-                    inner: inner.clone(),
-                    con: Some((con, ConnCount::new(&inner.stats))),
+                    shared: shared.clone(),
+                    broadcast: self.clone(),
+                    con: Some((con, ConnCount::new(&shared.stats))),
                     push_rx,
                     ctl_rx,
                     attempt: 0,
-                    via: inner.handle(),
+                    via,
                 };
                 tokio::spawn(task.run());
                 *started = true;
             }
         }
-        let (capacity, overflow) = options.queue(inner.config.queue);
+        let (capacity, overflow) = options.queue(shared.config.queue);
         let (tx, sub) =
-            Subscription::channel(pattern.clone(), capacity, overflow, inner.stats.clone());
+            Subscription::channel(pattern.clone(), capacity, overflow, shared.stats.clone());
         let key = Key::for_pattern(&pattern);
         let id = ps.next_id.fetch_add(1, Relaxed);
         let is_new = {
@@ -179,7 +182,7 @@ impl PubSub {
             entries.len() == 1
         };
         let guard = SubGuard {
-            inner: Arc::downgrade(inner),
+            broadcast: Arc::downgrade(self),
             key: key.clone(),
             id,
         };
@@ -189,8 +192,8 @@ impl PubSub {
             // While disconnected the subscription starts with the connection's return (the
             // task resubscribes the whole table); while connected, wait for the server's
             // confirmation so that messages published after this returns are delivered.
-            if inner.pubsub_up.load(Relaxed) {
-                let _ = tokio::time::timeout(inner.config.response_timeout(), done_rx).await;
+            if shared.pubsub_up.load(Relaxed) {
+                let _ = tokio::time::timeout(shared.config.response_timeout(), done_rx).await;
             }
         }
         Ok(sub.with_guard(guard))
@@ -198,7 +201,8 @@ impl PubSub {
 }
 
 struct Task {
-    inner: Arc<Inner>,
+    shared: Arc<Shared>,
+    broadcast: Arc<Broadcast>,
     con: Option<(MultiplexedConnection, ConnCount)>,
     push_rx: mpsc::UnboundedReceiver<PushInfo>,
     ctl_rx: mpsc::UnboundedReceiver<Ctl>,
@@ -218,7 +222,7 @@ fn args(key: &Key, subscribe: bool) -> (&'static str, &str) {
 
 impl Task {
     async fn run(mut self) {
-        let mut shutdown = self.inner.shutdown.subscribe();
+        let mut shutdown = self.shared.shutdown.subscribe();
         loop {
             if *shutdown.borrow() {
                 break;
@@ -242,15 +246,15 @@ impl Task {
                 },
             }
         }
-        self.inner.pubsub_up.store(false, Relaxed);
-        self.inner.pubsub.close_all();
+        self.shared.pubsub_up.store(false, Relaxed);
+        self.broadcast.close_all();
     }
 
     fn lost(&mut self, why: &str) {
         if self.con.take().is_some() {
-            tracing::warn!(bus = %self.inner.config.bus, why, "pub/sub connection lost");
+            tracing::warn!(bus = %self.shared.config.bus, why, "pub/sub connection lost");
         }
-        self.inner.pubsub_up.store(false, Relaxed);
+        self.shared.pubsub_up.store(false, Relaxed);
     }
 
     async fn control(&mut self, ctl: Ctl) {
@@ -259,7 +263,7 @@ impl Task {
             Ctl::Unsubscribe(key) => (key, None, false),
         };
         // The table is the truth: a key may have come and gone since the message was sent.
-        let wanted = self.inner.pubsub.table.lock().contains_key(&key);
+        let wanted = self.broadcast.table.lock().contains_key(&key);
         if wanted != subscribe {
             return;
         }
@@ -277,8 +281,8 @@ impl Task {
             if is_connection_error(&e) {
                 self.lost("a subscribe failed");
             } else {
-                Counters::incr(&self.inner.stats.errors);
-                tracing::warn!(bus = %self.inner.config.bus, error = %self.inner.connector.error(cmd, e), "pub/sub command refused");
+                Counters::incr(&self.shared.stats.errors);
+                tracing::warn!(bus = %self.shared.config.bus, error = %self.shared.connector.error(cmd, e), "pub/sub command refused");
             }
         }
         if let Some(done) = done {
@@ -287,18 +291,18 @@ impl Task {
     }
 
     async fn reconnect(&mut self) {
-        tokio::time::sleep(self.inner.connector.backoff(self.attempt)).await;
+        tokio::time::sleep(self.shared.connector.backoff(self.attempt)).await;
         let (push_tx, push_rx) = mpsc::unbounded_channel();
-        let mut con = match self.inner.connector.connect(None, Some(push_tx)).await {
+        let mut con = match self.shared.connector.connect(None, Some(push_tx)).await {
             Ok(con) => con,
             Err(e) => {
                 self.attempt = self.attempt.saturating_add(1);
-                tracing::debug!(bus = %self.inner.config.bus, error = %e, "pub/sub reconnect failed");
+                tracing::debug!(bus = %self.shared.config.bus, error = %e, "pub/sub reconnect failed");
                 return;
             }
         };
         let (channels, globs): (Vec<String>, Vec<String>) = {
-            let table = self.inner.pubsub.table.lock();
+            let table = self.broadcast.table.lock();
             let mut c = Vec::new();
             let mut g = Vec::new();
             for key in table.keys() {
@@ -318,15 +322,15 @@ impl Task {
         }
         if let Err(e) = result {
             self.attempt = self.attempt.saturating_add(1);
-            tracing::debug!(bus = %self.inner.config.bus, error = %self.inner.connector.error("resubscribe", e), "pub/sub resubscribe failed");
+            tracing::debug!(bus = %self.shared.config.bus, error = %self.shared.connector.error("resubscribe", e), "pub/sub resubscribe failed");
             return;
         }
         self.attempt = 0;
         self.push_rx = push_rx;
-        self.con = Some((con, ConnCount::new(&self.inner.stats)));
-        self.inner.pubsub_up.store(true, Relaxed);
-        Counters::incr(&self.inner.stats.reconnects);
-        tracing::info!(bus = %self.inner.config.bus, channels = channels.len(), globs = globs.len(), "pub/sub connection re-established and resubscribed");
+        self.con = Some((con, ConnCount::new(&self.shared.stats)));
+        self.shared.pubsub_up.store(true, Relaxed);
+        Counters::incr(&self.shared.stats.reconnects);
+        tracing::info!(bus = %self.shared.config.bus, channels = channels.len(), globs = globs.len(), "pub/sub connection re-established and resubscribed");
         // Subscribe requests queued during the outage are covered by the resubscription.
         while let Ok(ctl) = self.ctl_rx.try_recv() {
             self.control(ctl).await;
@@ -341,7 +345,7 @@ impl Task {
                     return;
                 };
                 let Some(c) = as_string(c) else {
-                    Counters::incr(&self.inner.stats.decode_errors);
+                    Counters::incr(&self.shared.stats.decode_errors);
                     return;
                 };
                 (Key::Channel(c.clone()), c, p)
@@ -351,7 +355,7 @@ impl Task {
                     return;
                 };
                 let (Some(g), Some(c)) = (as_string(g), as_string(c)) else {
-                    Counters::incr(&self.inner.stats.decode_errors);
+                    Counters::incr(&self.shared.stats.decode_errors);
                     return;
                 };
                 (Key::Glob(g), c, p)
@@ -363,7 +367,7 @@ impl Task {
             return;
         };
         let targets: Vec<QueueSender> = {
-            let table = self.inner.pubsub.table.lock();
+            let table = self.broadcast.table.lock();
             match table.get(&key) {
                 Some(entries) => entries
                     .iter()
@@ -379,27 +383,27 @@ impl Task {
         let payload = match payload {
             Value::BulkString(b) => Bytes::from(b),
             _ => {
-                Counters::incr(&self.inner.stats.decode_errors);
+                Counters::incr(&self.shared.stats.decode_errors);
                 return;
             }
         };
-        let message = if self.inner.config.options.framing == Framing::Raw {
+        let message = if self.shared.config.framing == Framing::Raw {
             Message::new(topic, payload)
         } else {
-            match frame::decode(topic, payload) {
+            match wire::decode(topic, payload) {
                 Ok(m) => m,
                 Err(e) => {
-                    Counters::incr(&self.inner.stats.decode_errors);
-                    tracing::debug!(bus = %self.inner.config.bus, channel, error = %e, "skipped an undecodable message");
+                    Counters::incr(&self.shared.stats.decode_errors);
+                    tracing::debug!(bus = %self.shared.config.bus, channel, error = %e, "skipped an undecodable message");
                     return;
                 }
             }
         };
         // A foreign publisher is not bound by our max_payload; subscribers are promised it.
-        let max = self.inner.config.options.max_payload;
+        let max = self.shared.config.max_payload;
         if message.payload.len() > max {
-            Counters::incr(&self.inner.stats.decode_errors);
-            tracing::debug!(bus = %self.inner.config.bus, channel, size = message.payload.len(), max_payload = max, "skipped a message larger than max_payload");
+            Counters::incr(&self.shared.stats.decode_errors);
+            tracing::debug!(bus = %self.shared.config.bus, channel, size = message.payload.len(), max_payload = max, "skipped a message larger than max_payload");
             return;
         }
         // One message, shared by its subscribers' deliveries instead of copied for each.

@@ -1,28 +1,44 @@
-//! Opening named connections, mapping redis errors, and the reconnect backoff.
+//! Connection set-up: the bus's parsed clients (TLS included), named connections, redis
+//! errors mapped to busway's, and the reconnect backoff.
 
+use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
 use redis::aio::MultiplexedConnection;
 use redis::{AsyncConnectionConfig, Client, IntoConnectionInfo, ProtocolVersion};
 
+use busway::transport::{redact_url, scrub_secrets, Counters};
 use busway::{Error, ErrorKind};
 
-use crate::config::{scrub, RedisConfig};
+use crate::config::RedisConfig;
+
+/// The least of every timeout and delay: a zero would mean "none" to the client.
+const MIN_TIMEOUT: Duration = Duration::from_millis(1);
 
 /// What every connection of one bus shares: the parsed client and names for messages.
-#[derive(Debug)]
+/// `Debug` shows the URL redacted.
 pub(crate) struct Connector {
     client: Client,
     resp3: Client,
-    pub(crate) bus: String,
-    pub(crate) url: String,
+    bus: String,
+    url: String,
     redacted: String,
     client_name: String,
     connect_timeout: Duration,
     response_timeout: Duration,
     min_backoff: Duration,
     max_backoff: Duration,
+}
+
+impl fmt::Debug for Connector {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Connector")
+            .field("bus", &self.bus)
+            .field("url", &redact_url(&self.url))
+            .field("client_name", &self.client_name)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Connector {
@@ -33,7 +49,7 @@ impl Connector {
                     "bus {:?}: url {:?}: {}",
                     config.bus,
                     config.redacted_url(),
-                    scrub(&e.to_string(), &config.url)
+                    scrub_secrets(&e.to_string(), &config.url)
                 ))
             })?;
             if resp3 {
@@ -48,7 +64,7 @@ impl Connector {
                     "bus {:?}: url {:?}: {}",
                     config.bus,
                     config.redacted_url(),
-                    scrub(&e.to_string(), &config.url)
+                    scrub_secrets(&e.to_string(), &config.url)
                 ))
             })
         };
@@ -59,16 +75,13 @@ impl Connector {
             url: config.url.clone(),
             redacted: config.redacted_url(),
             client_name: config.client_name.clone(),
-            connect_timeout: Duration::from_millis(config.options.connect_timeout_ms.max(1)),
+            connect_timeout: config.connect_timeout.max(MIN_TIMEOUT),
             response_timeout: config.response_timeout(),
-            min_backoff: Duration::from_millis(config.options.reconnect_min_ms.max(1)),
-            max_backoff: Duration::from_millis(
-                config
-                    .options
-                    .reconnect_max_ms
-                    .max(config.options.reconnect_min_ms)
-                    .max(1),
-            ),
+            min_backoff: config.reconnect_min.max(MIN_TIMEOUT),
+            max_backoff: config
+                .reconnect_max
+                .max(config.reconnect_min)
+                .max(MIN_TIMEOUT),
         })
     }
 
@@ -117,7 +130,7 @@ impl Connector {
             }
             _ => ErrorKind::Broker,
         };
-        let text = scrub(&e.to_string(), &self.url);
+        let text = scrub_secrets(&e.to_string(), &self.url);
         let text =
             if kind == ErrorKind::Auth || text.contains("NOAUTH") || text.contains("WRONGPASS") {
                 return Error::new(
@@ -147,6 +160,14 @@ impl Connector {
         )
     }
 
+    /// A `Connection` error for commands issued while the command connection is down.
+    pub(crate) fn disconnected_plain(&self) -> Error {
+        Error::new(
+            ErrorKind::Connection,
+            format!("bus {:?}: not connected to {}", self.bus, self.redacted),
+        )
+    }
+
     /// The delay before reconnect attempt `attempt` (0-based): doubling from the minimum,
     /// capped, with the upper half jittered so many clients do not return in step.
     pub(crate) fn backoff(&self, attempt: u32) -> Duration {
@@ -162,7 +183,7 @@ impl Connector {
 /// A client for `info`, trusting `tls_ca` and presenting `tls_cert` / `tls_key` when set.
 #[cfg(feature = "tls")]
 fn open_client(config: &RedisConfig, info: redis::ConnectionInfo) -> redis::RedisResult<Client> {
-    let o = &config.options;
+    let o = config;
     if o.tls_ca.is_none() && o.tls_cert.is_none() {
         return Client::open(info);
     }
@@ -194,8 +215,8 @@ fn open_client(config: &RedisConfig, info: redis::ConnectionInfo) -> redis::Redi
 
 #[cfg(not(feature = "tls"))]
 fn open_client(config: &RedisConfig, info: redis::ConnectionInfo) -> redis::RedisResult<Client> {
-    // `check` refuses tls_* keys without a rediss:// URL, and `check_url` refuses rediss://
-    // without the feature, so nothing is lost here.
+    // The config refuses tls_* keys without a rediss:// URL, and rediss:// without the
+    // feature, so nothing is lost here.
     let _ = config;
     Client::open(info)
 }
@@ -212,10 +233,10 @@ pub(crate) fn is_connection_error(e: &redis::RedisError) -> bool {
 
 /// Counts one open connection while alive.
 #[derive(Debug)]
-pub(crate) struct ConnCount(Arc<busway::transport::Counters>);
+pub(crate) struct ConnCount(Arc<Counters>);
 
 impl ConnCount {
-    pub(crate) fn new(stats: &Arc<busway::transport::Counters>) -> ConnCount {
+    pub(crate) fn new(stats: &Arc<Counters>) -> ConnCount {
         stats
             .connections
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -228,15 +249,5 @@ impl Drop for ConnCount {
         self.0
             .connections
             .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
-    }
-}
-
-impl Connector {
-    /// A `Connection` error for commands issued while the command connection is down.
-    pub(crate) fn disconnected_plain(&self) -> Error {
-        Error::new(
-            ErrorKind::Connection,
-            format!("bus {:?}: not connected to {}", self.bus, self.redacted),
-        )
     }
 }

@@ -1,4 +1,5 @@
-//! The command connection and its writer task.
+//! The publish path: [`Publisher`] (what `publish` and `flush` call) and the writer task
+//! that owns the command connection.
 //!
 //! Every publish goes through one bounded channel to one task that owns the multiplexed
 //! command connection. The task drains whatever is queued (up to `max_batch`) and sends it
@@ -28,21 +29,171 @@ use redis::aio::MultiplexedConnection;
 use redis::Value;
 use tokio::sync::{mpsc, oneshot};
 
-use busway::{transport::Counters, Error, Result, Topic};
+use busway::transport::{is_inbox, Counters, Framing, OnDisconnect};
+use busway::{Error, ErrorKind, Message, Mode, Result, Topic};
 
-use crate::bus::Inner;
-use crate::config::OnDisconnect;
-use crate::conn::{is_connection_error, ConnCount};
+use crate::connect::{is_connection_error, ConnCount};
+use crate::state::Shared;
+use crate::stream::{self, Field, StreamState};
+use crate::wire;
+
+/// The front of the publish path: turns messages into writer items and applies the outage
+/// policy, the publish timeout and the bounded queue.
+pub(crate) struct Publisher {
+    shared: Arc<Shared>,
+    tx: mpsc::Sender<Item>,
+}
+
+impl Publisher {
+    /// A publisher and the writer task to spawn, which owns `con` (the command connection,
+    /// whose push `events` announce its loss).
+    pub(crate) fn new(
+        shared: Arc<Shared>,
+        streams: Arc<StreamState>,
+        con: MultiplexedConnection,
+        events: mpsc::UnboundedReceiver<redis::PushInfo>,
+    ) -> (Publisher, Writer) {
+        let (tx, rx) = mpsc::channel(shared.config.publish_queue);
+        let writer = Writer::new(shared.clone(), streams, rx, con, events);
+        (Publisher { shared, tx }, writer)
+    }
+
+    pub(crate) async fn publish(&self, message: Message) -> Result<()> {
+        let shared = &*self.shared;
+        let config = &shared.config;
+        if shared.closed.load(Relaxed) {
+            return Err(shared.closed_error());
+        }
+        config.capabilities().check_payload(&config.bus, &message)?;
+        if !shared.cmd_up.load(Relaxed) {
+            match config.on_disconnect {
+                OnDisconnect::Fail => {
+                    Counters::incr(&shared.stats.errors);
+                    return Err(shared.connector.disconnected());
+                }
+                OnDisconnect::Buffer => {
+                    if shared.queued.load(Relaxed) >= config.publish_buffer {
+                        Counters::incr(&shared.stats.errors);
+                        return Err(Error::new(
+                            ErrorKind::BufferFull,
+                            format!(
+                                "bus {:?}: {} publishes are held while {} is unreachable (publish_buffer = {}); {:?} was not published",
+                                config.bus,
+                                shared.queued.load(Relaxed),
+                                config.redacted_url(),
+                                config.publish_buffer,
+                                message.topic.as_str()
+                            ),
+                        ));
+                    }
+                }
+            }
+        }
+        let timeout = config.response_timeout();
+        let stream = config.mode == Mode::Stream && !is_inbox(message.topic.as_str());
+        let topic = message.topic.clone();
+        let (item, done) = if stream {
+            let (tx, rx) = oneshot::channel();
+            (
+                Item::Xadd {
+                    topic: message.topic.clone(),
+                    fields: stream::fields(message),
+                    done: tx,
+                },
+                Some(rx),
+            )
+        } else {
+            let data = if config.framing == Framing::Raw {
+                message.payload.to_vec()
+            } else {
+                wire::encode(&message)
+            };
+            (
+                Item::Publish {
+                    channel: message.topic,
+                    data,
+                },
+                None,
+            )
+        };
+        shared.queued.fetch_add(1, Relaxed);
+        let timed_out = || {
+            Counters::incr(&shared.stats.errors);
+            Error::new(
+                ErrorKind::Timeout,
+                format!(
+                    "bus {:?}: publish on {:?} not accepted by {} within {timeout:?}",
+                    config.bus,
+                    topic.as_str(),
+                    config.redacted_url()
+                ),
+            )
+        };
+        // The channel almost always has room: a timer (a clock read, a timer-wheel entry and
+        // a reference to the runtime per publish) is made only when it is full.
+        let queued = match self.tx.try_send(item) {
+            Ok(()) => Ok(()),
+            Err(mpsc::error::TrySendError::Closed(_)) => Err(shared.closed_error()),
+            Err(mpsc::error::TrySendError::Full(item)) => {
+                match tokio::time::timeout(timeout, self.tx.send(item)).await {
+                    Ok(Ok(())) => Ok(()),
+                    Ok(Err(_)) => Err(shared.closed_error()),
+                    Err(_) => Err(timed_out()),
+                }
+            }
+        };
+        if let Err(e) = queued {
+            shared.queued.fetch_sub(1, Relaxed);
+            return Err(e);
+        }
+        if let Some(done) = done {
+            match tokio::time::timeout(timeout, done).await {
+                Ok(Ok(Ok(()))) => {}
+                Ok(Ok(Err(e))) => return Err(e),
+                Ok(Err(_)) => return Err(shared.closed_error()),
+                Err(_) => return Err(timed_out()),
+            }
+        }
+        Counters::incr(&shared.stats.published);
+        Ok(())
+    }
+
+    /// Waits until every publish accepted before it is answered by the server.
+    pub(crate) async fn flush(&self) -> Result<()> {
+        let shared = &*self.shared;
+        let (tx, rx) = oneshot::channel();
+        let timeout = shared.config.response_timeout();
+        let err = || {
+            Error::new(
+                ErrorKind::Timeout,
+                format!(
+                    "bus {:?}: flush: {} publishes not acknowledged by {} within {timeout:?}",
+                    shared.config.bus,
+                    shared.queued.load(Relaxed),
+                    shared.config.redacted_url()
+                ),
+            )
+        };
+        tokio::time::timeout(timeout, async {
+            if self.tx.send(Item::Flush(tx)).await.is_err() {
+                return;
+            }
+            let _ = rx.await;
+        })
+        .await
+        .map_err(|_| err())
+    }
+}
 
 /// One unit of work for the writer.
 #[derive(Debug)]
-pub(crate) enum Item {
+enum Item {
     /// `PUBLISH channel data` (broadcast; the publisher does not wait).
     Publish { channel: Topic, data: Vec<u8> },
     /// `XADD key MAXLEN ~ n * fields...` (stream; the publisher waits for `done`).
     Xadd {
         topic: Topic,
-        fields: Vec<crate::stream::Field>,
+        fields: Vec<Field>,
         done: oneshot::Sender<Result<()>>,
     },
     /// Completed once every item queued before it is answered.
@@ -59,14 +210,14 @@ impl Item {
         }
     }
 
-    fn fail(self, inner: &Inner, e: &Error) {
+    fn fail(self, shared: &Shared, e: &Error) {
         match self {
             Item::Publish { channel, .. } => {
-                Counters::incr(&inner.stats.errors);
-                tracing::warn!(bus = %inner.config.bus, topic = %channel, error = %e, "broadcast publish lost");
+                Counters::incr(&shared.stats.errors);
+                tracing::warn!(bus = %shared.config.bus, topic = %channel, error = %e, "broadcast publish lost");
             }
             Item::Xadd { done, .. } => {
-                Counters::incr(&inner.stats.errors);
+                Counters::incr(&shared.stats.errors);
                 let _ = done.send(Err(Error::new(e.kind(), e.message().to_string())));
             }
             Item::Flush(done) => {
@@ -76,8 +227,11 @@ impl Item {
     }
 }
 
+/// The task that owns the command connection and sends what the [`Publisher`] queues.
 pub(crate) struct Writer {
-    inner: Arc<Inner>,
+    shared: Arc<Shared>,
+    /// Stream mode: the readers told about topics this process indexes.
+    streams: Arc<StreamState>,
     rx: mpsc::Receiver<Item>,
     pending: VecDeque<Item>,
     con: Option<(MultiplexedConnection, ConnCount)>,
@@ -100,8 +254,8 @@ pub(crate) struct Writer {
 const IDLE_PING: Duration = Duration::from_secs(1);
 
 /// Pipelines in flight at once: while the server works through one, the next one is built
-/// and sent, so neither side waits for the other (one at a time, each waited for the
-/// other's turn: 7 publishers got ~0.8 of the raw client's rate).
+/// and sent, so neither side waits for the other (with one, 7 publishers reach ~0.8 of the
+/// raw client's rate).
 const MAX_INFLIGHT: usize = 2;
 
 type Replies = redis::RedisResult<Vec<Value>>;
@@ -121,15 +275,17 @@ struct Batch {
 }
 
 impl Writer {
-    pub(crate) fn new(
-        inner: Arc<Inner>,
+    fn new(
+        shared: Arc<Shared>,
+        streams: Arc<StreamState>,
         rx: mpsc::Receiver<Item>,
         con: MultiplexedConnection,
         events: mpsc::UnboundedReceiver<redis::PushInfo>,
     ) -> Writer {
-        let count = ConnCount::new(&inner.stats);
+        let count = ConnCount::new(&shared.stats);
         Writer {
-            inner,
+            shared,
+            streams,
             rx,
             events,
             pending: VecDeque::new(),
@@ -156,8 +312,8 @@ impl Writer {
     }
 
     pub(crate) async fn run(mut self) {
-        let mut shutdown = self.inner.shutdown.subscribe();
-        let max_batch = self.inner.config.options.max_batch;
+        let mut shutdown = self.shared.shutdown.subscribe();
+        let max_batch = self.shared.config.max_batch;
         loop {
             if *shutdown.borrow() {
                 // Closed first: a publish racing `close` then gets `Closed` instead of `Ok`
@@ -174,11 +330,11 @@ impl Writer {
                 if self.con.is_some() && !self.pending.is_empty() {
                     let _ = self.send_batch(usize::MAX).await;
                 }
-                let e = Error::closed(format!("bus {:?}", self.inner.config.bus));
+                let e = Error::closed(format!("bus {:?}", self.shared.config.bus));
                 for item in self.pending.drain(..) {
-                    item.fail(&self.inner, &e);
+                    item.fail(&self.shared, &e);
                 }
-                self.inner.cmd_up.store(false, Relaxed);
+                self.shared.cmd_up.store(false, Relaxed);
                 return;
             }
             if self.con.is_none() {
@@ -197,7 +353,7 @@ impl Writer {
                     }
                     event = self.events.recv(), if self.con.is_some() => {
                         if event.is_none_or(|e| e.kind == redis::PushKind::Disconnection) {
-                            let e = self.inner.connector.disconnected_plain();
+                            let e = self.shared.connector.disconnected_plain();
                             self.lost_connection(e);
                         }
                         continue;
@@ -242,7 +398,7 @@ impl Writer {
         if let Some((con, _)) = &mut self.con {
             if let Err(e) = redis::cmd("PING").query_async::<()>(con).await {
                 if is_connection_error(&e) {
-                    let e = self.inner.connector.error("PING", e);
+                    let e = self.shared.connector.error("PING", e);
                     self.lost_connection(e);
                 }
             }
@@ -256,11 +412,11 @@ impl Writer {
         self.answers = FuturesOrdered::new();
         self.sent = 0;
         if self.con.take().is_some() {
-            tracing::warn!(bus = %self.inner.config.bus, error = %e, "command connection lost");
+            tracing::warn!(bus = %self.shared.config.bus, error = %e, "command connection lost");
         }
-        self.inner.set_cmd_connection(None);
-        self.inner.cmd_up.store(false, Relaxed);
-        if self.inner.config.options.on_disconnect == OnDisconnect::Fail {
+        self.shared.set_cmd_connection(None);
+        self.shared.cmd_up.store(false, Relaxed);
+        if self.shared.config.on_disconnect == OnDisconnect::Fail {
             self.fail_pending(&e);
         }
     }
@@ -268,16 +424,16 @@ impl Writer {
     fn fail_pending(&mut self, e: &Error) {
         for item in self.pending.drain(..) {
             if let Item::Xadd { .. } | Item::Publish { .. } = item {
-                self.inner.queued.fetch_sub(1, Relaxed);
+                self.shared.queued.fetch_sub(1, Relaxed);
             }
-            item.fail(&self.inner, e);
+            item.fail(&self.shared, e);
         }
     }
 
     /// One connection attempt after a backoff delay; items keep being taken from the channel
     /// while waiting, so publishers see the outage policy rather than a full channel.
     async fn reconnect(&mut self, shutdown: &mut tokio::sync::watch::Receiver<bool>) {
-        let delay = self.inner.connector.backoff(self.attempt);
+        let delay = self.shared.connector.backoff(self.attempt);
         let sleep = tokio::time::sleep(delay);
         tokio::pin!(sleep);
         loop {
@@ -287,8 +443,8 @@ impl Writer {
                 item = self.rx.recv() => match item {
                     Some(item) => {
                         self.take(item);
-                        if self.inner.config.options.on_disconnect == OnDisconnect::Fail {
-                            self.fail_pending(&self.inner.connector.disconnected());
+                        if self.shared.config.on_disconnect == OnDisconnect::Fail {
+                            self.fail_pending(&self.shared.connector.disconnected());
                         }
                     }
                     None => return,
@@ -296,21 +452,21 @@ impl Writer {
             }
         }
         let (events_tx, events) = mpsc::unbounded_channel();
-        match self.inner.connector.connect(None, Some(events_tx)).await {
+        match self.shared.connector.connect(None, Some(events_tx)).await {
             Ok(con) => {
                 self.events = events;
                 self.attempt = 0;
-                Counters::incr(&self.inner.stats.reconnects);
-                self.inner.set_cmd_connection(Some(con.clone()));
-                self.con = Some((con, ConnCount::new(&self.inner.stats)));
-                self.inner.cmd_up.store(true, Relaxed);
+                Counters::incr(&self.shared.stats.reconnects);
+                self.shared.set_cmd_connection(Some(con.clone()));
+                self.con = Some((con, ConnCount::new(&self.shared.stats)));
+                self.shared.cmd_up.store(true, Relaxed);
                 self.indexed.clear();
-                tracing::info!(bus = %self.inner.config.bus, "command connection re-established");
+                tracing::info!(bus = %self.shared.config.bus, "command connection re-established");
             }
             Err(e) => {
                 self.attempt = self.attempt.saturating_add(1);
-                tracing::debug!(bus = %self.inner.config.bus, error = %e, "reconnect failed");
-                if self.inner.config.options.on_disconnect == OnDisconnect::Fail {
+                tracing::debug!(bus = %self.shared.config.bus, error = %e, "reconnect failed");
+                if self.shared.config.on_disconnect == OnDisconnect::Fail {
                     self.fail_pending(&e);
                 }
             }
@@ -336,7 +492,7 @@ impl Writer {
         pipe.ignore_errors();
         let mut n = 0;
         let mut replies_per_item = Vec::new();
-        let opts = &self.inner.config.options;
+        let opts = &self.shared.config;
         for item in self.pending.iter().skip(from) {
             if n >= max_batch {
                 break;
@@ -361,7 +517,7 @@ impl Writer {
                         extra = 1;
                         // Wildcard subscriptions of this process read the new key at once
                         // rather than at their next rescan.
-                        crate::reader::topic_indexed(&self.inner, topic);
+                        self.streams.topic_indexed(topic);
                     }
                     let cmd =
                         pipe.cmd("XADD")
@@ -449,17 +605,17 @@ impl Writer {
         let replies: Vec<Value> = match replies {
             Ok(r) => r,
             Err(e) if is_connection_error(&e) => {
-                return Err(self.inner.connector.error("pipeline", e))
+                return Err(self.shared.connector.error("pipeline", e))
             }
             Err(e) => {
                 // The server refused the whole pipeline (not one command): fail the batch.
-                let e = self.inner.connector.error("pipeline", e);
+                let e = self.shared.connector.error("pipeline", e);
                 self.indexed.clear();
                 for item in self.pending.drain(..n) {
                     if !matches!(item, Item::Flush(_)) {
-                        self.inner.queued.fetch_sub(1, Relaxed);
+                        self.shared.queued.fetch_sub(1, Relaxed);
                     }
-                    item.fail(&self.inner, &e);
+                    item.fail(&self.shared, &e);
                 }
                 return Ok(());
             }
@@ -476,14 +632,14 @@ impl Writer {
                 busway::ErrorKind::Connection,
                 format!(
                     "bus {:?}: {} is loading its dataset",
-                    self.inner.config.bus,
-                    self.inner.config.redacted_url()
+                    self.shared.config.bus,
+                    self.shared.config.redacted_url()
                 ),
             ));
         }
         let mut replies = replies.into_iter();
         for (item, count) in self.pending.drain(..n).zip(replies_per_item) {
-            self.inner.queued.fetch_sub(1, Relaxed);
+            self.shared.queued.fetch_sub(1, Relaxed);
             let mut result = Ok(());
             for _ in 0..count {
                 if let Some(Value::ServerError(e)) = replies.next() {
@@ -495,8 +651,8 @@ impl Writer {
                     let _ = done.send(Ok(()));
                 }
                 (item, Err(e)) => {
-                    let e = self.inner.connector.error("publish", e.into());
-                    item.fail(&self.inner, &e);
+                    let e = self.shared.connector.error("publish", e.into());
+                    item.fail(&self.shared, &e);
                 }
                 (_, Ok(())) => {}
             }

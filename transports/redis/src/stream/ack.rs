@@ -5,8 +5,7 @@
 //! batcher does flat combining:
 //!
 //! - An ack made while none is in flight is sent at once by its own caller (one `XACK`, no
-//!   task hop: a consumer that acks one delivery at a time pays exactly one round trip, as
-//!   before).
+//!   task hop: a consumer that acks one delivery at a time pays exactly one round trip).
 //! - Acks made while one is in flight wait in a list. When the round trip in flight ends,
 //!   one spawned drain task sends the whole list as one pipeline with one
 //!   `XACK key group id1 id2 ...` per key and group, completes every waiter with the answer
@@ -28,7 +27,7 @@ use tokio::sync::oneshot;
 
 use busway::{transport::Counters, Error, Result};
 
-use crate::bus::Inner;
+use crate::state::Shared;
 
 /// One ack waiting for the round trip in flight to end.
 struct Waiting {
@@ -46,9 +45,18 @@ struct State {
 }
 
 /// The per-bus ack batcher (see the module docs).
-#[derive(Default)]
-pub(crate) struct AckBatcher {
+pub(super) struct AckBatcher {
+    shared: Arc<Shared>,
     state: Mutex<State>,
+}
+
+impl AckBatcher {
+    pub(super) fn new(shared: Arc<Shared>) -> AckBatcher {
+        AckBatcher {
+            shared,
+            state: Mutex::new(State::default()),
+        }
+    }
 }
 
 impl std::fmt::Debug for AckBatcher {
@@ -63,12 +71,12 @@ impl std::fmt::Debug for AckBatcher {
 
 /// Clears `busy` when the caller's own round trip ends (or its future is dropped), handing
 /// whatever queued up meanwhile to a drain task.
-struct Leader<'a>(&'a Arc<Inner>);
+struct Leader<'a>(&'a Arc<AckBatcher>);
 
 impl Drop for Leader<'_> {
     fn drop(&mut self) {
-        let inner = self.0;
-        let mut s = inner.stream.acks.state.lock();
+        let acks = self.0;
+        let mut s = acks.state.lock();
         if s.waiting.is_empty() {
             s.busy = false;
             return;
@@ -77,11 +85,11 @@ impl Drop for Leader<'_> {
         drop(s);
         match tokio::runtime::Handle::try_current() {
             Ok(rt) => {
-                rt.spawn(drain(inner.clone()));
+                rt.spawn(drain(acks.clone()));
             }
             Err(_) => {
                 // No runtime to send them on: the waiters see their answer lost and retry.
-                let mut s = inner.stream.acks.state.lock();
+                let mut s = acks.state.lock();
                 s.waiting.clear();
                 s.busy = false;
             }
@@ -90,15 +98,15 @@ impl Drop for Leader<'_> {
 }
 
 /// Acks one entry; `Ok` once the server answered the `XACK` that carried it.
-pub(crate) async fn ack(
-    inner: &Arc<Inner>,
+pub(super) async fn ack(
+    acks: &Arc<AckBatcher>,
     key: &Arc<str>,
     group: &Arc<str>,
     id: &str,
 ) -> Result<()> {
     loop {
         let rx = {
-            let mut s = inner.stream.acks.state.lock();
+            let mut s = acks.state.lock();
             if s.busy {
                 let (done, rx) = oneshot::channel();
                 s.waiting.push(Waiting {
@@ -124,13 +132,14 @@ pub(crate) async fn ack(
     }
     // The leader's round trip is a large future; boxed, it is allocated once per wave
     // instead of making every ack's (boxed) future that large.
-    Box::pin(lead(inner, key, group, id)).await
+    Box::pin(lead(acks, key, group, id)).await
 }
 
 /// The ack of a caller that found no round trip in flight: its own `XACK`.
-async fn lead(inner: &Arc<Inner>, key: &str, group: &str, id: &str) -> Result<()> {
-    let _leader = Leader(inner);
-    let mut con = inner.cmd_connection()?;
+async fn lead(acks: &Arc<AckBatcher>, key: &str, group: &str, id: &str) -> Result<()> {
+    let _leader = Leader(acks);
+    let shared = &acks.shared;
+    let mut con = shared.cmd_connection()?;
     redis::cmd("XACK")
         .arg(key)
         .arg(group)
@@ -138,23 +147,23 @@ async fn lead(inner: &Arc<Inner>, key: &str, group: &str, id: &str) -> Result<()
         .exec_async(&mut con)
         .await
         .map_err(|e| {
-            Counters::incr(&inner.stats.errors);
-            inner.connector.error("XACK", e)
+            Counters::incr(&shared.stats.errors);
+            shared.connector.error("XACK", e)
         })
 }
 
 /// Sends the waiting acks, one pipeline per wave, until none is left.
-async fn drain(inner: Arc<Inner>) {
+async fn drain(acks: Arc<AckBatcher>) {
     loop {
         let batch = {
-            let mut s = inner.stream.acks.state.lock();
+            let mut s = acks.state.lock();
             if s.waiting.is_empty() {
                 s.busy = false;
                 return;
             }
             std::mem::take(&mut s.waiting)
         };
-        send(&inner, batch).await;
+        send(&acks.shared, batch).await;
     }
 }
 
@@ -180,7 +189,7 @@ fn by_key_group<T>(items: impl IntoIterator<Item = (KeyGroup, T)>) -> Vec<(KeyGr
 /// Sends one pipeline with one `XACK key group id...` per entry of `commands`; the server's
 /// answer for each command, or the error that lost them all.
 async fn xack<T>(
-    inner: &Inner,
+    shared: &Shared,
     commands: &[(KeyGroup, Vec<T>)],
     id: impl Fn(&T) -> &str,
 ) -> Result<Vec<Result<()>>> {
@@ -192,15 +201,17 @@ async fn xack<T>(
             cmd.arg(id(item));
         }
     }
-    let mut con = inner.cmd_connection()?;
+    let mut con = shared.cmd_connection()?;
     let replies: Vec<Value> = pipe
         .query_async(&mut con)
         .await
-        .map_err(|e| inner.connector.error("XACK", e))?;
+        .map_err(|e| shared.connector.error("XACK", e))?;
     Ok(replies
         .into_iter()
         .map(|reply| match reply {
-            Value::ServerError(e) => Err(inner.connector.error("XACK", redis::RedisError::from(e))),
+            Value::ServerError(e) => {
+                Err(shared.connector.error("XACK", redis::RedisError::from(e)))
+            }
             _ => Ok(()),
         })
         .collect())
@@ -208,8 +219,8 @@ async fn xack<T>(
 
 /// Acks a batch of consumer-group entries at once, in one round trip (see
 /// `Delivery::ack_all`); `Ok` once the server confirmed every `XACK`.
-pub(crate) async fn ack_batch<'a>(
-    inner: &Inner,
+pub(super) async fn ack_batch<'a>(
+    acks: &AckBatcher,
     entries: impl IntoIterator<Item = (&'a Arc<str>, &'a Arc<str>, &'a str)>,
 ) -> Result<()> {
     let commands = by_key_group(
@@ -220,31 +231,32 @@ pub(crate) async fn ack_batch<'a>(
     if commands.is_empty() {
         return Ok(());
     }
-    let replies = xack(inner, &commands, |id| id).await;
+    let shared = &*acks.shared;
+    let replies = xack(shared, &commands, |id| id).await;
     match replies.and_then(|r| r.into_iter().collect::<Result<()>>()) {
         Ok(()) => Ok(()),
         Err(e) => {
-            Counters::incr(&inner.stats.errors);
+            Counters::incr(&shared.stats.errors);
             Err(e)
         }
     }
 }
 
 /// One pipeline for a wave of waiting acks, each waiter answered with its command's result.
-async fn send(inner: &Inner, batch: Vec<Waiting>) {
+async fn send(shared: &Shared, batch: Vec<Waiting>) {
     let commands = by_key_group(
         batch
             .into_iter()
             .map(|w| ((w.key.clone(), w.group.clone()), w)),
     );
-    match xack(inner, &commands, |w| &w.id).await {
+    match xack(shared, &commands, |w| &w.id).await {
         Ok(replies) => {
             for ((_, ws), result) in commands.into_iter().zip(replies) {
                 for w in ws {
                     let _ = w.done.send(match &result {
                         Ok(()) => Ok(()),
                         Err(e) => {
-                            Counters::incr(&inner.stats.errors);
+                            Counters::incr(&shared.stats.errors);
                             Err(Error::new(e.kind(), e.message().to_string()))
                         }
                     });
@@ -253,7 +265,7 @@ async fn send(inner: &Inner, batch: Vec<Waiting>) {
         }
         Err(e) => {
             for w in commands.into_iter().flat_map(|(_, ws)| ws) {
-                Counters::incr(&inner.stats.errors);
+                Counters::incr(&shared.stats.errors);
                 let _ = w
                     .done
                     .send(Err(Error::new(e.kind(), e.message().to_string())));

@@ -1,0 +1,91 @@
+//! [`Shared`]: what every part of one bus shares. The publish path, broadcast mode and
+//! stream mode each hold an `Arc` of it; it knows none of them.
+
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::atomic::{AtomicBool, AtomicUsize};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
+use redis::aio::MultiplexedConnection;
+use tokio::sync::watch;
+
+use busway::transport::Counters;
+use busway::{Error, Health, Result};
+
+use crate::config::RedisConfig;
+use crate::connect::Connector;
+
+/// The state shared by a bus's handles and its background tasks.
+pub(crate) struct Shared {
+    pub(crate) config: RedisConfig,
+    pub(crate) connector: Connector,
+    pub(crate) stats: Arc<Counters>,
+    pub(crate) closed: AtomicBool,
+    /// The command connection is up.
+    pub(crate) cmd_up: AtomicBool,
+    /// The pub/sub connection is up (it opens with the first broadcast subscription).
+    pub(crate) pubsub_up: AtomicBool,
+    pub(crate) pubsub_started: AtomicBool,
+    /// Stream readers currently without a connection.
+    pub(crate) readers_down: AtomicUsize,
+    /// Publishes accepted and not yet answered by the server.
+    pub(crate) queued: AtomicUsize,
+    /// Set once when the bus closes or its last user handle goes; every task watches it.
+    pub(crate) shutdown: watch::Sender<bool>,
+    cmd: Mutex<Option<MultiplexedConnection>>,
+}
+
+impl Shared {
+    /// The state of a bus whose command connection `cmd` is open.
+    pub(crate) fn new(
+        config: RedisConfig,
+        connector: Connector,
+        cmd: MultiplexedConnection,
+    ) -> Shared {
+        Shared {
+            config,
+            connector,
+            stats: Arc::new(Counters::default()),
+            closed: AtomicBool::new(false),
+            cmd_up: AtomicBool::new(true),
+            pubsub_up: AtomicBool::new(false),
+            pubsub_started: AtomicBool::new(false),
+            readers_down: AtomicUsize::new(0),
+            queued: AtomicUsize::new(0),
+            shutdown: watch::channel(false).0,
+            cmd: Mutex::new(Some(cmd)),
+        }
+    }
+
+    pub(crate) fn set_cmd_connection(&self, con: Option<MultiplexedConnection>) {
+        *self.cmd.lock() = con;
+    }
+
+    /// A clone of the command connection (commands on it pipeline with everyone else's).
+    ///
+    /// # Errors
+    /// `Connection` while it is down.
+    pub(crate) fn cmd_connection(&self) -> Result<MultiplexedConnection> {
+        self.cmd
+            .lock()
+            .clone()
+            .ok_or_else(|| self.connector.disconnected_plain())
+    }
+
+    /// `Closed` naming the bus.
+    pub(crate) fn closed_error(&self) -> Error {
+        Error::closed(format!("bus {:?}", self.config.bus))
+    }
+
+    pub(crate) fn health(&self) -> Health {
+        if self.closed.load(Relaxed) {
+            return Health::Closed;
+        }
+        let pubsub_ok = !self.pubsub_started.load(Relaxed) || self.pubsub_up.load(Relaxed);
+        if self.cmd_up.load(Relaxed) && pubsub_ok && self.readers_down.load(Relaxed) == 0 {
+            Health::Up
+        } else {
+            Health::Connecting
+        }
+    }
+}
