@@ -29,8 +29,8 @@ mode = "{mode}"
 transport = "redis"
 url = "{redis}"
 mode = "{mode}"
-block_ms = 100
-rescan_ms = 200
+read_block = "100ms"
+rescan_interval = "200ms"
 
 [buses.nats]
 transport = "nats"

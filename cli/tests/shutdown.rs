@@ -202,7 +202,16 @@ fn a_demo_stopped_with_its_broker_frozen_still_reports() {
         env.push((format!("BUSWAY_BUS_{bus}_URL"), redis.url()));
         env.push((format!("BUSWAY_BUS_{bus}_MODE"), "stream".to_string()));
     }
-    let config = workspace_file("examples/demo-redis.toml");
+    // The shipped config with a short publish timeout, so the frozen broker fails fast.
+    let text = std::fs::read_to_string(workspace_file("examples/demo-redis.toml"))
+        .unwrap()
+        .replace(
+            "transport = \"redis\"",
+            "transport = \"redis\"\npublish_timeout = \"1s\"",
+        );
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("demo.toml");
+    std::fs::write(&config, text).unwrap();
     let mut demo = Spawned::start_env(
         &[
             "demo",
