@@ -78,11 +78,7 @@ impl Tally {
         self.received.store(n, Relaxed);
         if let Some(h) = &self.hist {
             let now = now_ns();
-            let sent = payload
-                .get(..8)
-                .and_then(|b| b.try_into().ok())
-                .map(u64::from_le_bytes)
-                .unwrap_or(now);
+            let sent = sent_ns(payload, now);
             if let Ok(mut h) = h.lock() {
                 h.saturating_record(now.saturating_sub(sent).max(1));
             }
@@ -223,6 +219,21 @@ impl Run {
 
     /// Waits until every subscriber has every one of the `published` messages, or until no
     /// delivery arrived for a while, and measures the side.
+    /// [`finish`](Self::finish), with the CPU seconds `broker` spent since `cpu_before` (what
+    /// its `cpu_seconds` said when the side started).
+    pub(crate) async fn finish_with_cpu(
+        &self,
+        what: String,
+        published: u64,
+        broker: &super::broker::Broker,
+        cpu_before: Option<f64>,
+    ) -> SideResult {
+        let mut result = self.finish(what, published).await;
+        let cpu_after = broker.cpu_seconds().await;
+        result.broker_cpu_s = cpu_before.zip(cpu_after).map(|(a, b)| b - a);
+        result
+    }
+
     pub(crate) async fn finish(&self, what: String, published: u64) -> SideResult {
         self.expected.store(published, Relaxed);
         let mut last_total = u64::MAX;
@@ -396,4 +407,14 @@ where
 /// Wraps a client error as a busway error naming what failed.
 pub(crate) fn client_err(what: &str, e: impl std::fmt::Display) -> Error {
     Error::new(ErrorKind::Connection, format!("{what}: {e}"))
+}
+
+/// The send time a bench payload carries in its first 8 bytes (little-endian nanoseconds of
+/// [`now_ns`]); `now` for a payload too short to carry one.
+pub(crate) fn sent_ns(payload: &[u8], now: u64) -> u64 {
+    payload
+        .get(..8)
+        .and_then(|b| b.try_into().ok())
+        .map(u64::from_le_bytes)
+        .unwrap_or(now)
 }

@@ -83,9 +83,9 @@ async fn core(plan: &Plan, broker: &Broker, client: &async_nats::Client) -> Resu
         plan.subscribers,
         plan.queue_capacity()
     );
-    let mut result = run.finish(what, published).await;
-    let cpu_after = broker.cpu_seconds().await;
-    result.broker_cpu_s = cpu_before.zip(cpu_after).map(|(a, b)| b - a);
+    let result = run
+        .finish_with_cpu(what, published, broker, cpu_before)
+        .await;
     for r in readers {
         r.abort();
     }
@@ -173,9 +173,9 @@ async fn stream(plan: &Plan, broker: &Broker, client: &async_nats::Client) -> Re
         "async-nats JetStream publish, {} acks pipelined per publisher, to a stream over all of the run's subjects; per subscriber a durable pull consumer filtered to the subject, each message acked",
         plan.inflight
     );
-    let mut result = run.finish(what, published).await;
-    let cpu_after = broker.cpu_seconds().await;
-    result.broker_cpu_s = cpu_before.zip(cpu_after).map(|(a, b)| b - a);
+    let result = run
+        .finish_with_cpu(what, published, broker, cpu_before)
+        .await;
     for r in readers {
         r.abort();
     }

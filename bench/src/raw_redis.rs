@@ -112,9 +112,9 @@ async fn pubsub(plan: &Plan, broker: &Broker, client: &redis::Client) -> Result<
         "redis-rs PUBLISH on one MultiplexedConnection, {} in flight per publisher; {} pub/sub connection(s), one per subscriber",
         plan.inflight, plan.subscribers
     );
-    let mut result = run.finish(what, published).await;
-    let cpu_after = broker.cpu_seconds().await;
-    result.broker_cpu_s = cpu_before.zip(cpu_after).map(|(a, b)| b - a);
+    let result = run
+        .finish_with_cpu(what, published, broker, cpu_before)
+        .await;
     for r in readers {
         r.abort();
     }
@@ -206,9 +206,9 @@ async fn streams(plan: &Plan, broker: &Broker, client: &redis::Client) -> Result
         "redis-rs XADD MAXLEN ~ {STREAM_MAXLEN} on one MultiplexedConnection, {} in flight per publisher; per subscriber a consumer group read by XREADGROUP COUNT {READ_COUNT} BLOCK 1000 on its own connection, one XACK per batch",
         plan.inflight
     );
-    let mut result = run.finish(what, published).await;
-    let cpu_after = broker.cpu_seconds().await;
-    result.broker_cpu_s = cpu_before.zip(cpu_after).map(|(a, b)| b - a);
+    let result = run
+        .finish_with_cpu(what, published, broker, cpu_before)
+        .await;
     for r in readers {
         r.abort();
     }

@@ -29,7 +29,7 @@ use redis::AsyncConnectionConfig;
 use serde_json::json;
 
 use super::broker::Broker;
-use super::engine::{client_err, now_ns};
+use super::engine::{client_err, now_ns, sent_ns};
 use super::report::median_range;
 use super::Transport;
 
@@ -144,11 +144,7 @@ impl Sink {
 
     fn record(&self, payload: &[u8], md: bool) {
         let now = now_ns();
-        let sent = payload
-            .get(..8)
-            .and_then(|b| b.try_into().ok())
-            .map(u64::from_le_bytes)
-            .unwrap_or(now);
+        let sent = sent_ns(payload, now);
         let hist = if md { &self.md } else { &self.logic };
         if let Ok(mut h) = hist.lock() {
             h.saturating_record(now.saturating_sub(sent).max(1));
@@ -687,12 +683,7 @@ async fn before(t: &Traffic) -> Result<Outcome> {
             let mut n = 0u64;
             while t.md_due(began, n, deadline).await {
                 let (trade, symbol) = t.md(n);
-                let ok = redis::cmd("XADD")
-                    .arg(md_stream(trade))
-                    .arg("MAXLEN")
-                    .arg("~")
-                    .arg(100_000)
-                    .arg("*")
+                let ok = xadd_capped(&md_stream(trade))
                     .arg("symbol")
                     .arg(symbol)
                     .arg("payload")
@@ -716,12 +707,7 @@ async fn before(t: &Traffic) -> Result<Outcome> {
             tokio::spawn(async move {
                 let mut n = 0u64;
                 while pace(began, t.logic_rate, n, deadline).await {
-                    let ok = redis::cmd("XADD")
-                        .arg(format!("engine:{engine}"))
-                        .arg("MAXLEN")
-                        .arg("~")
-                        .arg(100_000)
-                        .arg("*")
+                    let ok = xadd_capped(&format!("engine:{engine}"))
                         .arg("payload")
                         .arg(stamped(t.payload).as_ref())
                         .query_async::<redis::Value>(&mut conn)
@@ -950,4 +936,12 @@ async fn via_busway(t: &Traffic, setup: Setup, transport: Transport) -> Result<O
         delays,
         brokers,
     })
+}
+
+/// `XADD key MAXLEN ~ 100000 *`, the fields still to add: how the one-Redis design's
+/// client writes every stream entry.
+fn xadd_capped(key: &str) -> redis::Cmd {
+    let mut cmd = redis::cmd("XADD");
+    cmd.arg(key).arg("MAXLEN").arg("~").arg(100_000).arg("*");
+    cmd
 }
