@@ -683,7 +683,7 @@ async fn before(t: &Traffic) -> Result<Outcome> {
             let mut n = 0u64;
             while t.md_due(began, n, deadline).await {
                 let (trade, symbol) = t.md(n);
-                let ok = xadd_capped(&md_stream(trade))
+                let ok = xadd_capped(md_stream(trade))
                     .arg("symbol")
                     .arg(symbol)
                     .arg("payload")
