@@ -36,7 +36,7 @@
 //! ```
 //!
 //! Keys not listed in [`BusConfig`] belong to the bus's transport, which reads them with
-//! [`BuildContext::options`](crate::BuildContext::options) and rejects the ones it does not
+//! [`BuildContext::options`](crate::transport::BuildContext::options) and rejects the ones it does not
 //! know.
 //!
 //! Environment overrides (applied by [`Config::apply_env`]):

@@ -8,7 +8,7 @@
 //!    written out (no `async fn`), so a transport that finishes the work synchronously can
 //!    return a ready future; the other methods are `#[async_trait]`.
 //! 2. **Subscriptions** are made with [`TransportSubscription::channel`]: the transport keeps
-//!    the [`QueueSender`] and pushes [`Delivery`]s into it ([`QueueSender::try_send`] never
+//!    the [`QueueSender`] and pushes [`Delivery`](crate::Delivery)s into it ([`QueueSender::try_send`] never
 //!    waits; [`QueueSender::send`] waits under `block`). The queue applies the subscription's
 //!    overflow policy and counts drops. Attach a guard with
 //!    [`TransportSubscription::with_guard`] whose `Drop` releases broker state.

@@ -8,8 +8,9 @@
 //!
 //! # The hot path
 //! The router resolves a topic once and caches the answer (a sharded map
-//! `topic -> buses`), so publishing a cached topic costs a hash, a read lock and an
-//! `Arc` clone on top of the bus's own `publish` (see `benches/router.rs`). The cache is
+//! `topic -> buses`), so publishing a cached topic costs a load of the live state, a hash
+//! and a read lock on top of the bus's own `publish` (see `benches/router.rs`): a single-bus
+//! answer is the bus's slot in a table of buses, borrowed, so no `Arc` is cloned. The cache is
 //! bounded: a shard that fills up is cleared, so a flood of distinct topics costs re-resolving,
 //! never unbounded memory.
 //!
@@ -17,7 +18,7 @@
 //! The table, the buses and the cache live together in one immutable state behind an
 //! [`ArcSwap`], so [`Router::reload`] swaps all three at once: a publish sees either the old
 //! state or the new one, never half of each. The router keeps a handle on each open
-//! subscription ([`MergeHandle`]) so a reload can add its parts on new buses before the swap
+//! subscription (a handle on its merged per-bus parts) so a reload can add its parts on new buses before the swap
 //! and end the ones on buses it no longer needs after the drain.
 
 use std::collections::{BTreeMap, HashMap};
@@ -79,7 +80,7 @@ pub const DEFAULT_DRAIN_GRACE: Duration = Duration::from_millis(500);
 ///   subscribers listening on several mirror buses can de-duplicate.
 /// - `subscribe`: on every bus that can carry a matching topic
 ///   ([`RoutingTable::buses_for_pattern`]), merged into one stream
-///   ([`Subscription::merge_live`]) that keeps only the deliveries the table would have put
+///   that keeps only the deliveries the table would have put
 ///   on the bus they came from (a dropped delivery is acked when ackable, so a stream bus
 ///   does not redeliver it forever). Its stats and `pending` are the sums over its per-bus
 ///   subscriptions, and count only what passes the filter as delivered.
