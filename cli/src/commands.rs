@@ -154,6 +154,119 @@ fn apply_header(message: &mut Message, key: &str, value: &str) -> Result<()> {
     Ok(())
 }
 
+/// A message as `pub` and `request` send it: an id, a timestamp, the app as source, then the
+/// headers given on the command line.
+fn outgoing(
+    config: &Config,
+    topic: &Topic,
+    payload: &[u8],
+    headers: &[(String, String)],
+) -> Result<Message> {
+    let mut message = Message::new(topic.clone(), payload.to_vec())
+        .with_id(busway::transport::new_message_id())
+        .stamped();
+    message.headers.source = Some(config.app.clone());
+    for (k, v) in headers {
+        apply_header(&mut message, k, v)?;
+    }
+    Ok(message)
+}
+
+/// `busway request TOPIC PAYLOAD --config FILE`: publishes a request through the router (on
+/// the bus the topic goes to, with that bus's request mechanism) and returns the first
+/// reply.
+///
+/// # Errors
+/// As [`publish`]; [`ErrorKind::Timeout`] when no reply came within `timeout`,
+/// [`ErrorKind::NoResponders`] where the transport can tell nobody listens,
+/// [`ErrorKind::Unsupported`] on a bus without request/reply.
+pub async fn request(
+    config_path: &Path,
+    topic: &str,
+    payload: &[u8],
+    headers: &[(String, String)],
+    timeout: Duration,
+    registry: &Registry,
+) -> Result<Message> {
+    let config = Config::load(config_path)?;
+    let topic = Topic::new(topic)?;
+    let message = outgoing(&config, &topic, payload, headers)?;
+    let router = Router::from_config(&config, registry).await?;
+    let reply = router.request(message, timeout).await;
+    let closed = router.close().await;
+    let reply = reply?;
+    closed?;
+    Ok(reply)
+}
+
+/// What `busway reply` answers each request with.
+#[derive(Debug, Clone)]
+pub enum Answer {
+    /// The same payload every time.
+    Fixed(Vec<u8>),
+    /// The request's own payload.
+    Echo,
+}
+
+/// `busway reply PATTERN --config FILE`: answers every request (a message with `reply_to`)
+/// on `pattern` with `answer`, until `count` requests were answered or Ctrl-C / SIGTERM.
+/// Prints each request on stderr as `tail` would (`options.format`). Messages
+/// without `reply_to` are skipped with a line on stderr. Returns the number answered.
+///
+/// # Errors
+/// A bad config or pattern, a bus that cannot be built, a refused subscription, a reply that
+/// cannot be published.
+pub async fn reply(
+    config_path: &Path,
+    pattern: &str,
+    answer: Answer,
+    options: &TailOptions,
+    registry: &Registry,
+) -> Result<u64> {
+    let config = Config::load(config_path)?;
+    let pattern = Pattern::new(pattern)?;
+    let router = Router::from_config(&config, registry).await?;
+    let result = async {
+        let mut stop = ctrl_c_handler()?;
+        let mut subscribe = SubscribeOptions::new();
+        if let Some(group) = &options.group {
+            subscribe = subscribe.group(group.clone());
+        }
+        let mut sub = router.subscribe(pattern.clone(), subscribe).await?;
+        eprintln!("busway: replying on {pattern} (config {})", config.source);
+        let mut answered = 0u64;
+        while options.count.is_none_or(|n| answered < n) {
+            let next = tokio::select! {
+                d = sub.recv() => d,
+                _ = stop.recv() => break,
+            };
+            let Some(request) = next else { break };
+            if request.message().headers.reply_to.is_none() {
+                eprintln!(
+                    "busway: skipped a message on {} without reply_to",
+                    request.message().topic
+                );
+                request.ack().await?;
+                continue;
+            }
+            eprint!("{}", format_delivery(&request, options.format));
+            let payload = match &answer {
+                Answer::Fixed(p) => p.clone(),
+                Answer::Echo => request.message().payload.to_vec(),
+            };
+            request.reply(payload).await?;
+            request.ack().await?;
+            answered += 1;
+        }
+        Ok(answered)
+    }
+    .await;
+    let closed = router.close().await;
+    let answered = result?;
+    closed?;
+    Ok(answered)
+}
+
 /// `busway pub TOPIC PAYLOAD --config FILE`: builds the router, publishes one stamped
 /// message, flushes and closes. Returns a line saying where it went.
 ///
@@ -169,13 +282,7 @@ pub async fn publish(
 ) -> Result<String> {
     let config = Config::load(config_path)?;
     let topic = Topic::new(topic)?;
-    let mut message = Message::new(topic.clone(), payload.to_vec())
-        .with_id(busway::transport::new_message_id())
-        .stamped();
-    message.headers.source = Some(config.app.clone());
-    for (k, v) in headers {
-        apply_header(&mut message, k, v)?;
-    }
+    let message = outgoing(&config, &topic, payload, headers)?;
     let router = Router::from_config(&config, registry).await?;
     let result = async {
         let buses: Vec<String> = router
@@ -231,15 +338,75 @@ pub fn reload_on_hangup(
     }))
 }
 
-/// When `busway tail` stops.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct TailLimits {
+/// How `busway tail` prints a message.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum TailFormat {
+    /// `topic payload`, one line per message (see [`escape_payload`]).
+    #[default]
+    Line,
+    /// `topic payload`, then one indented `key: value` line per header.
+    Headers,
+    /// One JSON object per line: `topic`, `payload` (UTF-8) or `payload_escaped`, `headers`,
+    /// `attempt`.
+    Json,
+}
+
+/// What `busway tail` subscribes with, prints and when it stops.
+#[derive(Debug, Clone, Default)]
+pub struct TailOptions {
     /// Stop after this many messages.
     pub count: Option<u64>,
     /// Stop after this long, whatever arrived.
     pub timeout: Option<Duration>,
     /// At exit, print the subscription's counters and each bus's on stderr.
     pub stats: bool,
+    /// Subscribe as a member of this consumer group (competing consumers).
+    pub group: Option<String>,
+    /// How each message is printed.
+    pub format: TailFormat,
+}
+
+/// One message as `busway tail` prints it, newline included.
+pub fn format_delivery(d: &busway::Delivery, format: TailFormat) -> String {
+    let m = d.message();
+    match format {
+        TailFormat::Line => format!("{} {}\n", m.topic, escape_payload(&m.payload)),
+        TailFormat::Headers => {
+            let mut out = format!("{} {}\n", m.topic, escape_payload(&m.payload));
+            let h = &m.headers;
+            let fixed = [
+                ("id", h.id.clone()),
+                ("timestamp_us", h.timestamp_us.map(|t| t.to_string())),
+                ("source", h.source.clone()),
+                ("content_type", h.content_type.clone()),
+                ("reply_to", h.reply_to.as_ref().map(|t| t.to_string())),
+                ("correlation_id", h.correlation_id.clone()),
+            ];
+            let fixed = fixed
+                .into_iter()
+                .filter_map(|(k, v)| Some((k.to_string(), v?)));
+            for (k, v) in fixed.chain(h.extra.iter().cloned()) {
+                out.push_str(&format!(
+                    "  {}: {}\n",
+                    escape_payload(k.as_bytes()),
+                    escape_payload(v.as_bytes())
+                ));
+            }
+            out
+        }
+        TailFormat::Json => {
+            let mut o = serde_json::json!({
+                "topic": m.topic.as_str(),
+                "headers": &m.headers,
+                "attempt": d.attempt(),
+            });
+            match std::str::from_utf8(&m.payload) {
+                Ok(text) => o["payload"] = text.into(),
+                Err(_) => o["payload_escaped"] = escape_payload(&m.payload).into(),
+            }
+            format!("{o}\n")
+        }
+    }
 }
 
 /// `busway tail PATTERN --config FILE`: subscribes through the router and writes one line
@@ -252,7 +419,7 @@ pub struct TailLimits {
 pub async fn tail(
     config_path: &Path,
     pattern: &str,
-    limits: TailLimits,
+    limits: TailOptions,
     registry: &Registry,
     out: &mut (dyn tokio::io::AsyncWrite + Unpin + Send),
 ) -> Result<u64> {
@@ -265,9 +432,11 @@ pub async fn tail(
         let _stop_reloading = AbortOnDrop(reloader?);
         // A Ctrl-C that lands while a line is written or acked is seen at the next wait.
         let mut interrupt = ctrl_c_handler()?;
-        let mut sub = router
-            .subscribe(pattern.clone(), SubscribeOptions::new())
-            .await?;
+        let mut options = SubscribeOptions::new();
+        if let Some(group) = &limits.group {
+            options = options.group(group.clone());
+        }
+        let mut sub = router.subscribe(pattern.clone(), options).await?;
         eprintln!("busway: tailing {pattern} (config {})", config.source);
         let deadline = limits.timeout.map(|t| tokio::time::Instant::now() + t);
         let mut seen = 0u64;
@@ -286,8 +455,7 @@ pub async fn tail(
                 _ = interrupt.recv() => break,
             };
             let Some(delivery) = next else { break };
-            let m = delivery.message();
-            let line = format!("{} {}\n", m.topic, escape_payload(&m.payload));
+            let line = format_delivery(&delivery, limits.format);
             // A reader that stops reading (a full pipe) must not keep Ctrl-C from stopping us.
             let written = tokio::select! {
                 r = async {

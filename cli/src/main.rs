@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use busway_cli::commands::{self, TailLimits};
+use busway_cli::commands::{self, Answer, TailFormat, TailOptions};
 use busway_cli::demo::{self, DemoOptions};
 use clap::{Parser, Subcommand};
 
@@ -73,8 +73,14 @@ enum Command {
     Pub {
         /// The topic.
         topic: String,
-        /// The payload, sent as the argument's bytes (which need not be UTF-8).
-        payload: OsString,
+        /// The payload, sent as the argument's bytes (which need not be UTF-8; it may start
+        /// with `-`). Or use --file.
+        #[arg(allow_hyphen_values = true, required_unless_present = "file")]
+        payload: Option<OsString>,
+        /// Read the payload from this file, `-` for stdin (any bytes, any size up to the
+        /// bus's max_payload).
+        #[arg(long, value_name = "PATH", conflicts_with = "payload")]
+        file: Option<PathBuf>,
         /// The config file.
         #[arg(long)]
         config: PathBuf,
@@ -82,6 +88,43 @@ enum Command {
         /// their header; other keys are free headers). Repeatable.
         #[arg(long = "header", value_name = "KEY=VALUE", value_parser = parse_header)]
         headers: Vec<(String, String)>,
+    },
+    /// Send a request through the router and print the first reply's payload.
+    Request {
+        /// The topic.
+        topic: String,
+        /// The request's payload. Or use --file.
+        #[arg(allow_hyphen_values = true, required_unless_present = "file")]
+        payload: Option<OsString>,
+        /// Read the payload from this file, `-` for stdin.
+        #[arg(long, value_name = "PATH", conflicts_with = "payload")]
+        file: Option<PathBuf>,
+        /// The config file.
+        #[arg(long)]
+        config: PathBuf,
+        /// A header, key=value. Repeatable.
+        #[arg(long = "header", value_name = "KEY=VALUE", value_parser = parse_header)]
+        headers: Vec<(String, String)>,
+        /// How long to wait for the reply.
+        #[arg(long, default_value_t = 5.0, value_name = "SECS")]
+        timeout: f64,
+    },
+    /// Answer requests on a pattern (with a fixed payload, or echo the request's).
+    Reply {
+        /// The pattern, e.g. 'engine.prices.*'.
+        pattern: String,
+        /// The config file.
+        #[arg(long)]
+        config: PathBuf,
+        /// Answer with this payload (default: echo the request's payload).
+        #[arg(long, allow_hyphen_values = true)]
+        payload: Option<OsString>,
+        /// Answer as a member of this consumer group.
+        #[arg(long)]
+        group: Option<String>,
+        /// Stop after answering this many requests.
+        #[arg(long)]
+        count: Option<u64>,
     },
     /// Print messages matching a pattern, one line each: `topic payload`.
     Tail {
@@ -100,6 +143,16 @@ enum Command {
         /// decode errors, reconnects...) on stderr.
         #[arg(long)]
         stats: bool,
+        /// Subscribe as a member of this consumer group (messages are split between the
+        /// group's members; stream buses and NATS).
+        #[arg(long)]
+        group: Option<String>,
+        /// Print each message's headers, one `key: value` line each, under it.
+        #[arg(long, conflicts_with = "json")]
+        headers: bool,
+        /// Print one JSON object per message (topic, payload, headers, attempt).
+        #[arg(long)]
+        json: bool,
     },
     /// Connections to a broker per busway app and bus and per other client, and its CPU use.
     Audit {
@@ -147,6 +200,23 @@ fn parse_header(s: &str) -> Result<(String, String), String> {
     }
 }
 
+/// The payload given as an argument, or read from `file` (`-`: stdin).
+fn payload_bytes(arg: Option<OsString>, file: Option<&std::path::Path>) -> Result<Vec<u8>, String> {
+    match (arg, file) {
+        (Some(p), _) => Ok(p.into_encoded_bytes()),
+        (None, Some(path)) if path.as_os_str() == "-" => {
+            let mut buf = Vec::new();
+            std::io::Read::read_to_end(&mut std::io::stdin().lock(), &mut buf)
+                .map_err(|e| format!("--file -: cannot read stdin: {e}"))?;
+            Ok(buf)
+        }
+        (None, Some(path)) => {
+            std::fs::read(path).map_err(|e| format!("--file {}: {e}", path.display()))
+        }
+        (None, None) => Err("give a payload, or --file PATH (- for stdin)".to_string()),
+    }
+}
+
 fn seconds(what: &str, secs: f64) -> Result<Duration, String> {
     Duration::try_from_secs_f64(secs).map_err(|_| format!("{what}: {secs} is not a duration"))
 }
@@ -181,38 +251,97 @@ async fn main() -> ExitCode {
         Command::Pub {
             topic,
             payload,
+            file,
             config,
             headers,
-        } => match commands::publish(
-            &config,
-            &topic,
-            &payload.into_encoded_bytes(),
-            &headers,
-            &registry,
-        )
-        .await
-        {
-            Ok(line) => {
-                eprint!("busway: {line}");
-                ExitCode::SUCCESS
+        } => {
+            let payload = match payload_bytes(payload, file.as_deref()) {
+                Ok(p) => p,
+                Err(e) => return fail(e),
+            };
+            match commands::publish(&config, &topic, &payload, &headers, &registry).await {
+                Ok(line) => {
+                    eprint!("busway: {line}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => fail(e),
             }
-            Err(e) => fail(e),
-        },
+        }
+        Command::Request {
+            topic,
+            payload,
+            file,
+            config,
+            headers,
+            timeout,
+        } => {
+            let (payload, timeout) = match (
+                payload_bytes(payload, file.as_deref()),
+                seconds("--timeout", timeout),
+            ) {
+                (Ok(p), Ok(t)) => (p, t),
+                (Err(e), _) | (_, Err(e)) => return fail(e),
+            };
+            match commands::request(&config, &topic, &payload, &headers, timeout, &registry).await {
+                Ok(reply) => {
+                    use std::io::Write;
+                    let mut out = std::io::stdout().lock();
+                    let _ = out
+                        .write_all(&reply.payload)
+                        .and_then(|()| out.write_all(b"\n"));
+                    ExitCode::SUCCESS
+                }
+                Err(e) => fail(e),
+            }
+        }
+        Command::Reply {
+            pattern,
+            config,
+            payload,
+            group,
+            count,
+        } => {
+            let answer = match payload {
+                Some(p) => Answer::Fixed(p.into_encoded_bytes()),
+                None => Answer::Echo,
+            };
+            let options = TailOptions {
+                count,
+                group,
+                ..TailOptions::default()
+            };
+            match commands::reply(&config, &pattern, answer, &options, &registry).await {
+                Ok(n) => {
+                    eprintln!("busway: answered {n} requests");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => fail(e),
+            }
+        }
         Command::Tail {
             pattern,
             config,
             count,
             timeout,
             stats,
+            group,
+            headers,
+            json,
         } => {
             let timeout = match timeout.map(|t| seconds("--timeout", t)).transpose() {
                 Ok(t) => t,
                 Err(e) => return fail(e),
             };
-            let limits = TailLimits {
+            let limits = TailOptions {
                 count,
                 timeout,
                 stats,
+                group,
+                format: match (headers, json) {
+                    (_, true) => TailFormat::Json,
+                    (true, _) => TailFormat::Headers,
+                    _ => TailFormat::Line,
+                },
             };
             let mut stdout = tokio::io::stdout();
             let code = match commands::tail(&config, &pattern, limits, &registry, &mut stdout).await
