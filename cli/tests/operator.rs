@@ -95,7 +95,7 @@ fn pub_from_stdin_and_file_reaches_tail_json_byte_for_byte() {
     assert_eq!(lines.len(), 3, "{stdout}");
     let big_text = lines[0]["payload"].as_str().expect("valid UTF-8 payload");
     assert_eq!(lines[0]["topic"], "x.big");
-    assert_eq!(big_text.as_bytes().len(), big.len());
+    assert_eq!(big_text.len(), big.len());
     assert!(big.iter().zip(big_text.bytes()).all(|(a, b)| *a == b));
     assert_eq!(lines[1]["payload"], "-42");
     assert_eq!(lines[2]["payload_escaped"], "\\xff\\u{0}bytes");
