@@ -75,6 +75,15 @@ impl NatsBus {
         &self.inner.client
     }
 
+    /// Stream mode: how many times a JetStream publish was sent again because its PubAck did
+    /// not come (`publish_retries`); each retry carries the first attempt's `Nats-Msg-Id`, so
+    /// the stream stores the message once. Always 0 in broadcast mode.
+    pub fn publish_retries(&self) -> u64 {
+        self.inner
+            .publish_retries
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     fn check_open(&self) -> Result<()> {
         if self.inner.is_closed() {
             Err(self.inner.closed_error())
