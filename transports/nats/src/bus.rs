@@ -33,8 +33,8 @@ pub struct NatsBus {
 }
 
 impl NatsBus {
-    /// Connects a bus described by `config`. In stream mode the JetStream stream is created,
-    /// or updated to the configured subjects and limits.
+    /// Connects a bus described by `config`. In stream mode the JetStream stream is created
+    /// (an existing one is used as it is, or changed to the config with `update_stream`).
     ///
     /// ```no_run
     /// # async fn run() -> busway::Result<()> {

@@ -2,8 +2,11 @@
 //! (here), consumers (`consumer`), the consume loop with dead letters (`consume`) and acks
 //! (`acker`).
 //!
-//! - The stream (`stream`, `subjects`, limits from config) is created at build, or updated
-//!   when its subjects or limits differ from the config.
+//! - The stream (`stream`, `subjects`, limits, `replicas`, `storage`, `duplicate_window` from
+//!   config) is created at build. An existing one is used as it is, with a warning naming the
+//!   keys that differ, unless `update_stream` is set.
+//! - Every publish carries the message id as `Nats-Msg-Id`; one without a PubAck is retried
+//!   (`publish_retries`, `retry_backoff`) with the same id, so the stream stores it once.
 //! - Without `subjects` in config the stream's subjects follow use: it starts with
 //!   `<bus>.>`, and the first publish or subscribe under a new first token `t` adds `t` and
 //!   `t.>` to the stream (one stream update per new token; subjects other processes added are
