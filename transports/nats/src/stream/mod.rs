@@ -92,8 +92,8 @@ impl StreamSetup {
     }
 
     /// The topic and the client's publish of `message` (headers encoded per the framing),
-    /// carrying the message id as `Nats-Msg-Id` (a new one when the message has none), so a
-    /// publish sent again is stored once within the stream's duplicate window.
+    /// carrying `<topic>:<message id>` as `Nats-Msg-Id` (a new id when the message has none),
+    /// so a publish sent again is stored once within the stream's duplicate window.
     fn prepare(
         &self,
         inner: &Inner,
@@ -109,8 +109,10 @@ impl StreamSetup {
             Some(map) => publish.headers(map),
             None => publish,
         };
+        // With the topic: the same message sent on to another topic of the stream (a dead
+        // letter, a forward) is another message, not a duplicate.
         let publish = match &h.id {
-            Some(id) => publish.message_id(id),
+            Some(id) => publish.message_id(format!("{}:{id}", topic.as_str())),
             None => publish.message_id(new_message_id()),
         };
         Ok((topic, publish))
