@@ -10,6 +10,11 @@
 //!   URL): `/connz` (each connection's `name`), paged, and `/varz`'s `cpu` (the server's own
 //!   reading, % of one core). A plain HTTP/1.0 GET over a tokio `TcpStream`: no HTTP client
 //!   dependency for three GETs.
+//! - A NATS cluster: the monitoring URLs of its nodes, comma-separated
+//!   (`http://n1:8222,http://n2:8222,http://n3:8222`): each node is read as above (its
+//!   `/varz` `server_name` names it), every busway row sums the app's connections to the bus
+//!   over the nodes and says how many are on which node, and each node gets a row of its own
+//!   (connections, CPU). A connection is on exactly one node, so nothing is counted twice.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -32,8 +37,24 @@ pub struct BuswayGroup {
     pub app: String,
     /// The bus name.
     pub bus: String,
-    /// Open connections.
+    /// Open connections (summed over a cluster's nodes).
     pub connections: u64,
+    /// A cluster: node (server name) -> connections on it. Empty for one server.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub nodes: BTreeMap<String, u64>,
+}
+
+/// One node of an audited NATS cluster.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct NodeReport {
+    /// The node's `server_name` (or its monitoring address when it has none).
+    pub name: String,
+    /// Its monitoring URL.
+    pub monitor: String,
+    /// Client connections on it.
+    pub connections: u64,
+    /// Its CPU use in % of one core, when it told.
+    pub cpu_percent: Option<f64>,
 }
 
 /// Connections with one other client name.
@@ -64,6 +85,9 @@ pub struct AuditReport {
     pub cpu_percent: Option<f64>,
     /// How the CPU figure was obtained.
     pub cpu_source: String,
+    /// A NATS cluster (several monitoring URLs): one row per node. Empty otherwise.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub nodes: Vec<NodeReport>,
 }
 
 /// Options of `busway audit`.
@@ -146,6 +170,7 @@ fn group(server: String, kind: &'static str, names: &[String]) -> AuditReport {
                 app: app.clone(),
                 bus: bus.clone(),
                 connections: *n,
+                nodes: BTreeMap::new(),
             })
         })
         .collect();
@@ -161,6 +186,7 @@ fn group(server: String, kind: &'static str, names: &[String]) -> AuditReport {
             .collect(),
         cpu_percent: None,
         cpu_source: String::new(),
+        nodes: Vec::new(),
     }
 }
 
@@ -324,9 +350,64 @@ struct Conn {
 #[derive(serde::Deserialize)]
 struct Varz {
     cpu: Option<f64>,
+    #[serde(default)]
+    server_name: String,
 }
 
+/// Audits one NATS server, or a cluster when `monitor` lists several monitoring URLs
+/// (comma-separated): the nodes' reports summed, with a per-node breakdown.
 async fn audit_nats(monitor: &str) -> Result<AuditReport> {
+    let urls: Vec<&str> = monitor
+        .split(',')
+        .map(str::trim)
+        .filter(|u| !u.is_empty())
+        .collect();
+    if urls.len() <= 1 {
+        return audit_nats_node(urls.first().copied().unwrap_or(monitor))
+            .await
+            .map(|(report, _)| report);
+    }
+    let mut names = Vec::new();
+    let mut nodes = Vec::new();
+    let mut per_node = Vec::new();
+    for url in &urls {
+        let (report, node_names) = audit_nats_node(url).await?;
+        let name = report
+            .nodes
+            .first()
+            .map_or_else(|| report.server.clone(), |n| n.name.clone());
+        nodes.push(NodeReport {
+            name: name.clone(),
+            monitor: report.server.clone(),
+            connections: report.total_connections,
+            cpu_percent: report.cpu_percent,
+        });
+        per_node.push((name, report.busway));
+        names.extend(node_names);
+    }
+    let servers: Vec<String> = nodes.iter().map(|n| n.monitor.clone()).collect();
+    let mut report = group(servers.join(","), "nats", &names);
+    for row in &mut report.busway {
+        for (node, rows) in &per_node {
+            if let Some(r) = rows.iter().find(|r| r.app == row.app && r.bus == row.bus) {
+                *row.nodes.entry(node.clone()).or_default() += r.connections;
+            }
+        }
+    }
+    let cpus: Vec<f64> = nodes.iter().filter_map(|n| n.cpu_percent).collect();
+    report.cpu_percent = (!cpus.is_empty()).then(|| cpus.iter().sum());
+    report.cpu_source = format!(
+        "/varz cpu summed over {} of {} nodes",
+        cpus.len(),
+        nodes.len()
+    );
+    report.nodes = nodes;
+    Ok(report)
+}
+
+/// One NATS server's report (its `server_name` as the only entry of `nodes`) and the
+/// client name of each connection.
+async fn audit_nats_node(monitor: &str) -> Result<(AuditReport, Vec<String>)> {
     let (authority, prefix) = http_target(monitor)?;
     let server = format!("http://{authority}{prefix}");
     let mut names = Vec::new();
@@ -348,10 +429,18 @@ async fn audit_nats(monitor: &str) -> Result<AuditReport> {
     }
     let varz: Varz = serde_json::from_str(&http_get(&authority, &format!("{prefix}/varz")).await?)
         .map_err(|e| connection_error(&server, "/varz is not the expected JSON", e))?;
-    let mut report = group(server, "nats", &names);
+    let mut report = group(server.clone(), "nats", &names);
     report.cpu_percent = varz.cpu;
     report.cpu_source = "/varz cpu (the server's own reading)".to_string();
-    Ok(report)
+    if !varz.server_name.is_empty() {
+        report.nodes.push(NodeReport {
+            name: varz.server_name,
+            monitor: server,
+            connections: report.total_connections,
+            cpu_percent: varz.cpu,
+        });
+    }
+    Ok((report, names))
 }
 
 impl AuditReport {
@@ -372,9 +461,41 @@ impl AuditReport {
                 None => "unknown".to_string(),
             }
         );
+        let cluster = self.nodes.len() > 1;
+        if cluster {
+            out.push_str("\nnodes\n");
+            let rows: Vec<Vec<String>> = self
+                .nodes
+                .iter()
+                .map(|n| {
+                    vec![
+                        n.name.clone(),
+                        n.monitor.clone(),
+                        n.connections.to_string(),
+                        n.cpu_percent.map_or("-".into(), |p| format!("{p:.1}%")),
+                    ]
+                })
+                .collect();
+            out.push_str(&table(&["node", "monitor", "connections", "cpu"], &rows));
+        }
         out.push_str("\nbusway apps\n");
         if self.busway.is_empty() {
             out.push_str("  none\n");
+        } else if cluster {
+            let rows: Vec<Vec<String>> = self
+                .busway
+                .iter()
+                .map(|g| {
+                    let on: Vec<String> = g.nodes.iter().map(|(n, c)| format!("{n}={c}")).collect();
+                    vec![
+                        g.app.clone(),
+                        g.bus.clone(),
+                        g.connections.to_string(),
+                        on.join(" "),
+                    ]
+                })
+                .collect();
+            out.push_str(&table(&["app", "bus", "connections", "on nodes"], &rows));
         } else {
             let rows: Vec<Vec<String>> = self
                 .busway

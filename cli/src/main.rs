@@ -156,7 +156,8 @@ enum Command {
     },
     /// Connections to a broker per busway app and bus and per other client, and its CPU use.
     Audit {
-        /// redis://HOST:PORT, or a NATS monitoring URL http://HOST:8222.
+        /// redis://HOST:PORT, or a NATS monitoring URL http://HOST:8222 (a cluster: each
+        /// node's, comma-separated).
         url: String,
         /// Print one JSON object.
         #[arg(long)]
@@ -164,7 +165,8 @@ enum Command {
         /// How long to sample the server's CPU counters (Redis).
         #[arg(long, default_value_t = 500, value_name = "N")]
         interval_ms: u64,
-        /// The NATS monitoring URL, when URL is nats://.
+        /// The NATS monitoring URL, when URL is nats:// (a cluster: each node's,
+        /// comma-separated).
         #[arg(long, value_name = "URL")]
         monitor: Option<String>,
     },

@@ -431,3 +431,60 @@ async fn audit_reads_nats_connections_from_the_monitoring_port() {
     assert!(json["cpu_percent"].as_f64().is_some(), "{json}");
     router.close().await.unwrap();
 }
+
+#[tokio::test]
+async fn audit_sums_an_app_over_the_nodes_of_a_nats_cluster() {
+    let test = "audit_sums_an_app_over_the_nodes_of_a_nats_cluster";
+    let Some(mut cluster) = busway_testkit::nats_cluster::NatsCluster::start(test) else {
+        return;
+    };
+    // One router per node (its only seed URL), and one more on node 0.
+    let mut routers = Vec::new();
+    for i in [0, 1, 2, 0] {
+        let text = format!(
+            "[app]\nname = \"features\"\n[buses.marketdata]\ntransport = \"nats\"\nurl = \"{}\"\n[default]\nto = \"marketdata\"\n",
+            cluster.node(i).url()
+        );
+        routers.push(
+            Router::from_config(&config(&text), &busway_cli::registry())
+                .await
+                .unwrap(),
+        );
+    }
+    let monitors: Vec<String> = cluster
+        .nodes()
+        .iter()
+        .map(|n| format!("http://127.0.0.1:{}", n.monitor_port()))
+        .collect();
+    let monitors = monitors.join(",");
+    let run = |args: Vec<String>| {
+        tokio::task::spawn_blocking(move || {
+            Command::new(env!("CARGO_BIN_EXE_busway"))
+                .args(args)
+                .output()
+                .unwrap()
+        })
+    };
+    let out = run(vec!["audit".into(), monitors.clone(), "--json".into()])
+        .await
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(json["apps"]["features"]["marketdata"], 4, "{json}");
+    assert_eq!(json["total_connections"], 4, "{json}");
+    let row = &json["busway"][0];
+    assert_eq!(row["nodes"]["n0"], 2, "{json}");
+    assert_eq!(row["nodes"]["n1"], 1, "{json}");
+    assert_eq!(row["nodes"]["n2"], 1, "{json}");
+    assert_eq!(json["nodes"].as_array().map(Vec::len), Some(3), "{json}");
+    let out = run(vec!["audit".into(), monitors]).await.unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("n0=2 n1=1 n2=1"), "{text}");
+    for r in routers {
+        r.close().await.unwrap();
+    }
+}

@@ -5,6 +5,7 @@ pub mod conformance;
 pub mod faults;
 pub mod logs;
 pub mod nats;
+pub mod nats_cluster;
 pub mod redis;
 mod server;
 

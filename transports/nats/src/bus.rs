@@ -33,8 +33,8 @@ pub struct NatsBus {
 }
 
 impl NatsBus {
-    /// Connects a bus described by `config`. In stream mode the JetStream stream is created,
-    /// or updated to the configured subjects and limits.
+    /// Connects a bus described by `config`. In stream mode the JetStream stream is created
+    /// (an existing one is used as it is, or changed to the config with `update_stream`).
     ///
     /// ```no_run
     /// # async fn run() -> busway::Result<()> {
@@ -73,6 +73,15 @@ impl NatsBus {
     /// The async-nats client (for raw access in tests and benches).
     pub fn client(&self) -> &async_nats::Client {
         &self.inner.client
+    }
+
+    /// Stream mode: how many times a JetStream publish was sent again because its PubAck did
+    /// not come (`publish_retries`); each retry carries the first attempt's `Nats-Msg-Id`, so
+    /// the stream stores the message once. Always 0 in broadcast mode.
+    pub fn publish_retries(&self) -> u64 {
+        self.inner
+            .publish_retries
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     fn check_open(&self) -> Result<()> {

@@ -94,6 +94,11 @@ pub struct NatsOptions {
     /// Give up reconnecting after this many attempts (default: never give up).
     #[serde(default)]
     pub max_reconnects: Option<usize>,
+    /// How often the client PINGs the server; two unanswered PINGs close the connection and
+    /// async-nats reconnects (to another server of a cluster). It bounds how long a frozen
+    /// server (alive but not answering) holds the bus. Default 10 s.
+    #[serde(default)]
+    pub ping_interval: Option<ConfigDuration>,
 
     /// User name (with `password`).
     #[serde(default)]
@@ -144,9 +149,28 @@ pub struct NatsOptions {
     /// Stream mode: `file` (default) or `memory`.
     #[serde(default)]
     pub storage: Storage,
-    /// Stream mode: replicas of the stream (cluster). Default 1.
+    /// Stream mode: replicas of the stream (1 to 5; more than 1 needs a JetStream cluster).
+    /// Default 1.
     #[serde(default)]
     pub replicas: Option<usize>,
+    /// Stream mode: how long the stream remembers a message id (`Nats-Msg-Id`) to drop a
+    /// second publish of it. Default: the server's (2 minutes).
+    #[serde(default)]
+    pub duplicate_window: Option<ConfigDuration>,
+    /// Stream mode: when the stream exists with settings other than the configured ones,
+    /// change it to the configured ones (`storage` cannot change). Default false: it is used
+    /// as it is and a warning names the keys that differ.
+    #[serde(default)]
+    pub update_stream: bool,
+    /// Stream mode: times a publish whose PubAck did not come (timeout, lost connection, no
+    /// stream leader) is sent again, with the same `Nats-Msg-Id`, so the stream stores it
+    /// once within `duplicate_window`. Default 3; 0 = no retry.
+    #[serde(default)]
+    pub publish_retries: Option<u32>,
+    /// Stream mode: wait before the first retry, doubled for each next one (at most 2 s).
+    /// Default 100 ms.
+    #[serde(default)]
+    pub retry_backoff: Option<ConfigDuration>,
     /// Stream mode: deliveries of one message before it is given up: published to
     /// `dead_letter`, or terminated and counted as dropped when no dead-letter topic is set.
     /// Default 5; 0 means redeliver forever.
@@ -177,6 +201,26 @@ impl NatsOptions {
             .clamp(1, MAX_CLIENT_CAPACITY)
     }
 
+    /// The client's PING interval (default 10 s).
+    pub fn ping_interval(&self) -> Duration {
+        self.ping_interval.map_or(Duration::from_secs(10), |d| d.0)
+    }
+
+    /// Stream mode: retries of a publish that was not acknowledged (default 3).
+    pub fn publish_retries(&self) -> u32 {
+        self.publish_retries.unwrap_or(3)
+    }
+
+    /// Stream mode: the wait before retry `n` (1-based): `retry_backoff` (default 100 ms)
+    /// doubled for each retry after the first, at most 2 s.
+    pub fn retry_backoff(&self, n: u32) -> Duration {
+        let base = self
+            .retry_backoff
+            .map_or(Duration::from_millis(100), |d| d.0);
+        base.saturating_mul(1 << n.saturating_sub(1).min(16))
+            .min(Duration::from_secs(2).max(base))
+    }
+
     /// async-nats's command buffer, in operations (default 8,192).
     pub fn publish_buffer(&self) -> usize {
         self.publish_buffer.unwrap_or(8192).max(1)
@@ -205,6 +249,7 @@ impl fmt::Debug for NatsOptions {
             .field("client_capacity", &self.client_capacity)
             .field("publish_buffer", &self.publish_buffer)
             .field("max_reconnects", &self.max_reconnects)
+            .field("ping_interval", &self.ping_interval)
             .field("user", &self.user)
             .field("password", &secret(&self.password))
             .field("token", &secret(&self.token))
@@ -221,6 +266,10 @@ impl fmt::Debug for NatsOptions {
             .field("max_age", &self.max_age)
             .field("storage", &self.storage)
             .field("replicas", &self.replicas)
+            .field("duplicate_window", &self.duplicate_window)
+            .field("update_stream", &self.update_stream)
+            .field("publish_retries", &self.publish_retries)
+            .field("retry_backoff", &self.retry_backoff)
             .field("max_deliveries", &self.max_deliveries)
             .field("dead_letter", &self.dead_letter)
             .finish()
@@ -520,6 +569,17 @@ impl StreamKeys {
                 "stream",
                 format!("{name:?} is not a valid JetStream stream name (no '.', '*', '>', '/', '\\' or spaces)"),
             ));
+        }
+        if let Some(r) = o.replicas {
+            if !(1..=5).contains(&r) {
+                return Err((
+                    "replicas",
+                    format!("is {r}; JetStream keeps 1 to 5 replicas"),
+                ));
+            }
+        }
+        if o.duplicate_window.is_some_and(|d| d.0.is_zero()) {
+            return Err(("duplicate_window", "must be longer than 0".into()));
         }
         let auto = o.subjects.is_none();
         let subjects = o

@@ -31,6 +31,9 @@ pub(crate) async fn client(
         // empty tokens): async-nats need not scan it again on every publish.
         .skip_subject_validation(true)
         .connection_timeout(o.connect_timeout())
+        // A frozen server keeps its socket open: only unanswered PINGs tell, so the interval
+        // bounds how long the bus stays on it before async-nats moves to another server.
+        .ping_interval(o.ping_interval())
         .max_reconnects(o.max_reconnects)
         .require_tls(o.tls_required);
     {
@@ -72,6 +75,9 @@ pub(crate) async fn client(
     if let (Some(cert), Some(key)) = (&o.tls_cert, &o.tls_key) {
         options = options.add_client_certificate(cert.clone(), key.clone());
     }
+    // Servers the cluster advertises are followed (neither `ignore_discovered_servers` nor
+    // `retain_servers_order` is set): a bus given one seed URL of a cluster still fails over
+    // to the other nodes, and buses spread over the seeds at random.
     // retry_on_initial_connect stays off: a wrong password or an absent server is an error
     // at build, not a background retry loop.
     options

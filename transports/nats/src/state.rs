@@ -27,6 +27,9 @@ pub(crate) struct Inner {
     pub(crate) counters: Arc<Counters>,
     /// What async-nats dropped for slow consumers (see `drops`).
     pub(crate) client_drops: Arc<ClientDrops>,
+    /// Stream mode: JetStream publishes sent again after no PubAck came (busway's
+    /// `Counters` has no field for it; read with `NatsBus::publish_retries`).
+    pub(crate) publish_retries: AtomicU64,
     closed: AtomicBool,
     pumps: Mutex<Pumps>,
     next_sub: AtomicU64,
@@ -168,6 +171,7 @@ impl Inner {
             queue: config.queue,
             counters,
             client_drops,
+            publish_retries: AtomicU64::new(0),
             closed: AtomicBool::new(false),
             pumps: Mutex::new(Pumps::default()),
             next_sub: AtomicU64::new(0),

@@ -28,9 +28,12 @@ const CONTENT_TYPE: &str = "Content-Type";
 const REPLY_TO: &str = "Busway-Reply-To";
 const CORR: &str = "Busway-Corr";
 const ORDER: &str = "Busway-Order";
+/// JetStream's de-duplication id, set by the stream-mode publish (the message id): not a
+/// header of the message's own.
+const MSG_ID: &str = "Nats-Msg-Id";
 
 fn reserved(key: &str) -> bool {
-    [ID, TS, SRC, CONTENT_TYPE, REPLY_TO, CORR, ORDER]
+    [ID, TS, SRC, CONTENT_TYPE, REPLY_TO, CORR, ORDER, MSG_ID]
         .iter()
         .any(|r| r.eq_ignore_ascii_case(key))
 }
@@ -169,6 +172,7 @@ pub(crate) fn decode(map: Option<&HeaderMap>) -> Result<Headers> {
             REPLY_TO => headers.reply_to = Some(Topic::new(value)?),
             CORR => headers.correlation_id = Some(value.to_string()),
             ORDER => order = Some(value),
+            MSG_ID => {}
             _ => extra.push((key.to_string(), value.to_string())),
         }
     }

@@ -259,12 +259,26 @@ async fn stream_is_created_then_updated_from_config() {
         b"2",
         "max_msgs keeps the last 3"
     );
-    // Rebuilding with other subjects updates the existing stream.
-    let bus2 = connect(
+    // Rebuilding with other subjects uses the stream as it is (a warning names `subjects`)...
+    let as_is = connect(
         &server.url(),
         "eng",
         Mode::Stream,
         "subjects = [\"eng.>\", \"more.>\"]",
+    )
+    .await
+    .unwrap();
+    let err = as_is
+        .publish(Message::new(topic("more.y"), "y"))
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Unsupported, "{err}");
+    // ...and `update_stream = true` changes it.
+    let bus2 = connect(
+        &server.url(),
+        "eng",
+        Mode::Stream,
+        "subjects = [\"eng.>\", \"more.>\"]\nupdate_stream = true",
     )
     .await
     .unwrap();

@@ -2,8 +2,11 @@
 //! (here), consumers (`consumer`), the consume loop with dead letters (`consume`) and acks
 //! (`acker`).
 //!
-//! - The stream (`stream`, `subjects`, limits from config) is created at build, or updated
-//!   when its subjects or limits differ from the config.
+//! - The stream (`stream`, `subjects`, limits, `replicas`, `storage`, `duplicate_window` from
+//!   config) is created at build. An existing one is used as it is, with a warning naming the
+//!   keys that differ, unless `update_stream` is set.
+//! - Every publish carries the message id as `Nats-Msg-Id`; one without a PubAck is retried
+//!   (`publish_retries`, `retry_backoff`) with the same id, so the stream stores it once.
 //! - Without `subjects` in config the stream's subjects follow use: it starts with
 //!   `<bus>.>`, and the first publish or subscribe under a new first token `t` adds `t` and
 //!   `t.>` to the stream (one stream update per new token; subjects other processes added are
@@ -30,7 +33,9 @@ use std::collections::HashSet;
 use std::future::{Future, IntoFuture};
 use std::time::Duration;
 
-use async_nats::jetstream::context::PublishErrorKind;
+use std::sync::atomic::Ordering;
+
+use async_nats::jetstream::context::{PublishError, PublishErrorKind};
 use async_nats::jetstream::{self};
 use busway::transport::new_message_id;
 use busway::{Bus, Error, ErrorKind, Message, Pattern, Result, Topic};
@@ -56,6 +61,18 @@ pub(crate) struct StreamSetup {
     ephemeral: Mutex<HashSet<String>>,
 }
 
+/// Whether sending a publish again can succeed: no PubAck in time (a leader change, a frozen
+/// server), the connection lost, or no stream leader answering for a moment.
+fn retryable(e: &PublishError) -> bool {
+    matches!(
+        e.kind(),
+        PublishErrorKind::TimedOut
+            | PublishErrorKind::BrokenPipe
+            | PublishErrorKind::StreamNotFound
+            | PublishErrorKind::MaxAckPending
+    )
+}
+
 fn js_err(what: String, e: impl std::error::Error + Send + Sync + 'static) -> Error {
     Error::new(ErrorKind::Broker, format!("{what}: {e}")).with_source(e)
 }
@@ -74,7 +91,9 @@ impl StreamSetup {
             .collect()
     }
 
-    /// The topic and the client's publish of `message` (headers encoded per the framing).
+    /// The topic and the client's publish of `message` (headers encoded per the framing),
+    /// carrying `<topic>:<message id>` as `Nats-Msg-Id` (a new id when the message has none),
+    /// so a publish sent again is stored once within the stream's duplicate window.
     fn prepare(
         &self,
         inner: &Inner,
@@ -90,16 +109,22 @@ impl StreamSetup {
             Some(map) => publish.headers(map),
             None => publish,
         };
+        // With the topic: the same message sent on to another topic of the stream (a dead
+        // letter, a forward) is another message, not a duplicate.
+        let publish = match &h.id {
+            Some(id) => publish.message_id(format!("{}:{id}", topic.as_str())),
+            None => publish.message_id(new_message_id()),
+        };
         Ok((topic, publish))
     }
 
     /// Publishes and waits for the PubAck. Concurrent publishers are not serialised: each
     /// awaits its own ack while the client pipelines the writes.
     ///
-    /// The future is boxed on every publish, so it is kept small (under the allocator's
-    /// fast-path size): the message becomes the client's publish before the future is made,
-    /// the future holds the client's send and then its ack (never both), and the rare growing
-    /// of the stream for a new first token is boxed on its own.
+    /// The future is boxed on every publish, so it is kept small: the message becomes the
+    /// client's publish before the future is made, the future holds the client's send and
+    /// then its ack (never both), and the rare growing of the stream for a new first token
+    /// and the retries (`publish_retries`) are boxed on their own.
     pub(crate) fn publish<'a>(
         &'a self,
         inner: &'a Inner,
@@ -115,7 +140,20 @@ impl StreamSetup {
         Either::Right(self.send(inner, message))
     }
 
-    /// [`StreamSetup::publish`] of a topic the stream holds.
+    /// One publish and its PubAck.
+    fn attempt(
+        &self,
+        subject: async_nats::Subject,
+        publish: jetstream::message::PublishMessage,
+    ) -> impl Future<Output = std::result::Result<(), PublishError>> + Send + '_ {
+        self.js
+            .send_publish(subject, publish)
+            .and_then(IntoFuture::into_future)
+            .map_ok(drop)
+    }
+
+    /// [`StreamSetup::publish`] of a topic the stream holds: the first attempt, then (only
+    /// when it failed in a way a retry can mend) the retries, boxed.
     fn send<'a>(
         &'a self,
         inner: &'a Inner,
@@ -127,33 +165,74 @@ impl StreamSetup {
             Err(e) => return Either::Left(ready(Err(e))),
         };
         let subject = async_nats::Subject::from(topic.as_str());
+        let retries = inner.options.publish_retries();
+        // Kept for a retry: the payload is shared, the headers are copied.
+        let again = (retries > 0).then(|| (subject.clone(), publish.clone()));
         Either::Right(
-            self.js
-                .send_publish(subject, publish)
-                .and_then(IntoFuture::into_future)
-                .map(move |acked| {
-                    acked.map(drop).map_err(|e| {
-                        let kind = match e.kind() {
-                            PublishErrorKind::MaxPayloadExceeded => ErrorKind::PayloadTooLarge,
-                            PublishErrorKind::StreamNotFound => ErrorKind::Broker,
-                            _ if !inner.is_connected() => ErrorKind::Connection,
-                            PublishErrorKind::TimedOut => ErrorKind::Timeout,
-                            PublishErrorKind::BrokenPipe => ErrorKind::Connection,
-                            _ => ErrorKind::Broker,
-                        };
-                        Error::new(
-                            kind,
-                            format!(
-                                "bus {:?}: publish on {:?} to JetStream stream {:?} was not acknowledged: {e}",
-                                inner.name,
-                                topic.as_str(),
-                                self.name
-                            ),
-                        )
-                        .with_source(e)
-                    })
+            self.attempt(subject, publish)
+                .then(move |first| match (first, again) {
+                    (Err(e), Some((subject, publish))) if retryable(&e) => {
+                        Either::Left(Box::pin(self.retry(inner, subject, publish, retries, e)))
+                    }
+                    (first, _) => Either::Right(ready(first.map(|()| 1).map_err(|e| (e, 1)))),
+                })
+                .map(move |outcome| {
+                    outcome
+                        .map(drop)
+                        .map_err(|(e, attempts)| self.publish_error(inner, &topic, e, attempts))
                 }),
         )
+    }
+
+    /// Sends `publish` again up to `retries` times, waiting `retry_backoff` (doubling) before
+    /// each; stops at the first PubAck or at an error a retry cannot mend. On failure, the
+    /// last error and the attempts made.
+    async fn retry(
+        &self,
+        inner: &Inner,
+        subject: async_nats::Subject,
+        publish: jetstream::message::PublishMessage,
+        retries: u32,
+        mut last: PublishError,
+    ) -> std::result::Result<u32, (PublishError, u32)> {
+        for n in 1..=retries {
+            tokio::time::sleep(inner.options.retry_backoff(n)).await;
+            inner.publish_retries.fetch_add(1, Ordering::Relaxed);
+            tracing::debug!(bus = %inner.name, subject = %subject, retry = n, error = %last, "JetStream publish not acknowledged; sending it again");
+            match self.attempt(subject.clone(), publish.clone()).await {
+                Ok(()) => return Ok(n + 1),
+                Err(e) if retryable(&e) => last = e,
+                Err(e) => return Err((e, n + 1)),
+            }
+        }
+        Err((last, retries + 1))
+    }
+
+    /// The busway error for a publish that was not acknowledged after `attempts` attempts.
+    fn publish_error(&self, inner: &Inner, topic: &Topic, e: PublishError, attempts: u32) -> Error {
+        let kind = match e.kind() {
+            PublishErrorKind::MaxPayloadExceeded => ErrorKind::PayloadTooLarge,
+            PublishErrorKind::StreamNotFound => ErrorKind::Broker,
+            _ if !inner.is_connected() => ErrorKind::Connection,
+            PublishErrorKind::TimedOut => ErrorKind::Timeout,
+            PublishErrorKind::BrokenPipe => ErrorKind::Connection,
+            _ => ErrorKind::Broker,
+        };
+        let tries = if attempts > 1 {
+            format!(" after {attempts} attempts")
+        } else {
+            String::new()
+        };
+        Error::new(
+            kind,
+            format!(
+                "bus {:?}: publish on {:?} to JetStream stream {:?} was not acknowledged{tries}: {e}",
+                inner.name,
+                topic.as_str(),
+                self.name
+            ),
+        )
+        .with_source(e)
     }
 
     /// A request on a stream bus: the request is stored in the stream (so a responder may

@@ -12,7 +12,9 @@ use super::{js_err, StreamSetup};
 use crate::config::{NatsOptions, Storage, StreamKeys};
 
 impl StreamSetup {
-    /// Creates the stream, or brings an existing one to the configured subjects and limits.
+    /// Creates the stream with the configured settings. An existing stream is used as it is
+    /// (a warning names the settings that differ from the config), unless `update_stream`
+    /// is set; without `subjects` in config its subjects still grow with use.
     pub(crate) async fn ensure(
         bus: &str,
         options: &NatsOptions,
@@ -41,38 +43,64 @@ impl StreamSetup {
             "bus {:?}: JetStream stream {name:?} (subjects {subject_strings:?})",
             bus
         );
+        let want_replicas = options.replicas.unwrap_or(1).max(1);
         match js.get_stream(&name).await {
             Ok(mut existing) => {
                 let info = existing
                     .info()
                     .await
                     .map_err(|e| js_err(format!("{what}: reading its info"), e))?;
-                let mut cfg = info.config.clone();
+                let have = info.config.clone();
+                let mut want = have.clone();
                 if auto {
                     // Keep what earlier runs and other processes added.
-                    for have in &cfg.subjects {
-                        if !subject_strings.contains(have) {
-                            subject_strings.push(have.clone());
+                    for s in &have.subjects {
+                        if !subject_strings.contains(s) {
+                            subject_strings.push(s.clone());
                         }
                     }
                 }
-                let same = {
-                    let mut have = cfg.subjects.clone();
-                    let mut want = subject_strings.clone();
-                    have.sort();
-                    want.sort();
-                    have == want
-                } && cfg.max_messages == max_messages
-                    && cfg.max_bytes == max_bytes
-                    && cfg.max_age == max_age;
-                if !same {
-                    cfg.subjects = subject_strings.clone();
-                    cfg.max_messages = max_messages;
-                    cfg.max_bytes = max_bytes;
-                    cfg.max_age = max_age;
-                    js.update_stream(cfg)
+                want.subjects = subject_strings.clone();
+                want.max_messages = max_messages;
+                want.max_bytes = max_bytes;
+                want.max_age = max_age;
+                want.num_replicas = want_replicas;
+                if let Some(window) = options.duplicate_window {
+                    want.duplicate_window = window.0;
+                }
+                let differs = differences(&have, &want, want_storage, auto);
+                // Growing the subjects (no `subjects` in config) is what the bus does on
+                // first use of a token anyway; it is not an edit of the operator's settings.
+                let grown = auto && !same_set(&have.subjects, &want.subjects);
+                if options.update_stream && !differs.is_empty() {
+                    tracing::warn!(
+                        bus,
+                        stream = %name,
+                        differs = %differs.join("; "),
+                        "JetStream stream settings differ from the config; updating the stream (update_stream = true)"
+                    );
+                    js.update_stream(want)
                         .await
                         .map_err(|e| js_err(format!("{what}: updating it"), e))?;
+                } else {
+                    if !differs.is_empty() {
+                        tracing::warn!(
+                            bus,
+                            stream = %name,
+                            differs = %differs.join("; "),
+                            "JetStream stream settings differ from the config; using the stream as it is (set update_stream = true to change it)"
+                        );
+                    }
+                    if grown {
+                        let mut cfg = have.clone();
+                        cfg.subjects = subject_strings.clone();
+                        js.update_stream(cfg)
+                            .await
+                            .map_err(|e| js_err(format!("{what}: adding subjects"), e))?;
+                    } else if !auto {
+                        // What the stream stores decides which topics the bus accepts.
+                        subject_strings = have.subjects.clone();
+                    }
                 }
             }
             Err(e) if matches!(e.kind(), async_nats::jetstream::context::GetStreamErrorKind::JetStream(ref j) if j.code() == 404) =>
@@ -84,7 +112,9 @@ impl StreamSetup {
                     max_bytes,
                     max_age,
                     storage: want_storage,
-                    num_replicas: options.replicas.unwrap_or(1).max(1),
+                    num_replicas: want_replicas,
+                    // Zero: the server's default window.
+                    duplicate_window: options.duplicate_window.map_or(Duration::ZERO, |d| d.0),
                     ..Default::default()
                 })
                 .await
@@ -92,6 +122,7 @@ impl StreamSetup {
             }
             Err(e) => return Err(js_err(format!("{what}: looking it up"), e)),
         }
+        tracing::debug!(bus, stream = %name, "JetStream stream ready");
         // Subjects the server holds may use NATS syntax busway patterns refuse; those are
         // skipped here (a topic they capture is then treated as outside the stream).
         let subjects = subject_strings
@@ -198,4 +229,73 @@ impl StreamSetup {
             ),
         )
     }
+}
+
+/// The settings of stream `have` that differ from `want` (and from the configured
+/// storage, which an update cannot change), as `key: stream <value>, config <value>`.
+fn differences(
+    have: &stream::Config,
+    want: &stream::Config,
+    want_storage: stream::StorageType,
+    auto: bool,
+) -> Vec<String> {
+    fn limit(v: i64) -> String {
+        if v < 0 {
+            "none".into()
+        } else {
+            v.to_string()
+        }
+    }
+    fn age(d: Duration) -> String {
+        if d.is_zero() {
+            "none".into()
+        } else {
+            format!("{d:?}")
+        }
+    }
+    let mut out = Vec::new();
+    let mut differ = |key: &str, h: String, w: String| {
+        if h != w {
+            out.push(format!("{key}: stream {h}, config {w}"));
+        }
+    };
+    // Without `subjects` in config the subjects follow use: not a difference.
+    if !auto && !same_set(&have.subjects, &want.subjects) {
+        differ(
+            "subjects",
+            format!("{:?}", have.subjects),
+            format!("{:?}", want.subjects),
+        );
+    }
+    differ(
+        "replicas",
+        have.num_replicas.max(1).to_string(),
+        want.num_replicas.to_string(),
+    );
+    differ(
+        "storage",
+        format!("{:?}", have.storage),
+        format!("{want_storage:?}"),
+    );
+    differ(
+        "max_msgs",
+        limit(have.max_messages),
+        limit(want.max_messages),
+    );
+    differ("max_bytes", limit(have.max_bytes), limit(want.max_bytes));
+    differ("max_age", age(have.max_age), age(want.max_age));
+    differ(
+        "duplicate_window",
+        format!("{:?}", have.duplicate_window),
+        format!("{:?}", want.duplicate_window),
+    );
+    out
+}
+
+fn same_set(a: &[String], b: &[String]) -> bool {
+    let mut a = a.to_vec();
+    let mut b = b.to_vec();
+    a.sort();
+    b.sort();
+    a == b
 }
