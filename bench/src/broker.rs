@@ -20,6 +20,8 @@ pub(crate) struct Broker {
     /// nats-server's HTTP monitoring port (`/connz`), when this bench started it.
     monitor_port: Option<u16>,
     redis_info: Option<redis::aio::MultiplexedConnection>,
+    /// A private 3-node NATS cluster this bench started (`--nats-cluster`).
+    cluster: Option<busway_testkit::nats_cluster::NatsCluster>,
 }
 
 /// Finds a broker binary on PATH or in the sbin directories (where distributions put them).
@@ -46,6 +48,7 @@ impl Broker {
                     server: None,
                     monitor_port: None,
                     redis_info: None,
+                    cluster: None,
                 })
             }
             // Snapshots and the AOF off: they would charge disk work to the broker's CPU.
@@ -142,7 +145,45 @@ impl Broker {
             server,
             monitor_port,
             redis_info,
+            cluster: None,
         })
+    }
+
+    /// Starts a private 3-node NATS cluster with JetStream on free loopback ports; both
+    /// sides get all three seed URLs.
+    ///
+    /// # Errors
+    /// [`ErrorKind::Connection`] when nats-server is missing or the cluster does not form.
+    pub(crate) async fn open_nats_cluster() -> Result<Broker> {
+        let cluster = tokio::task::spawn_blocking(|| {
+            busway_testkit::nats_cluster::NatsCluster::start("busway-bench")
+        })
+        .await
+        .ok()
+        .flatten()
+        .ok_or_else(|| {
+            Error::new(
+                ErrorKind::Connection,
+                "could not start a private 3-node nats-server cluster (is nats-server installed?)",
+            )
+        })?;
+        Ok(Broker {
+            transport: Transport::Nats,
+            url: Some(cluster.urls()),
+            server: None,
+            monitor_port: None,
+            redis_info: None,
+            cluster: Some(cluster),
+        })
+    }
+
+    /// How many servers hold each JetStream stream: 3 on a private cluster, else 1.
+    pub(crate) fn replicas(&self) -> usize {
+        if self.cluster.is_some() {
+            3
+        } else {
+            1
+        }
     }
 
     /// The broker URL (`None` for memory).
@@ -152,6 +193,9 @@ impl Broker {
 
     /// One line saying which broker this is, without secrets.
     pub(crate) fn describe(&self) -> String {
+        if let Some(c) = &self.cluster {
+            return format!("private 3-node nats cluster at {} (streams R3)", c.urls());
+        }
         match (&self.url, &self.server) {
             (None, _) => "in-process (no broker)".to_string(),
             (Some(u), Some(s)) => format!(
@@ -178,7 +222,14 @@ impl Broker {
                     .ok()?;
                 parse_redis_cpu(&info)
             }
-            Transport::Nats => proc_cpu_seconds(self.server.as_ref()?.pid()?),
+            Transport::Nats => match &self.cluster {
+                Some(c) => c
+                    .nodes()
+                    .iter()
+                    .map(|n| proc_cpu_seconds(n.pid()?))
+                    .sum::<Option<f64>>(),
+                None => proc_cpu_seconds(self.server.as_ref()?.pid()?),
+            },
         }
     }
 }

@@ -68,6 +68,10 @@ pub(crate) struct BenchArgs {
     /// Broker URL; by default a private broker is started on a free loopback port.
     #[arg(long)]
     url: Option<String>,
+    /// With --transport nats: a private 3-node cluster instead of one server, JetStream
+    /// streams replicated on all three (R3) on both sides.
+    #[arg(long, conflicts_with = "url")]
+    nats_cluster: bool,
     /// Measure each shape this many times (busway first, then the raw client first, in
     /// turn) and end with the median ratio per shape: single runs on a shared machine swing
     /// by tens of percent.
@@ -254,7 +258,17 @@ pub(crate) async fn run(args: BenchArgs) -> Result<()> {
         ModeArg::Broadcast => Mode::Broadcast,
         ModeArg::Stream => Mode::Stream,
     };
-    let broker = Broker::open(args.transport, args.url.as_deref()).await?;
+    let broker = if args.nats_cluster {
+        if args.transport != Transport::Nats {
+            return Err(Error::new(
+                ErrorKind::InvalidConfig,
+                "--nats-cluster needs --transport nats",
+            ));
+        }
+        Broker::open_nats_cluster().await?
+    } else {
+        Broker::open(args.transport, args.url.as_deref()).await?
+    };
     let format = if args.json {
         Format::Json
     } else {

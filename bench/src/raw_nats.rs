@@ -24,10 +24,16 @@ pub(crate) async fn run(plan: &Plan, broker: &Broker) -> Result<SideResult> {
     let url = broker
         .url()
         .ok_or_else(|| Error::new(ErrorKind::Connection, "no NATS URL"))?;
+    // Every seed URL of a cluster, as busway's side gets them.
+    let seeds: Vec<async_nats::ServerAddr> = url
+        .split(',')
+        .map(|u| u.trim().parse())
+        .collect::<std::result::Result<_, _>>()
+        .map_err(|e| client_err(&format!("NATS URL {}", redact_url(url)), e))?;
     let client = async_nats::ConnectOptions::new()
         .name("busway-bench-raw")
         .subscription_capacity(plan.queue_capacity())
-        .connect(url)
+        .connect(seeds)
         .await
         .map_err(|e| client_err(&format!("connect to {}", redact_url(url)), e))?;
     let result = match plan.mode {
@@ -114,6 +120,7 @@ async fn stream(plan: &Plan, broker: &Broker, client: &async_nats::Client) -> Re
             // of this run's subjects and each consumer filters the one it reads, so the server
             // does the same filtering work for both sides.
             subjects: vec![format!("rawbench.{}.>", plan.run_id)],
+            num_replicas: broker.replicas(),
             ..Default::default()
         })
         .await

@@ -23,6 +23,11 @@ pub(crate) async fn build_bus(plan: &Plan, broker: &Broker) -> Result<Arc<dyn Bu
     config.url = broker.url().map(str::to_string);
     config.capacity = Some(plan.queue_capacity());
     config.overflow = Some(Overflow::Block);
+    if broker.replicas() > 1 && plan.mode == Mode::Stream {
+        config
+            .options
+            .insert("replicas".into(), (broker.replicas() as i64).into());
+    }
     busway_cli::registry()
         .build_context(BuildContext {
             app: "bench",

@@ -44,6 +44,11 @@ impl ClusterNode {
         self.process.port()
     }
 
+    /// Its process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.process.pid()
+    }
+
     /// The HTTP monitoring port (`/connz`, `/routez`, `/jsz`).
     pub fn monitor_port(&self) -> u16 {
         self.monitor_port
