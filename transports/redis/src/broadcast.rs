@@ -295,7 +295,10 @@ impl Task {
     }
 
     async fn reconnect(&mut self) {
-        tokio::time::sleep(self.shared.connector.backoff(self.attempt)).await;
+        tokio::select! {
+            _ = tokio::time::sleep(self.shared.connector.backoff(self.attempt)) => {}
+            _ = self.shared.pubsub_retry.notified() => {}
+        }
         let (push_tx, push_rx) = mpsc::unbounded_channel();
         let mut con = match self.shared.connector.connect(None, Some(push_tx)).await {
             Ok(con) => con,

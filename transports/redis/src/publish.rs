@@ -496,6 +496,7 @@ impl Writer {
                 self.shared.cmd_up.store(true, Relaxed);
                 self.indexed.clear();
                 tracing::info!(bus = %self.shared.config.bus, "command connection re-established");
+                self.await_pubsub(shutdown).await;
             }
             Err(e) => {
                 self.attempt = self.attempt.saturating_add(1);
@@ -503,6 +504,25 @@ impl Writer {
                 if self.shared.config.on_disconnect == OnDisconnect::Fail {
                     self.fail_pending(&e);
                 }
+            }
+        }
+    }
+
+    /// After the command connection's return, holds the publishes until the bus's own
+    /// pub/sub connection has resubscribed (at most `publish_timeout`): resent at once, they
+    /// would reach the server before this process's subscriptions are back, and nobody.
+    async fn await_pubsub(&mut self, shutdown: &mut tokio::sync::watch::Receiver<bool>) {
+        let shared = &self.shared;
+        if !shared.pubsub_started.load(Relaxed) || shared.pubsub_up.load(Relaxed) {
+            return;
+        }
+        // The server is back: the pub/sub connection need not wait out its backoff.
+        shared.pubsub_retry.notify_one();
+        let deadline = tokio::time::Instant::now() + shared.config.response_timeout();
+        while !shared.pubsub_up.load(Relaxed) && tokio::time::Instant::now() < deadline {
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_millis(5)) => {}
+                _ = shutdown.changed() => return,
             }
         }
     }
