@@ -164,6 +164,8 @@ impl Broadcast {
                     push_rx,
                     ctl_rx,
                     attempt: 0,
+                    last_foreign_warn: None,
+                    foreign_since_warn: 0,
                     via,
                 };
                 tokio::spawn(task.run());
@@ -207,6 +209,8 @@ struct Task {
     push_rx: mpsc::UnboundedReceiver<PushInfo>,
     ctl_rx: mpsc::UnboundedReceiver<Ctl>,
     attempt: u32,
+    last_foreign_warn: Option<std::time::Instant>,
+    foreign_since_warn: u64,
     /// The bus deliveries reply through (an internal handle: it does not keep the bus open).
     via: Arc<dyn Bus>,
 }
@@ -291,7 +295,10 @@ impl Task {
     }
 
     async fn reconnect(&mut self) {
-        tokio::time::sleep(self.shared.connector.backoff(self.attempt)).await;
+        tokio::select! {
+            _ = tokio::time::sleep(self.shared.connector.backoff(self.attempt)) => {}
+            _ = self.shared.pubsub_retry.notified() => {}
+        }
         let (push_tx, push_rx) = mpsc::unbounded_channel();
         let mut con = match self.shared.connector.connect(None, Some(push_tx)).await {
             Ok(con) => con,
@@ -363,7 +370,9 @@ impl Task {
             _ => return, // subscribe confirmations and the like
         };
         let Ok(topic) = Topic::new(&channel) else {
-            // A channel that is not a busway topic (a glob superset can catch one).
+            // A channel that is not a busway topic (a glob superset can catch one, a foreign
+            // publisher can send one).
+            self.foreign(&channel, "the channel is not a valid busway topic");
             return;
         };
         let targets: Vec<QueueSender> = {
@@ -393,8 +402,7 @@ impl Task {
             match wire::decode(topic, payload) {
                 Ok(m) => m,
                 Err(e) => {
-                    Counters::incr(&self.shared.stats.decode_errors);
-                    tracing::debug!(bus = %self.shared.config.bus, channel, error = %e, "skipped an undecodable message");
+                    self.foreign(&channel, &e.to_string());
                     return;
                 }
             }
@@ -412,6 +420,36 @@ impl Task {
             tx.send(Delivery::shared(message.clone()).with_reply_via_if_request(&self.via))
                 .await;
         }
+    }
+}
+
+/// How often a foreign message is logged at warn: once, then at most once a minute, so a
+/// foreign publisher cannot flood the log.
+const FOREIGN_WARN_EVERY: std::time::Duration = std::time::Duration::from_secs(60);
+
+impl Task {
+    /// Counts a message that is not for busway (not a frame, or not on a busway topic) and
+    /// says so at warn, rate-limited.
+    fn foreign(&mut self, channel: &str, why: &str) {
+        Counters::incr(&self.shared.stats.decode_errors);
+        self.foreign_since_warn += 1;
+        let now = std::time::Instant::now();
+        if self
+            .last_foreign_warn
+            .is_some_and(|at| now.duration_since(at) < FOREIGN_WARN_EVERY)
+        {
+            tracing::debug!(bus = %self.shared.config.bus, channel, why, "skipped a foreign message");
+            return;
+        }
+        tracing::warn!(
+            bus = %self.shared.config.bus,
+            channel,
+            why,
+            skipped = self.foreign_since_warn,
+            "skipped messages that are not busway frames on a busway topic (a foreign publisher?); counted in decode_errors"
+        );
+        self.foreign_since_warn = 0;
+        self.last_foreign_warn = Some(now);
     }
 }
 

@@ -164,6 +164,10 @@ impl Bus for RedisBus {
         let flushed = self.inner.publisher.flush().await;
         shared.closed.store(true, Relaxed);
         let _ = shared.shutdown.send(true);
+        // Before the command connection goes: another consumer of each group gets what this
+        // process read and no handler saw, at once rather than after the claim time.
+        self.inner.streams.stop_readers().await;
+        self.inner.streams.hand_back_all().await;
         // The writer drops its connection when it stops; this is the other handle on it, so
         // a closed bus holds no connection even while the bus value lives on (a router keeps
         // the buses a reload retired).

@@ -428,11 +428,14 @@ impl RedisConfig {
                 return Some(("dead_letter", e.to_string()));
             }
         }
-        if self.max_batch == 0 || self.publish_queue == 0 || self.read_count == 0 {
-            return Some((
-                "max_batch",
-                "max_batch, publish_queue and read_count must be at least 1".into(),
-            ));
+        for (key, value) in [
+            ("max_batch", self.max_batch),
+            ("publish_queue", self.publish_queue),
+            ("read_count", self.read_count),
+        ] {
+            if value == 0 {
+                return Some((key, "must be at least 1".into()));
+            }
         }
         if self.key_prefix.is_empty() {
             return Some(("key_prefix", "must not be empty".into()));

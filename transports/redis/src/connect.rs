@@ -106,7 +106,7 @@ impl Connector {
         let mut con = client
             .get_multiplexed_async_connection_with_config(&cfg)
             .await
-            .map_err(|e| self.error("connect", e))?;
+            .map_err(|e| self.connect_error(e))?;
         redis::cmd("CLIENT")
             .arg("SETNAME")
             .arg(&self.client_name)
@@ -114,6 +114,36 @@ impl Connector {
             .await
             .map_err(|e| self.error("CLIENT SETNAME", e))?;
         Ok(con)
+    }
+
+    /// A failed connection attempt, with a hint at the two usual mistakes: a port that
+    /// speaks something other than RESP (its greeting does not parse), and `rediss://`
+    /// against a server that does not speak TLS (the handshake never completes).
+    fn connect_error(&self, e: redis::RedisError) -> Error {
+        let prefix = format!("bus {:?} ({}): connect", self.bus, self.redacted);
+        if e.kind() == redis::ErrorKind::Parse || e.kind() == redis::ErrorKind::UnexpectedReturnType
+        {
+            // The parser's text quotes the foreign greeting over several lines: not useful.
+            return Error::new(
+                ErrorKind::Connection,
+                format!(
+                    "{prefix}: this does not look like a Redis server (its reply is not RESP; is the port another service's, e.g. NATS?)"
+                ),
+            );
+        }
+        let err = self.error("connect", e);
+        if self.url.starts_with("rediss://")
+            && matches!(err.kind(), ErrorKind::Timeout | ErrorKind::Connection)
+        {
+            return Error::new(
+                ErrorKind::Connection,
+                format!(
+                    "{}; the TLS handshake did not complete: does the server speak TLS on this port (rediss://), or should the URL be redis://?",
+                    err.message()
+                ),
+            );
+        }
+        err
     }
 
     /// A busway error for a failed redis operation, naming the bus and the redacted URL.

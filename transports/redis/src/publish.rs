@@ -65,6 +65,9 @@ impl Publisher {
             return Err(shared.closed_error());
         }
         config.capabilities().check_payload(&config.bus, &message)?;
+        if config.framing == Framing::Raw {
+            refuse_user_headers(&config.bus, &message)?;
+        }
         if !shared.cmd_up.load(Relaxed) {
             match config.on_disconnect {
                 OnDisconnect::Fail => {
@@ -117,15 +120,20 @@ impl Publisher {
             )
         };
         shared.queued.fetch_add(1, Relaxed);
+        // One deadline for the wait for room in the queue and the wait for the answer, so a
+        // publish gives up after `publish_timeout` in all, not once per wait.
+        let start = tokio::time::Instant::now();
+        let deadline = start + timeout;
         let timed_out = || {
             Counters::incr(&shared.stats.errors);
             Error::new(
                 ErrorKind::Timeout,
                 format!(
-                    "bus {:?}: publish on {:?} not accepted by {} within {timeout:?}",
+                    "bus {:?}: publish on {:?} not accepted by {} after {} ms (publish_timeout = {timeout:?})",
                     config.bus,
                     topic.as_str(),
-                    config.redacted_url()
+                    config.redacted_url(),
+                    start.elapsed().as_millis()
                 ),
             )
         };
@@ -135,7 +143,7 @@ impl Publisher {
             Ok(()) => Ok(()),
             Err(mpsc::error::TrySendError::Closed(_)) => Err(shared.closed_error()),
             Err(mpsc::error::TrySendError::Full(item)) => {
-                match tokio::time::timeout(timeout, self.tx.send(item)).await {
+                match tokio::time::timeout_at(deadline, self.tx.send(item)).await {
                     Ok(Ok(())) => Ok(()),
                     Ok(Err(_)) => Err(shared.closed_error()),
                     Err(_) => Err(timed_out()),
@@ -147,7 +155,7 @@ impl Publisher {
             return Err(e);
         }
         if let Some(done) = done {
-            match tokio::time::timeout(timeout, done).await {
+            match tokio::time::timeout_at(deadline, done).await {
                 Ok(Ok(Ok(()))) => {}
                 Ok(Ok(Err(e))) => return Err(e),
                 Ok(Err(_)) => return Err(shared.closed_error()),
@@ -161,13 +169,18 @@ impl Publisher {
     /// Waits until every publish accepted before it is answered by the server.
     pub(crate) async fn flush(&self) -> Result<()> {
         let shared = &*self.shared;
+        // Nothing accepted and unanswered: done, even if the server is frozen (the writer may
+        // be waiting on its idle ping, which a flush marker would queue behind).
+        if shared.queued.load(Relaxed) == 0 {
+            return Ok(());
+        }
         let (tx, rx) = oneshot::channel();
         let timeout = shared.config.response_timeout();
         let err = || {
             Error::new(
                 ErrorKind::Timeout,
                 format!(
-                    "bus {:?}: flush: {} publishes not acknowledged by {} within {timeout:?}",
+                    "bus {:?}: flush: {} publishes not acknowledged by {} within {timeout:?} (publish_timeout)",
                     shared.config.bus,
                     shared.queued.load(Relaxed),
                     shared.config.redacted_url()
@@ -183,6 +196,27 @@ impl Publisher {
         .await
         .map_err(|_| err())
     }
+}
+
+/// Raw framing sends the payload alone, so a header the caller set would be lost without a
+/// word: refuse it. `id`, `timestamp` and `source` (set by the router and `stamped`) and
+/// `content_type` (set by the codec helpers) are busway's own bookkeeping, not something the
+/// caller asked to travel, so they are dropped rather than refused.
+fn refuse_user_headers(bus: &str, message: &Message) -> Result<()> {
+    let h = &message.headers;
+    let header = if let Some((k, _)) = h.extra.first() {
+        k.as_str()
+    } else if h.reply_to.is_some() {
+        "reply_to"
+    } else if h.correlation_id.is_some() {
+        "correlation_id"
+    } else {
+        return Ok(());
+    };
+    Err(Error::unsupported(format!(
+        "bus {bus:?} uses raw framing, which carries the payload alone: header {header:?} on {:?} cannot travel (use framing = \"busway\" or drop the header)",
+        message.topic.as_str()
+    )))
 }
 
 /// One unit of work for the writer.
@@ -462,6 +496,7 @@ impl Writer {
                 self.shared.cmd_up.store(true, Relaxed);
                 self.indexed.clear();
                 tracing::info!(bus = %self.shared.config.bus, "command connection re-established");
+                self.await_pubsub(shutdown).await;
             }
             Err(e) => {
                 self.attempt = self.attempt.saturating_add(1);
@@ -469,6 +504,25 @@ impl Writer {
                 if self.shared.config.on_disconnect == OnDisconnect::Fail {
                     self.fail_pending(&e);
                 }
+            }
+        }
+    }
+
+    /// After the command connection's return, holds the publishes until the bus's own
+    /// pub/sub connection has resubscribed (at most `publish_timeout`): resent at once, they
+    /// would reach the server before this process's subscriptions are back, and nobody.
+    async fn await_pubsub(&mut self, shutdown: &mut tokio::sync::watch::Receiver<bool>) {
+        let shared = &self.shared;
+        if !shared.pubsub_started.load(Relaxed) || shared.pubsub_up.load(Relaxed) {
+            return;
+        }
+        // The server is back: the pub/sub connection need not wait out its backoff.
+        shared.pubsub_retry.notify_one();
+        let deadline = tokio::time::Instant::now() + shared.config.response_timeout();
+        while !shared.pubsub_up.load(Relaxed) && tokio::time::Instant::now() < deadline {
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_millis(5)) => {}
+                _ = shutdown.changed() => return,
             }
         }
     }

@@ -30,6 +30,9 @@ pub(crate) struct Shared {
     pub(crate) readers_down: AtomicUsize,
     /// Publishes accepted and not yet answered by the server.
     pub(crate) queued: AtomicUsize,
+    /// Wakes the pub/sub task's reconnect backoff: the command connection is back, so the
+    /// server is, and both connections return on the same schedule.
+    pub(crate) pubsub_retry: tokio::sync::Notify,
     /// Set once when the bus closes or its last user handle goes; every task watches it.
     pub(crate) shutdown: watch::Sender<bool>,
     cmd: Mutex<Option<MultiplexedConnection>>,
@@ -52,6 +55,7 @@ impl Shared {
             pubsub_started: AtomicBool::new(false),
             readers_down: AtomicUsize::new(0),
             queued: AtomicUsize::new(0),
+            pubsub_retry: tokio::sync::Notify::new(),
             shutdown: watch::channel(false).0,
             cmd: Mutex::new(Some(cmd)),
         }

@@ -112,7 +112,7 @@ async fn stream_skips_bad_and_oversized_entries() {
     server.cli(&["XADD", key, "*", "payload", &big]);
     server.cli(&["XADD", key, "*", "payload", "p", "ts", "notanumber"]);
     server.cli(&["XADD", key, "*", "payload", "p", "reply_to", "bad topic"]);
-    server.cli(&["XADD", key, "*", "payload", "p", "unknown", "1"]);
+    server.cli(&["XADD", key, "*", "no_payload", "1"]);
     bus.publish(Message::new(topic("s"), &b"ok"[..]))
         .await
         .unwrap();
@@ -150,4 +150,55 @@ async fn oversized_publish_is_refused_naming_the_limit() {
             "{mode:?}: {text}"
         );
     }
+}
+
+#[tokio::test]
+async fn foreign_stream_fields_arrive_as_headers_and_an_entry_without_payload_is_counted() {
+    let Some(server) = RedisServer::start("foreign_stream_fields") else {
+        return;
+    };
+    let bus = bus(&server.url(), Mode::Stream).await;
+    let mut sub = bus
+        .subscribe(pat("t"), SubscribeOptions::new().group("g"))
+        .await
+        .unwrap();
+    let key = "busway:stream:t";
+    server.cli(&["XADD", key, "*", "symbol", "MSFT"]);
+    server.cli(&["XADD", key, "*", "payload", "one", "symbol", "AAPL"]);
+    let d = sub.recv_timeout(WAIT).await.unwrap().unwrap();
+    assert_eq!(&d.message().payload[..], b"one");
+    assert_eq!(d.message().headers.get("symbol"), Some("AAPL"));
+    d.ack().await.unwrap();
+    assert_eq!(bus.stats().decode_errors, 1, "the entry without a payload");
+}
+
+#[tokio::test]
+async fn raw_bus_refuses_user_headers_naming_bus_and_header() {
+    let Some(server) = RedisServer::start("raw_refuses_headers") else {
+        return;
+    };
+    let bus = connect("legacy", &server.url(), Mode::Broadcast, |c| {
+        c.framing = busway_redis::Framing::Raw;
+    })
+    .await;
+    let mut m = Message::new(topic("r"), &b"p"[..]);
+    m.headers.insert("symbol", "AAPL");
+    let err = bus.publish(m).await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Unsupported, "{err}");
+    let text = err.to_string();
+    assert!(
+        text.contains("\"legacy\"") && text.contains("\"symbol\""),
+        "{text}"
+    );
+    let mut m = Message::new(topic("r"), &b"p"[..]);
+    m.headers.correlation_id = Some("c".into());
+    let err = bus.publish(m).await.unwrap_err();
+    assert!(err.to_string().contains("correlation_id"), "{err}");
+    // busway's own bookkeeping is not a user header: it does not travel and is not refused.
+    let m = Message::new(topic("r"), &b"p"[..])
+        .with_id("i")
+        .with_content_type("text/plain");
+    bus.publish(m)
+        .await
+        .expect("id and content type are not refused");
 }

@@ -189,6 +189,8 @@ async fn garbage_is_counted_and_skipped() {
         .unwrap();
     server.cli(&["PUBLISH", "g.x", "not a busway frame"]);
     server.cli(&["PUBLISH", "g.x", ""]);
+    // Not a busway topic (a space), caught by the glob of `g.>`.
+    server.cli(&["PUBLISH", "g.bad topic", "x"]);
     bus.publish(Message::new(topic("g.y"), &b"ok"[..]))
         .await
         .unwrap();
@@ -198,7 +200,7 @@ async fn garbage_is_counted_and_skipped() {
         b"ok",
         "the subscription survives garbage"
     );
-    assert_eq!(bus.stats().decode_errors, 2);
+    assert_eq!(bus.stats().decode_errors, 3);
 }
 
 #[tokio::test]

@@ -972,3 +972,76 @@ async fn ack_all_sends_one_xack_per_key_and_group_and_passes_other_buses_on() {
         nothing(sub).await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn entries_held_by_a_closed_consumer_go_to_the_next_one_at_once() {
+    let Some(server) = RedisServer::start("stream_hand_back") else {
+        return;
+    };
+    let config = |c: &mut RedisConfig| {
+        c.read_block = Duration::from_millis(200);
+        c.rescan_interval = Duration::from_millis(200);
+        c.max_deliveries = Some(3);
+        c.dead_letter = Some("dead".into());
+    };
+    let publisher = bus(&server.url(), |_| {}).await;
+    let mut dead = publisher
+        .subscribe(pat("dead"), SubscribeOptions::new().group("dead"))
+        .await
+        .unwrap();
+    let start = Instant::now();
+    let mut handled = std::collections::BTreeSet::new();
+    let mut attempts = Vec::new();
+    // Eight instances of one consumer: the first seven each handle one message and go (the
+    // even ones drop their subscription before closing, the odd ones close first); the
+    // eighth handles the rest. Each reads everything pending into its queue at once.
+    for instance in 0..8 {
+        let consumer = bus(&server.url(), config).await;
+        let mut sub = consumer
+            .subscribe(pat("jobs"), SubscribeOptions::new().group("workers"))
+            .await
+            .unwrap();
+        if instance == 0 {
+            for i in 0..20 {
+                publisher
+                    .publish(Message::new(topic("jobs"), format!("{i}").into_bytes()))
+                    .await
+                    .unwrap();
+            }
+        }
+        let want = if instance < 7 { 1 } else { 20 - handled.len() };
+        for _ in 0..want {
+            let d = next(&mut sub).await;
+            attempts.push(d.attempt());
+            handled.insert(String::from_utf8(d.message().payload.to_vec()).unwrap());
+            d.ack().await.unwrap();
+        }
+        if instance % 2 == 0 {
+            drop(sub);
+            consumer.close().await.unwrap();
+        } else {
+            consumer.close().await.unwrap();
+            drop(sub);
+        }
+    }
+    let took = start.elapsed();
+    assert_eq!(handled.len(), 20, "handled {handled:?}");
+    assert!(
+        took < Duration::from_secs(15),
+        "20 messages over 8 instances took {took:?} (the claim time is 30 s)"
+    );
+    assert!(
+        attempts.iter().all(|&a| a == 1),
+        "entries the handlers never saw are not counted as attempts: {attempts:?}"
+    );
+    assert!(
+        dead.recv_timeout(Duration::from_millis(300)).await.is_err(),
+        "nothing dead-lettered"
+    );
+    let pending = pending(&server, "busway:stream:jobs", "workers");
+    assert_eq!(pending.lines().next(), Some("0"), "XPENDING: {pending}");
+    println!(
+        "RESULT stream_hand_back handled=20 instances=8 took_ms={}",
+        took.as_millis()
+    );
+}

@@ -66,9 +66,11 @@ pub(super) fn decode_entry(
             "ct" => h.content_type = Some(v),
             "reply_to" => h.reply_to = Some(Topic::new(&v).map_err(|e| e.to_string())?),
             "corr" => h.correlation_id = Some(v),
+            // A field busway does not write (a foreign producer's `symbol AAPL`) is kept as a
+            // free header rather than losing the entry over it.
             _ => match k.strip_prefix("h:") {
                 Some(key) => h.extra.push((key.to_string(), v)),
-                None => return Err(format!("unknown field {k:?}")),
+                None => h.extra.push((k, v)),
             },
         }
     }
@@ -146,10 +148,10 @@ mod tests {
             })
             .collect();
         assert_eq!(decode_entry(m.topic.clone(), values).unwrap(), m);
-        let bad = vec![
+        let no_payload = vec![
             Value::BulkString(b"x".to_vec()),
             Value::BulkString(b"y".to_vec()),
         ];
-        assert!(decode_entry(m.topic.clone(), bad).is_err());
+        assert!(decode_entry(m.topic.clone(), no_payload).is_err());
     }
 }

@@ -4,6 +4,7 @@
 
 use std::any::Any;
 use std::fmt;
+use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -26,6 +27,91 @@ pub(super) struct GroupAcker {
     id: String,
     /// The subscription a nacked entry goes back to.
     tx: QueueSender,
+    /// Its token in `StreamState::held` once queued (0: not queued, or settled).
+    held: Arc<std::sync::atomic::AtomicU64>,
+    attempt: u32,
+}
+
+/// A group entry this consumer holds in a subscription's queue.
+#[derive(Debug, Clone)]
+pub(crate) struct Held {
+    key: Arc<str>,
+    group: Arc<str>,
+    id: String,
+    attempt: u32,
+}
+
+/// How idle a handed-back entry is made to look: older than any sane claim time, so the
+/// group's next reclaim (any member's, every `rescan_interval`) takes it at once.
+const HANDED_BACK_IDLE_MS: u64 = 30 * 24 * 3600 * 1000;
+
+/// Hands entries back to their group: `XCLAIM ... IDLE <long ago> RETRYCOUNT <attempt - 1>
+/// JUSTID` keeps them pending (nothing is lost if no one else is there) but makes them look
+/// abandoned, and sets their delivery count back to what it was before this consumer read
+/// them, so the handler that gets them next sees the attempt number this consumer's
+/// handler would have seen (it never saw them).
+pub(super) async fn hand_back(
+    shared: &crate::state::Shared,
+    cmd: &mut MultiplexedConnection,
+    held: &[Held],
+) {
+    let mut pipe = redis::pipe();
+    pipe.ignore_errors();
+    for h in held {
+        pipe.cmd("XCLAIM")
+            .arg(&*h.key)
+            .arg(&*h.group)
+            .arg("busway-handed-back")
+            .arg(0)
+            .arg(&h.id)
+            .arg("IDLE")
+            .arg(HANDED_BACK_IDLE_MS)
+            .arg("RETRYCOUNT")
+            .arg(h.attempt.saturating_sub(1))
+            .arg("JUSTID");
+    }
+    match pipe.query_async::<Vec<Value>>(cmd).await {
+        Ok(_) => {
+            tracing::debug!(bus = %shared.config.bus, entries = held.len(), "handed unread group entries back")
+        }
+        Err(e) => {
+            tracing::debug!(bus = %shared.config.bus, error = %shared.connector.error("XCLAIM", e), "handing entries back failed; they are claimed after the claim time")
+        }
+    }
+}
+
+impl GroupAcker {
+    /// Forgets the entry in `held` (it is settled or gone); whether it was there.
+    fn unhold(&self) -> bool {
+        let token = self.held.swap(0, Relaxed);
+        token != 0 && self.ctx.streams.held.lock().remove(&token).is_some()
+    }
+}
+
+impl Drop for GroupAcker {
+    fn drop(&mut self) {
+        // Dropped unsettled with its subscription gone: the entry was in the queue and no
+        // handler saw it (or its handler outlived the subscription). Hand it back now.
+        // (Dropped with the subscription still there, by an overflow policy or a handler
+        // that did not ack: it is claimed after the claim time, as before.)
+        if !self.unhold() || !self.tx.is_closed() {
+            return;
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let Ok(mut cmd) = self.ctx.shared.cmd_connection() else {
+            return;
+        };
+        let shared = self.ctx.shared.clone();
+        let held = [Held {
+            key: self.key.clone(),
+            group: self.group.clone(),
+            id: self.id.clone(),
+            attempt: self.attempt,
+        }];
+        runtime.spawn(async move { hand_back(&shared, &mut cmd, &held).await });
+    }
 }
 
 impl fmt::Debug for GroupAcker {
@@ -41,6 +127,7 @@ impl fmt::Debug for GroupAcker {
 #[async_trait]
 impl Acker for GroupAcker {
     async fn ack(&self) -> Result<()> {
+        self.unhold();
         ack::ack(&self.ctx.streams.acks, &self.key, &self.group, &self.id).await
     }
 
@@ -55,7 +142,10 @@ impl Acker for GroupAcker {
                 .downcast_ref::<GroupAcker>()
                 .filter(|g| Arc::ptr_eq(&g.ctx.shared, &self.ctx.shared))
             {
-                Some(g) => entries.push((&g.key, &g.group, g.id.as_str())),
+                Some(g) => {
+                    g.unhold();
+                    entries.push((&g.key, &g.group, g.id.as_str()))
+                }
                 None => rest.push(a),
             }
         }
@@ -67,6 +157,7 @@ impl Acker for GroupAcker {
     }
 
     async fn nack(&self, delay: Option<Duration>) -> Result<()> {
+        self.unhold();
         let (ctx, key, group, id, tx) = (
             self.ctx.clone(),
             self.key.clone(),
@@ -171,37 +262,71 @@ pub(super) async fn deliver_group<'a>(
             return;
         }
     };
-    let delivery = |tx: &QueueSender| {
+    let delivery = |tx: &QueueSender, cell: &Arc<std::sync::atomic::AtomicU64>| {
         let acker = GroupAcker {
             ctx: ctx.clone(),
             key: key.clone(),
             group: group.clone(),
             id: id.clone(),
             tx: tx.clone(),
+            held: cell.clone(),
+            attempt,
         };
         Delivery::shared(message.clone())
             .with_attempt(attempt)
             .with_acker(Box::new(acker))
             .with_reply_via_if_request(&ctx.via)
     };
-    let counted = |tx: &QueueSender| {
+    // Remembered once queued, for the hand-back. (An ack racing this only leaves a settled
+    // entry in `held`, which the hand-back on close skips: it is no longer pending.)
+    let queued = |tx: &QueueSender, cell: &Arc<std::sync::atomic::AtomicU64>| {
+        let token = ctx.streams.next_held.fetch_add(1, Relaxed) + 1;
+        ctx.streams.held.lock().insert(
+            token,
+            Held {
+                key: key.clone(),
+                group: group.clone(),
+                id: id.clone(),
+                attempt,
+            },
+        );
+        cell.store(token, Relaxed);
         if attempt > 1 {
             ctx.redelivered(tx);
         }
     };
     for tx in to.clone() {
-        match tx.try_send(delivery(tx)) {
-            TrySend::Queued | TrySend::Dropped => return counted(tx),
+        let cell = Arc::default();
+        match tx.try_send(delivery(tx, &cell)) {
+            TrySend::Queued => return queued(tx, &cell),
+            // An overflow policy dropped one: not tracked, claimed after the claim time.
+            TrySend::Dropped => {
+                if attempt > 1 {
+                    ctx.redelivered(tx);
+                }
+                return;
+            }
             TrySend::Full(_) | TrySend::Closed(_) => {}
         }
     }
     for tx in to {
-        if tx.send(delivery(tx)).await {
-            return counted(tx);
+        let cell = Arc::default();
+        if tx.send(delivery(tx, &cell)).await {
+            return queued(tx, &cell);
         }
     }
-    // Every subscription went away: the entry stays pending and is claimed after the
-    // claim time.
+    // Every subscription went away: hand the entry back so another consumer takes it at
+    // its next reclaim (without a connection it stays pending and is claimed after the
+    // claim time).
+    if let Ok(mut cmd) = ctx.shared.cmd_connection() {
+        let held = [Held {
+            key: key.clone(),
+            group: group.clone(),
+            id: id.clone(),
+            attempt,
+        }];
+        hand_back(&ctx.shared, &mut cmd, &held).await;
+    }
 }
 
 /// Creates `group` on `key` at `start` (`$` or `0`), creating the stream too; an existing

@@ -30,6 +30,10 @@ pub(crate) struct StreamState {
     /// Held while a reader is started, so a group gets one.
     pub(super) starting: tokio::sync::Mutex<()>,
     pub(super) next_member: AtomicU64,
+    /// Group entries queued for a subscription and not yet acked or nacked, by token: what
+    /// this consumer hands back when its subscription goes or the bus closes.
+    pub(super) held: Mutex<HashMap<u64, super::group::Held>>,
+    pub(super) next_held: AtomicU64,
 }
 
 impl StreamState {
@@ -41,6 +45,8 @@ impl StreamState {
             readers: Mutex::new(Registry::new()),
             starting: tokio::sync::Mutex::new(()),
             next_member: AtomicU64::new(0),
+            held: Mutex::new(HashMap::new()),
+            next_held: AtomicU64::new(0),
         }
     }
 
@@ -79,6 +85,28 @@ impl StreamState {
     }
 
     /// Closes every subscription's queue (the bus is closing).
+    /// Waits (up to `publish_timeout`) for the readers to stop after shutdown, so none
+    /// queues an entry after the hand-back.
+    pub(crate) async fn stop_readers(&self) {
+        let deadline = tokio::time::Instant::now() + self.shared.config.response_timeout();
+        while !self.readers.lock().is_empty() && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+    }
+
+    /// Hands back every group entry queued and not yet settled (the bus is closing), so
+    /// another consumer of the group gets it at its next reclaim instead of after the
+    /// claim time.
+    pub(crate) async fn hand_back_all(&self) {
+        let held: Vec<super::group::Held> = self.held.lock().drain().map(|(_, h)| h).collect();
+        if held.is_empty() {
+            return;
+        }
+        if let Ok(mut cmd) = self.shared.cmd_connection() {
+            super::group::hand_back(&self.shared, &mut cmd, &held).await;
+        }
+    }
+
     pub(crate) fn close_all(&self) {
         for tx in self.subs.lock().drain(..) {
             tx.close();
