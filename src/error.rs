@@ -111,9 +111,17 @@ impl Error {
         self
     }
 
-    /// Prefixes the message with context, e.g. the bus name: `bus "engine": ...`.
+    /// Prefixes the message with context, e.g. the bus name: `bus "engine": ...`. A message
+    /// that already starts with that context keeps one copy of it.
     pub fn context(mut self, context: impl fmt::Display) -> Self {
-        self.message = format!("{context}: {}", self.message);
+        let context = context.to_string();
+        let already = self
+            .message
+            .strip_prefix(context.as_str())
+            .is_some_and(|rest| rest.starts_with(':') || rest.starts_with(' '));
+        if !already {
+            self.message = format!("{context}: {}", self.message);
+        }
         self
     }
 

@@ -223,6 +223,12 @@ async fn mirror_publishes_to_every_bus_with_one_id() {
         Some("m-1")
     );
     assert_eq!(on_main.pending(), 0);
+
+    // A mirror bus that fails: the error names it once.
+    engine.close().await.unwrap();
+    let e = router.publish(msg("mirror.x", "late")).await.unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Closed);
+    assert_eq!(e.to_string().matches("bus \"engine\"").count(), 1, "{e}");
 }
 
 #[test]
