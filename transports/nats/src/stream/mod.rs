@@ -166,13 +166,17 @@ impl StreamSetup {
         };
         let subject = async_nats::Subject::from(topic.as_str());
         let retries = inner.options.publish_retries();
+        // `publish_timeout` bounds the whole publish, retries included.
+        let deadline = tokio::time::Instant::now() + inner.options.publish_timeout();
         // Kept for a retry: the payload is shared, the headers are copied.
         let again = (retries > 0).then(|| (subject.clone(), publish.clone()));
         Either::Right(
             self.attempt(subject, publish)
                 .then(move |first| match (first, again) {
                     (Err(e), Some((subject, publish))) if retryable(&e) => {
-                        Either::Left(Box::pin(self.retry(inner, subject, publish, retries, e)))
+                        Either::Left(Box::pin(
+                            self.retry(inner, subject, publish, retries, deadline, e),
+                        ))
                     }
                     (first, _) => Either::Right(ready(first.map(|()| 1).map_err(|e| (e, 1)))),
                 })
@@ -185,27 +189,38 @@ impl StreamSetup {
     }
 
     /// Sends `publish` again up to `retries` times, waiting `retry_backoff` (doubling) before
-    /// each; stops at the first PubAck or at an error a retry cannot mend. On failure, the
-    /// last error and the attempts made.
+    /// each, while time is left before `deadline` (each retry's ack wait is cut to it); stops
+    /// at the first PubAck or at an error a retry cannot mend. On failure, the last error and
+    /// the attempts made.
     async fn retry(
         &self,
         inner: &Inner,
         subject: async_nats::Subject,
         publish: jetstream::message::PublishMessage,
         retries: u32,
+        deadline: tokio::time::Instant,
         mut last: PublishError,
     ) -> std::result::Result<u32, (PublishError, u32)> {
+        let mut attempts = 1;
         for n in 1..=retries {
-            tokio::time::sleep(inner.options.retry_backoff(n)).await;
+            let backoff = inner.options.retry_backoff(n);
+            if tokio::time::Instant::now() + backoff >= deadline {
+                break;
+            }
+            tokio::time::sleep(backoff).await;
             inner.publish_retries.fetch_add(1, Ordering::Relaxed);
+            attempts += 1;
             tracing::debug!(bus = %inner.name, subject = %subject, retry = n, error = %last, "JetStream publish not acknowledged; sending it again");
-            match self.attempt(subject.clone(), publish.clone()).await {
-                Ok(()) => return Ok(n + 1),
-                Err(e) if retryable(&e) => last = e,
-                Err(e) => return Err((e, n + 1)),
+            let attempt = self.attempt(subject.clone(), publish.clone());
+            match tokio::time::timeout_at(deadline, attempt).await {
+                Ok(Ok(())) => return Ok(attempts),
+                Ok(Err(e)) if retryable(&e) => last = e,
+                Ok(Err(e)) => return Err((e, attempts)),
+                // Out of time: the last PubAck error says what went wrong.
+                Err(_) => break,
             }
         }
-        Err((last, retries + 1))
+        Err((last, attempts))
     }
 
     /// The busway error for a publish that was not acknowledged after `attempts` attempts.
