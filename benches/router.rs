@@ -65,7 +65,8 @@ fn publish(c: &mut Criterion) {
     // BUSWAY_BENCH_METRICS=1 (with `--features prometheus`): the same benches with a
     // Prometheus recorder installed and busway's histograms enabled.
     #[cfg(feature = "prometheus")]
-    let _recorder = (std::env::var_os("BUSWAY_BENCH_METRICS").is_some())
+    let _recorder = std::env::var_os("BUSWAY_BENCH_METRICS")
+        .is_some()
         .then(|| busway::metrics::install().expect("a recorder"));
     // One worker thread for the draining subscriber; the bench loop runs on this thread.
     let rt = tokio::runtime::Builder::new_multi_thread()
