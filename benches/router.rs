@@ -6,7 +6,8 @@
 //! - dispatch on a MemoryBus with 10, 100 and 1000 wildcard subscriptions of which one
 //!   matches, beside a naive scan of the same patterns per publish.
 //!
-//! `cargo bench -p busway --bench router`
+//! `cargo bench -p busway --bench router`; with `--features prometheus` and
+//! `BUSWAY_BENCH_METRICS=1`, the publish benches run with metrics recorded.
 
 #![allow(missing_docs)]
 
@@ -61,6 +62,12 @@ fn message() -> Message {
 }
 
 fn publish(c: &mut Criterion) {
+    // BUSWAY_BENCH_METRICS=1 (with `--features prometheus`): the same benches with a
+    // Prometheus recorder installed and busway's histograms enabled.
+    #[cfg(feature = "prometheus")]
+    let _recorder = std::env::var_os("BUSWAY_BENCH_METRICS")
+        .is_some()
+        .then(|| busway::metrics::install().expect("a recorder"));
     // One worker thread for the draining subscriber; the bench loop runs on this thread.
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)

@@ -205,6 +205,13 @@ pub trait Bus: Send + Sync + fmt::Debug + 'static {
 
     /// A snapshot of this bus's counters.
     fn stats(&self) -> StatsSnapshot;
+
+    /// The transport kind (`memory`, `redis`, `nats`), for the `transport` label of metrics
+    /// when the bus was not built from a config (a config's `transport` key wins).
+    /// Default: `unknown`.
+    fn transport_kind(&self) -> &str {
+        "unknown"
+    }
 }
 
 /// The prefix of reply topics made by [`request_via_inbox`].

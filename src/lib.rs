@@ -24,6 +24,8 @@
 //! - [`config`], [`router`], [`memory`], [`topic`]: the rest of each part's public types
 //!   (settings, builders, reports, limits).
 //! - [`transport`]: what a transport author needs, and how to write a transport.
+//! - [`metrics`], [`trace`]: Prometheus metrics of every router and bus, and W3C trace
+//!   context carried in message headers (docs/OBSERVABILITY.md).
 
 mod bus;
 mod codec;
@@ -32,6 +34,7 @@ mod delivery;
 mod error;
 pub mod memory;
 mod message;
+pub mod metrics;
 mod options;
 mod queue;
 mod registry;
@@ -39,6 +42,7 @@ pub mod router;
 mod stats;
 mod subscription;
 pub mod topic;
+pub mod trace;
 pub mod transport;
 mod url;
 

@@ -74,6 +74,20 @@ impl std::fmt::Debug for QueueSender {
     }
 }
 
+/// A weak view of a queue's length, for the queue-depth gauge: it never keeps the queue
+/// alive.
+#[derive(Clone)]
+pub(crate) struct QueueDepth(std::sync::Weak<Shared>);
+
+impl QueueDepth {
+    /// Messages waiting now; `None` once the queue is gone.
+    pub(crate) fn get(&self) -> Option<usize> {
+        let shared = self.0.upgrade()?;
+        let n = shared.state.lock().items.len();
+        Some(n)
+    }
+}
+
 /// The consumer side, owned by a subscription.
 pub(crate) struct QueueReceiver {
     shared: Arc<Shared>,
@@ -346,6 +360,11 @@ impl QueueReceiver {
             self.shared.room.notify_waiters();
         }
         true
+    }
+
+    /// A weak view of the shared backlog's length.
+    pub(crate) fn depth(&self) -> QueueDepth {
+        QueueDepth(Arc::downgrade(&self.shared))
     }
 
     /// Messages waiting (shared backlog plus the local buffer).

@@ -137,6 +137,14 @@ impl Subscription {
         }
     }
 
+    /// A weak view of its queue's length (a queue-backed subscription only).
+    pub(crate) fn queue_depth(&self) -> Option<crate::queue::QueueDepth> {
+        match &self.source {
+            Source::Queue(rx) => Some(rx.depth()),
+            _ => None,
+        }
+    }
+
     /// Messages queued and not yet taken.
     pub fn pending(&self) -> usize {
         match &self.source {

@@ -33,6 +33,15 @@ impl StopSignals {
     }
 }
 
+/// Waits for SIGINT or SIGTERM.
+///
+/// # Errors
+/// When a handler cannot be installed.
+pub async fn wait_for_stop() -> Result<()> {
+    ctrl_c_handler()?.recv().await;
+    Ok(())
+}
+
 /// Installs the SIGINT and SIGTERM handlers a command keeps for its whole run.
 ///
 /// # Errors

@@ -1,5 +1,5 @@
 //! The library half of the `busway` command: the subcommands (`check`, `route`, `pub`,
-//! `tail`, `audit`) and the seven-engine demo, kept out of `main.rs` so tests and other binaries can
+//! `tail`, `audit`, `top`) and the seven-engine demo, kept out of `main.rs` so tests and other binaries can
 //! drive them.
 //!
 //! Start-up code is the only place that knows transport crates exist: [`registry`] is where
@@ -9,6 +9,7 @@ pub mod audit;
 pub mod commands;
 pub mod demo;
 pub mod text;
+pub mod top;
 
 use busway::Registry;
 

@@ -2,6 +2,7 @@
 //! seven-engine demo.
 
 use std::ffi::OsString;
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -153,6 +154,9 @@ enum Command {
         /// Print one JSON object per message (topic, payload, headers, attempt).
         #[arg(long)]
         json: bool,
+        /// Serve Prometheus metrics on http://ADDR/metrics while tailing.
+        #[arg(long, value_name = "ADDR")]
+        metrics_addr: Option<SocketAddr>,
     },
     /// Connections to a broker per busway app and bus and per other client, and its CPU use.
     Audit {
@@ -192,6 +196,30 @@ enum Command {
         /// Feed ticks per second; each tick quotes every symbol.
         #[arg(long, default_value_t = 20.0, value_name = "HZ")]
         rate: f64,
+        /// Serve Prometheus metrics on http://ADDR/metrics while running.
+        #[arg(long, value_name = "ADDR")]
+        metrics_addr: Option<SocketAddr>,
+        /// With --metrics-addr: after the report, keep serving the final values (and
+        /// `busway_demo_finished 1`) until Ctrl-C or SIGTERM, so a scraper can read them.
+        #[arg(long, requires = "metrics_addr")]
+        metrics_hold: bool,
+    },
+    /// A live per-bus table (rates in and out, drops, delivery latency p50/p99, health) read
+    /// from a process's metrics endpoint, e.g. `busway demo --metrics-addr 127.0.0.1:9464`.
+    Top {
+        /// The endpoint to read.
+        #[arg(
+            long,
+            default_value = "http://127.0.0.1:9464/metrics",
+            value_name = "URL"
+        )]
+        metrics_url: String,
+        /// Seconds between refreshes.
+        #[arg(long, default_value_t = 1.0, value_name = "SECS")]
+        interval: f64,
+        /// Stop after this many frames (default: until Ctrl-C).
+        #[arg(long, value_name = "N")]
+        frames: Option<u64>,
     },
 }
 
@@ -221,6 +249,18 @@ fn payload_bytes(arg: Option<OsString>, file: Option<&std::path::Path>) -> Resul
 
 fn seconds(what: &str, secs: f64) -> Result<Duration, String> {
     Duration::try_from_secs_f64(secs).map_err(|_| format!("{what}: {secs} is not a duration"))
+}
+
+/// Serves `/metrics` on `addr` when given, saying where on stderr.
+async fn metrics_server(
+    addr: Option<SocketAddr>,
+) -> Result<Option<busway::metrics::MetricsServer>, busway::Error> {
+    let Some(addr) = addr else {
+        return Ok(None);
+    };
+    let server = busway::metrics::serve(addr).await?;
+    eprintln!("busway: metrics on http://{}/metrics", server.local_addr());
+    Ok(Some(server))
 }
 
 fn fail(e: impl std::fmt::Display) -> ExitCode {
@@ -329,7 +369,12 @@ async fn main() -> ExitCode {
             group,
             headers,
             json,
+            metrics_addr,
         } => {
+            let _metrics = match metrics_server(metrics_addr).await {
+                Ok(m) => m,
+                Err(e) => return fail(e),
+            };
             let timeout = match timeout.map(|t| seconds("--timeout", t)).transpose() {
                 Ok(t) => t,
                 Err(e) => return fail(e),
@@ -387,7 +432,13 @@ async fn main() -> ExitCode {
             no_feed,
             symbols,
             rate,
+            metrics_addr,
+            metrics_hold,
         } => {
+            let metrics = match metrics_server(metrics_addr).await {
+                Ok(m) => m,
+                Err(e) => return fail(e),
+            };
             let duration = match seconds("--seconds", secs) {
                 Ok(d) => d,
                 Err(e) => return fail(e),
@@ -403,7 +454,7 @@ async fn main() -> ExitCode {
                 symbols,
                 rate,
             };
-            match demo::run(&options, &registry).await {
+            let code = match demo::run(&options, &registry).await {
                 Ok(report) => {
                     print!("{report}");
                     if report.pass && report.unflushed.is_none() {
@@ -412,6 +463,31 @@ async fn main() -> ExitCode {
                         ExitCode::FAILURE
                     }
                 }
+                Err(e) => fail(e),
+            };
+            if let (Some(_), true) = (&metrics, metrics_hold) {
+                metrics::gauge!("busway_demo_finished").set(1.0);
+                eprintln!("busway: demo finished; serving its final metrics until Ctrl-C");
+                use std::io::Write as _;
+                let _ = std::io::stdout().flush();
+                if let Err(e) = commands::wait_for_stop().await {
+                    return fail(e);
+                }
+            }
+            code
+        }
+        Command::Top {
+            metrics_url,
+            interval,
+            frames,
+        } => {
+            let interval = match seconds("--interval", interval) {
+                Ok(d) if !d.is_zero() => d,
+                Ok(_) => return fail("--interval: must be more than 0"),
+                Err(e) => return fail(e),
+            };
+            match busway_cli::top::run(&metrics_url, interval, frames).await {
+                Ok(()) => ExitCode::SUCCESS,
                 Err(e) => fail(e),
             }
         }

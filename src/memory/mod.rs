@@ -271,6 +271,10 @@ impl Bus for MemoryBus {
         &self.inner.name
     }
 
+    fn transport_kind(&self) -> &str {
+        "memory"
+    }
+
     fn capabilities(&self) -> Capabilities {
         self.inner.caps
     }

@@ -107,7 +107,7 @@ impl RouterBuilder {
     pub fn build(self) -> Result<Router> {
         let (cache_capacity, settings) = (self.cache_capacity, self.settings);
         let (table, buses) = self.validate()?;
-        Router::assemble(table, buses, cache_capacity, settings)
+        Router::assemble(table, buses, cache_capacity, settings, None)
     }
 
     /// The validated table and the buses.

@@ -8,6 +8,8 @@ pub(super) struct Targets {
     pub(super) buses: Box<[Arc<dyn Bus>]>,
     /// The bus's place in [`BusSlots`] when there is exactly one bus.
     pub(super) slot: Option<u32>,
+    /// Every bus's place in [`BusSlots`], index for index with `buses`.
+    pub(super) slots: Box<[u32]>,
 }
 
 pub(super) const SLOT_CHUNK: usize = 64;
@@ -23,6 +25,9 @@ pub(super) const SLOT_CHUNKS: usize = 64;
 pub(super) struct BusSlots {
     pub(super) chunks: Box<[OnceLock<SlotChunk>]>,
     pub(super) len: parking_lot::Mutex<usize>,
+    /// Each slot's metric handles, index for index (read off the hot path unless metrics are
+    /// enabled).
+    pub(super) handles: SlotHandles,
 }
 
 impl BusSlots {
@@ -30,10 +35,11 @@ impl BusSlots {
         BusSlots {
             chunks: (0..SLOT_CHUNKS).map(|_| OnceLock::new()).collect(),
             len: parking_lot::Mutex::new(0),
+            handles: Default::default(),
         }
     }
 
-    pub(super) fn push(&self, bus: Arc<dyn Bus>) -> Result<u32> {
+    pub(super) fn push(&self, bus: Arc<dyn Bus>, handles: Arc<BusHandles>) -> Result<u32> {
         let mut len = self.len.lock();
         let chunk = self.chunks.get(*len / SLOT_CHUNK).ok_or_else(|| {
             Error::new(
@@ -47,9 +53,15 @@ impl BusSlots {
         let slots = chunk.get_or_init(|| (0..SLOT_CHUNK).map(|_| OnceLock::new()).collect());
         // Only this function sets slots, under `len`'s lock, each slot once.
         let _ = slots[*len % SLOT_CHUNK].set(bus);
+        self.handles.write().push(handles);
         let slot = *len as u32;
         *len += 1;
         Ok(slot)
+    }
+
+    /// The metric handles of a slot.
+    pub(super) fn handles(&self, slot: u32) -> Option<Arc<BusHandles>> {
+        self.handles.read().get(slot as usize).cloned()
     }
 
     #[inline]

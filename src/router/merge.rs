@@ -7,9 +7,13 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use crate::delivery::Delivery;
+use crate::metrics::BusHandles;
 use crate::stats::{Counters, StatsSnapshot};
 use crate::subscription::{ack_dropped, Subscription};
 use crate::topic::Pattern;
+
+/// Each slot's metric handles, index for index with the router's bus slots.
+pub(crate) type SlotHandles = Arc<parking_lot::RwLock<Vec<Arc<BusHandles>>>>;
 
 /// A rule deciding which deliveries of one part of a merged subscription are kept (the router
 /// keeps those its routing table would have put on the bus they came from).
@@ -107,6 +111,8 @@ struct Part {
     taken: u64,
     /// Changes due once `taken` reaches their mark, in mark order.
     later: Vec<(u64, Later)>,
+    /// The bus's histograms (delivery latency), when the key is a router bus slot.
+    handles: Option<Arc<BusHandles>>,
 }
 
 impl Part {
@@ -187,12 +193,13 @@ pub(crate) fn merge_live(
     generation: u64,
     parts: Vec<(u64, Subscription, Option<Accept>)>,
     dedup_window: usize,
+    slot_handles: Option<SlotHandles>,
 ) -> (Subscription, MergeHandle) {
     let control = Arc::new(MergeControl::default());
     let handle = MergeHandle {
         control: control.clone(),
     };
-    let merged = Merged::new(parts, generation, dedup_window, Some(control));
+    let merged = Merged::new(parts, generation, dedup_window, Some(control), slot_handles);
     (Subscription::merged(pattern, merged), handle)
 }
 
@@ -206,6 +213,8 @@ pub(crate) struct Merged {
     dedup: Option<Dedup>,
     /// The counters of parts that ended.
     retired: StatsSnapshot,
+    /// Where a part finds its bus's histograms by its key.
+    slot_handles: Option<SlotHandles>,
 }
 
 impl Drop for Merged {
@@ -241,6 +250,7 @@ impl Merged {
         generation: u64,
         dedup_window: usize,
         control: Option<Arc<MergeControl>>,
+        slot_handles: Option<SlotHandles>,
     ) -> Merged {
         let mut m = Merged {
             parts: Vec::with_capacity(parts.len()),
@@ -249,6 +259,7 @@ impl Merged {
             dedup_window,
             dedup: None,
             retired: StatsSnapshot::default(),
+            slot_handles,
         };
         for (key, sub, accept) in parts {
             m.add(key, sub, accept.map(|a| (generation, a)));
@@ -263,6 +274,10 @@ impl Merged {
             accept: rule.map(|r| vec![r]),
             taken: 0,
             later: Vec::new(),
+            handles: self
+                .slot_handles
+                .as_ref()
+                .and_then(|h| h.read().get(key as usize).cloned()),
         });
         if self.parts.len() >= 2 && self.dedup_window > 0 && self.dedup.is_none() {
             self.dedup = Some(Dedup::new(self.dedup_window));
@@ -365,6 +380,14 @@ impl Merged {
                         Counters::incr(&stats.duplicates);
                         ack_dropped(d);
                         continue;
+                    }
+                    if crate::metrics::enabled() {
+                        let part = &self.parts[i];
+                        if let (Some(h), Some(ts)) =
+                            (&part.handles, d.message().headers.timestamp_us)
+                        {
+                            h.delivered(ts);
+                        }
                     }
                     self.next = (i + 1) % self.parts.len();
                     return Poll::Ready(Some(d));

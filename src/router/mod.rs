@@ -39,6 +39,7 @@ use crate::config::{BusConfig, Config, RouteConfig};
 use crate::delivery::Delivery;
 use crate::error::{Error, ErrorKind, Result};
 use crate::message::{new_message_id, Message};
+use crate::metrics::BusHandles;
 use crate::options::{StartFrom, SubscribeOptions};
 use crate::registry::Registry;
 use crate::stats::{Counters, Health, StatsSnapshot};
@@ -48,6 +49,7 @@ use crate::topic::{Pattern, PatternToken, Topic};
 mod builder;
 mod cache;
 mod merge;
+mod probe;
 mod reload;
 mod state;
 mod table;
@@ -59,7 +61,8 @@ pub use table::RoutingTable;
 
 use builder::Settings;
 use cache::{BusSlots, RouteCache, Targets};
-use merge::{merge_live, Accept, MergeHandle};
+use merge::{merge_live, Accept, MergeHandle, SlotHandles};
+use probe::Probe;
 use reload::LiveSub;
 use state::{NamedBuses, RouterState};
 use table::no_route;
@@ -99,12 +102,13 @@ pub struct Router {
     state: ArcSwap<RouterState>,
     slots: BusSlots,
     closed: AtomicBool,
-    /// Failures the router itself decides: no route, closed.
-    counters: Counters,
+    /// Failures the router itself decides: no route, closed (shared with `probe`).
+    counters: Arc<Counters>,
     cache_capacity: usize,
     settings: Settings,
-    /// The open subscriptions, so a reload can move them.
-    live: parking_lot::Mutex<Vec<Arc<LiveSub>>>,
+    /// What metrics read at scrape time; also holds the open subscriptions, so a reload can
+    /// move them.
+    probe: Arc<Probe>,
     /// Subscribes read it, a reload writes it while it re-plans subscriptions and swaps the
     /// state: a subscription is either moved by a reload or made on the new state.
     sub_gate: tokio::sync::RwLock<()>,
@@ -140,22 +144,26 @@ impl Router {
         mut buses: NamedBuses,
         cache_capacity: usize,
         settings: Settings,
+        config: Option<&Config>,
     ) -> Result<Router> {
         buses.sort_by(|a, b| a.0.cmp(&b.0));
+        let probe = Arc::new(Probe::new(config.map_or("busway", |c| c.app.as_str())));
         let slots = BusSlots::new();
         let indexes = buses
             .iter()
-            .map(|(_, bus)| slots.push(bus.clone()))
+            .map(|(name, bus)| slots.push(bus.clone(), probe.handles_for(name, bus, config)))
             .collect::<Result<Vec<u32>>>()?;
+        probe.set_buses(&buses, &indexes, &slots);
+        probe::register(&probe);
         let state = RouterState::new(table, buses, &indexes, cache_capacity, 0);
         Ok(Router {
             state: ArcSwap::from_pointee(state),
             slots,
             closed: AtomicBool::new(false),
-            counters: Counters::default(),
+            counters: probe.counters.clone(),
             cache_capacity,
             settings,
-            live: parking_lot::Mutex::new(Vec::new()),
+            probe,
             sub_gate: tokio::sync::RwLock::new(()),
             reload_gate: tokio::sync::Mutex::new(()),
             specs: parking_lot::Mutex::new(BTreeMap::new()),
@@ -179,13 +187,39 @@ impl Router {
                 .drain_grace
                 .map_or(DEFAULT_DRAIN_GRACE, |d| d.0),
         };
-        let router = Router::assemble(table, buses, DEFAULT_ROUTE_CACHE, settings)?;
+        let router = Router::assemble(table, buses, DEFAULT_ROUTE_CACHE, settings, Some(config))?;
         *router.specs.lock() = specs_of(config);
         Ok(router)
     }
 }
 
 impl Router {
+    /// [`Bus::publish`] with the publish span and the duration histogram (see
+    /// [`crate::metrics`] and [`crate::trace`]).
+    fn publish_observed(&self, mut message: Message) -> BoxFuture<'_, Result<()>> {
+        use tracing::Instrument;
+        let span = crate::trace::publish_span(&mut message);
+        let targets = match self.resolve(&message.topic) {
+            Ok(targets) => targets,
+            Err(e) => return Box::pin(std::future::ready(Err(e))),
+        };
+        if !span.is_disabled() {
+            span.record("bus", targets.names.join(",").as_str());
+        }
+        let metrics = crate::metrics::enabled();
+        let handles = move |slot: u32| metrics.then(|| self.slots.handles(slot)).flatten();
+        let future = async move {
+            match &*targets.buses {
+                [bus] => timed(bus.publish(message), handles(targets.slots[0])).await,
+                _ => {
+                    let hs = metrics.then(|| targets.slots.iter().map(|s| handles(*s)).collect());
+                    Box::pin(publish_mirror(&targets, message, hs)).await
+                }
+            }
+        };
+        Box::pin(future.instrument(span))
+    }
+
     /// The bus names `topic` goes to (several for a mirror), from the route cache.
     ///
     /// # Errors
@@ -343,13 +377,40 @@ fn intersect(mut all: impl Iterator<Item = Capabilities>) -> Capabilities {
 }
 
 /// Publishes to every bus of a mirror, all copies with one message id.
-async fn publish_mirror(targets: &Targets, mut message: Message) -> Result<()> {
+async fn publish_mirror(
+    targets: &Targets,
+    mut message: Message,
+    handles: Option<Vec<Option<Arc<BusHandles>>>>,
+) -> Result<()> {
     // One id for every copy, so a subscriber on several mirror buses can de-duplicate.
     if message.headers.id.is_none() {
         message.headers.id = Some(new_message_id());
     }
-    let results = join_all(targets.buses.iter().map(|b| b.publish(message.clone()))).await;
+    let results = match handles {
+        None => join_all(targets.buses.iter().map(|b| b.publish(message.clone()))).await,
+        Some(handles) => {
+            join_all(
+                targets
+                    .buses
+                    .iter()
+                    .zip(handles)
+                    .map(|(b, h)| timed(b.publish(message.clone()), h)),
+            )
+            .await
+        }
+    };
     first_error(&targets.names, results)
+}
+
+/// `publish`, recording its duration in `handles` when given.
+async fn timed(publish: BoxFuture<'_, Result<()>>, handles: Option<Arc<BusHandles>>) -> Result<()> {
+    let Some(h) = handles else {
+        return publish.await;
+    };
+    let started = std::time::Instant::now();
+    let result = publish.await;
+    h.publish(started.elapsed().as_secs_f64());
+    result
 }
 
 /// The first error of `results`, with the bus it came from.
@@ -384,6 +445,10 @@ impl Bus for Router {
         if let Err(e) = self.check_open() {
             return Box::pin(std::future::ready(Err(e)));
         }
+        // Metrics or spans wanted: the observed path (one more boxed future).
+        if crate::metrics::enabled() || crate::trace::spans_enabled() {
+            return self.publish_observed(message);
+        }
         // The hot path: a cached topic with one bus hands back that bus's own future.
         let slot = self.state.load().cache.single(&message.topic);
         if let Some(bus) = slot.and_then(|slot| self.slots.get(slot)) {
@@ -397,7 +462,7 @@ impl Bus for Router {
             match &*targets.buses {
                 [bus] => bus.publish(message).await,
                 // Boxed: inline, the mirror's state would grow every publish's future.
-                _ => Box::pin(publish_mirror(&targets, message)).await,
+                _ => Box::pin(publish_mirror(&targets, message, None)).await,
             }
         })
     }
@@ -415,10 +480,16 @@ impl Bus for Router {
         )
         .await?;
         let slots: Vec<u32> = plan.iter().map(|(_, _, s)| *s).collect();
+        let mut depths = Vec::new();
         let parts = plan
             .into_iter()
             .zip(subs)
-            .map(|((name, _, slot), sub)| (u64::from(slot), sub, Some(state.accept(name))))
+            .map(|((name, _, slot), sub)| {
+                if let Some(d) = sub.queue_depth() {
+                    depths.push((name.clone(), d));
+                }
+                (u64::from(slot), sub, Some(state.accept(name)))
+            })
             .collect();
         // One part (the common case) keeps no de-duplication window until a reload adds one.
         let (sub, handle) = merge_live(
@@ -426,14 +497,16 @@ impl Bus for Router {
             state.generation,
             parts,
             self.settings.dedup_window,
+            Some(self.slots.handles.clone()),
         );
         let live = Arc::new(LiveSub {
             pattern,
             options,
             handle,
             parts: parking_lot::Mutex::new(slots),
+            depths: parking_lot::Mutex::new(depths),
         });
-        let mut all = self.live.lock();
+        let mut all = self.probe.live.lock();
         // Forget dropped subscriptions now and then, so the list stays near the open count.
         if all.len() >= 64 && all.len().is_power_of_two() {
             all.retain(|ls| !ls.handle.is_closed());

@@ -9,6 +9,8 @@ pub(super) struct LiveSub {
     pub(super) handle: MergeHandle,
     /// The slots of the buses it listens on.
     pub(super) parts: parking_lot::Mutex<Vec<u32>>,
+    /// Its per-bus queues, by bus name, for the queue-depth gauge.
+    pub(super) depths: parking_lot::Mutex<Vec<(Arc<str>, crate::queue::QueueDepth)>>,
 }
 
 /// What a reload changed.
@@ -89,7 +91,7 @@ impl Router {
             .filter(|(_, b)| !old.buses.iter().any(|(_, o)| Arc::ptr_eq(o, b)))
             .map(|(_, b)| b.clone())
             .collect();
-        match self.install(table, buses).await {
+        match self.install(table, buses, Some(config)).await {
             Ok(report) => {
                 *self.specs.lock() = want;
                 Ok(report)
@@ -113,7 +115,7 @@ impl Router {
         let _one = self.reload_gate.lock().await;
         self.check_open()?;
         let (table, buses) = builder.validate()?;
-        let report = self.install(table, buses).await?;
+        let report = self.install(table, buses, None).await?;
         self.specs.lock().clear();
         Ok(report)
     }
@@ -124,6 +126,7 @@ impl Router {
         &self,
         table: RoutingTable,
         mut buses: NamedBuses,
+        config: Option<&Config>,
     ) -> Result<ReloadReport> {
         buses.sort_by(|a, b| a.0.cmp(&b.0));
         let old = self.state.load_full();
@@ -137,7 +140,8 @@ impl Router {
                 }
                 None => {
                     report.added.push(name.to_string());
-                    slots.push(self.slots.push(bus.clone())?);
+                    let handles = self.probe.handles_for(name, bus, config);
+                    slots.push(self.slots.push(bus.clone(), handles)?);
                 }
             }
         }
@@ -203,6 +207,9 @@ impl Router {
                     .accept_also(u64::from(*slot), generation, new.accept(name.clone()));
             }
             for (name, slot, sub) in added.drain(..) {
+                if let Some(d) = sub.queue_depth() {
+                    ls.depths.lock().push((name.clone(), d));
+                }
                 ls.handle
                     .add(u64::from(slot), sub, generation, Some(new.accept(name)));
             }
@@ -210,6 +217,9 @@ impl Router {
         }
         self.state.store(new.clone());
         drop(gate);
+        self.probe.set_buses(&new.buses, &new.slots, &self.slots);
+        self.probe.generation.store(generation, Relaxed);
+        self.probe.reloads.fetch_add(1, Relaxed);
 
         // Drain: what was published on the old state reaches its buses' subscriptions, then
         // the parts that are no longer needed end after their backlog.
@@ -236,7 +246,7 @@ impl Router {
 
     /// The open subscriptions, forgetting the ones that were dropped or ended.
     pub(super) fn live_subs(&self) -> Vec<Arc<LiveSub>> {
-        let mut live = self.live.lock();
+        let mut live = self.probe.live.lock();
         live.retain(|ls| !ls.handle.is_closed());
         live.clone()
     }

@@ -46,6 +46,7 @@ impl RouterState {
                     names: names.clone(),
                     buses: buses.into(),
                     slot: (slots.len() == 1).then(|| slots[0]),
+                    slots: slots.into(),
                 })
             })
             .collect();

@@ -18,6 +18,7 @@ use futures::stream::{SelectAll, StreamExt};
 use hdrhistogram::Histogram;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
+use tracing::Instrument;
 
 use crate::commands::ctrl_c_handler;
 use crate::text::table;
@@ -216,6 +217,8 @@ pub async fn run(options: &DemoOptions, registry: &Registry) -> Result<DemoRepor
         task.abort();
     }
     let closed = router.close().await;
+    // The final counters, for an exporter that keeps serving after the run.
+    busway::metrics::collect();
     let mut report = result?;
     if let Err(e) = closed {
         report
@@ -411,11 +414,19 @@ async fn engine_loop(
                 None => break,
             },
         };
-        if let Err(e) = engine.handle(delivery.message(), &mut out) {
+        // The handling's span (when tracing wants it), and its trace context carried into
+        // what the engine publishes in response: one trace follows a quote through engines.
+        let handling = busway::trace::handling(delivery.message(), engine.name());
+        if let Err(e) = handling
+            .span()
+            .in_scope(|| engine.handle(delivery.message(), &mut out))
+        {
             usage.error(&e);
         }
-        for message in out.drain(..) {
-            if let Err(e) = bus.publish(message).await {
+        for mut message in out.drain(..) {
+            handling.propagate(&mut message);
+            let publish = bus.publish(message).instrument(handling.span().clone());
+            if let Err(e) = publish.await {
                 usage.error(&e);
             }
         }

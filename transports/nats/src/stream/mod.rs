@@ -173,11 +173,9 @@ impl StreamSetup {
         Either::Right(
             self.attempt(subject, publish)
                 .then(move |first| match (first, again) {
-                    (Err(e), Some((subject, publish))) if retryable(&e) => {
-                        Either::Left(Box::pin(
-                            self.retry(inner, subject, publish, retries, deadline, e),
-                        ))
-                    }
+                    (Err(e), Some((subject, publish))) if retryable(&e) => Either::Left(Box::pin(
+                        self.retry(inner, subject, publish, retries, deadline, e),
+                    )),
                     (first, _) => Either::Right(ready(first.map(|()| 1).map_err(|e| (e, 1)))),
                 })
                 .map(move |outcome| {

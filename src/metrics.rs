@@ -1,0 +1,272 @@
+//! Metrics: counters, gauges and histograms of every router and its buses, through the
+//! [`metrics`](https://docs.rs/metrics) facade.
+//!
+//! # What is recorded, and when
+//! - **At scrape time** ([`collect`]): each bus's counters ([`StatsSnapshot`]:
+//!   published, delivered, dropped, errors, reconnects, ...), its health and connections, each
+//!   router's reloads and table generation, and each router subscription's queue depth. These
+//!   are read from the counters every transport already keeps, so they cost nothing between
+//!   scrapes and need nothing from a transport.
+//! - **On the hot path, once [`enable`] was called**: the publish duration (call to ack or
+//!   write, in the router's publish path) and the end-to-end delivery latency (now minus the
+//!   message's `timestamp_us` header, where a router subscription hands a delivery out).
+//!   Until then the router's publish path takes one relaxed atomic load more, nothing else.
+//!
+//! Every series is labelled by `app`, `bus`, `transport` and `mode`; never by topic (topics
+//! are unbounded). Subscription gauges add the subscription's `pattern` and `group`, which
+//! code chooses and which are therefore bounded. The names are the `pub const`s below;
+//! docs/OBSERVABILITY.md says what each answers.
+//!
+//! # Exporting
+//! With the `prometheus` feature, [`serve`] installs a Prometheus recorder and serves
+//! `/metrics` in one line. With a recorder of your own, call [`enable`] once and [`collect`]
+//! before each export (or on an interval).
+
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::sync::{Arc, OnceLock, Weak};
+
+use ::metrics::{Histogram, Label};
+use parking_lot::{Mutex, RwLock};
+
+use crate::bus::{Bus, Mode};
+use crate::stats::{Health, StatsSnapshot};
+
+/// Messages accepted by a bus's `publish` (counter).
+pub const PUBLISHED: &str = "busway_published_total";
+/// Messages handed to subscribers (counter).
+pub const DELIVERED: &str = "busway_delivered_total";
+/// Messages dropped by an overflow policy or a client library (counter).
+pub const DROPPED: &str = "busway_dropped_total";
+/// Messages delivered again: nack, ack timeout, reclaimed (counter).
+pub const REDELIVERED: &str = "busway_redelivered_total";
+/// Failed operations (counter).
+pub const ERRORS: &str = "busway_errors_total";
+/// Incoming frames that did not decode (counter).
+pub const DECODE_ERRORS: &str = "busway_decode_errors_total";
+/// Reconnections after a failure (counter).
+pub const RECONNECTS: &str = "busway_reconnects_total";
+/// Entries moved to a dead-letter topic (counter).
+pub const DEAD_LETTERED: &str = "busway_dead_lettered_total";
+/// Mirror copies dropped by a de-duplication window (counter).
+pub const DUPLICATES: &str = "busway_duplicates_total";
+/// Connections to the broker open now (gauge).
+pub const CONNECTIONS: &str = "busway_connections";
+/// 1 for the bus's current health, 0 for the others; label `state` = up, connecting,
+/// closed (gauge).
+pub const HEALTH: &str = "busway_bus_health";
+/// Seconds from a publish call to its ack (stream) or write (broadcast) (histogram).
+pub const PUBLISH_SECONDS: &str = "busway_publish_duration_seconds";
+/// Seconds from a message's `timestamp_us` to its hand-out by a router subscription
+/// (histogram; messages without a timestamp are not counted).
+pub const DELIVERY_SECONDS: &str = "busway_delivery_latency_seconds";
+/// Deliveries waiting in a router subscription's queue, per bus it listens on (gauge).
+pub const QUEUE_DEPTH: &str = "busway_subscription_queue_depth";
+/// Reloads a router applied (counter, label `app`).
+pub const RELOADS: &str = "busway_router_reloads_total";
+/// The generation of a router's live table: 0 at build, one more per reload (gauge).
+pub const GENERATION: &str = "busway_router_generation";
+/// Routing failures the router itself decides: no route, closed (counter, label `app`).
+pub const ROUTER_ERRORS: &str = "busway_router_errors_total";
+/// `traceparent` headers that did not parse and were ignored (counter).
+pub const TRACE_MALFORMED: &str = "busway_trace_malformed_total";
+
+/// Bucket bounds of both histograms, in seconds: 10 µs to 5 s.
+pub const LATENCY_BUCKETS: [f64; 18] = [
+    0.000_01, 0.000_025, 0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025,
+    0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+];
+
+static ENABLED: AtomicBool = AtomicBool::new(false);
+
+/// Turns on the hot-path histograms (publish duration, delivery latency) for every router in
+/// the process, and describes the metrics to the installed recorder. Call it after installing
+/// a recorder; [`serve`] and [`install`] call it.
+pub fn enable() {
+    ENABLED.store(true, Relaxed);
+    describe();
+}
+
+/// Whether [`enable`] was called.
+#[inline]
+pub fn enabled() -> bool {
+    ENABLED.load(Relaxed)
+}
+
+fn describe() {
+    use ::metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
+    describe_counter!(PUBLISHED, "Messages accepted by publish");
+    describe_counter!(DELIVERED, "Messages handed to subscribers");
+    describe_counter!(DROPPED, "Messages dropped by an overflow policy or client");
+    describe_counter!(REDELIVERED, "Messages delivered again");
+    describe_counter!(ERRORS, "Failed operations");
+    describe_counter!(DECODE_ERRORS, "Incoming frames that did not decode");
+    describe_counter!(RECONNECTS, "Reconnections after a failure");
+    describe_counter!(DEAD_LETTERED, "Entries moved to a dead-letter topic");
+    describe_counter!(DUPLICATES, "Mirror copies dropped by de-duplication");
+    describe_gauge!(CONNECTIONS, "Connections to the broker open now");
+    describe_gauge!(HEALTH, "1 for the bus's current health state");
+    describe_histogram!(
+        PUBLISH_SECONDS,
+        Unit::Seconds,
+        "Publish call to ack or write"
+    );
+    describe_histogram!(
+        DELIVERY_SECONDS,
+        Unit::Seconds,
+        "Message timestamp to hand-out by a subscription"
+    );
+    describe_gauge!(QUEUE_DEPTH, "Deliveries waiting in a subscription queue");
+    describe_counter!(RELOADS, "Router reloads applied");
+    describe_gauge!(GENERATION, "Generation of the router's live table");
+    describe_counter!(ROUTER_ERRORS, "Routing failures: no route, closed");
+    describe_counter!(TRACE_MALFORMED, "traceparent headers ignored as malformed");
+}
+
+/// Something [`collect`] reads at scrape time (a router).
+pub(crate) trait Source: Send + Sync {
+    fn collect(&self);
+}
+
+static SOURCES: Mutex<Vec<Weak<dyn Source>>> = Mutex::new(Vec::new());
+
+/// Registers a source for [`collect`]; it is forgotten once dropped.
+pub(crate) fn register(source: Weak<dyn Source>) {
+    let mut all = SOURCES.lock();
+    all.retain(|s| s.strong_count() > 0);
+    all.push(source);
+}
+
+/// Reads every live router's bus counters, health, subscription queue depths, reloads and
+/// generation into the installed recorder. [`serve`] calls it at each scrape; with a recorder
+/// of your own, call it before each export. Counters are set to the value the buses hold
+/// (summed over routers with the same labels), so calling it more often changes nothing.
+pub fn collect() {
+    let sources: Vec<Arc<dyn Source>> = {
+        let mut all = SOURCES.lock();
+        all.retain(|s| s.strong_count() > 0);
+        all.iter().filter_map(Weak::upgrade).collect()
+    };
+    for s in sources {
+        s.collect();
+    }
+}
+
+/// The labels of one bus: app, bus, transport, mode.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub(crate) struct BusLabels {
+    pub(crate) app: Arc<str>,
+    pub(crate) bus: Arc<str>,
+    pub(crate) transport: Arc<str>,
+    pub(crate) mode: &'static str,
+}
+
+impl BusLabels {
+    pub(crate) fn labels(&self) -> Vec<Label> {
+        vec![
+            Label::new("app", self.app.to_string()),
+            Label::new("bus", self.bus.to_string()),
+            Label::new("transport", self.transport.to_string()),
+            Label::new("mode", self.mode),
+        ]
+    }
+}
+
+/// The mode label of a bus.
+pub(crate) fn mode_label(mode: Mode) -> &'static str {
+    match mode {
+        Mode::Broadcast => "broadcast",
+        Mode::Stream => "stream",
+    }
+}
+
+/// One bus's hot-path histograms, registered with the recorder on first use (after
+/// [`enable`]), so a router built before the recorder was installed still records.
+pub(crate) struct BusHandles {
+    /// The app label, shared with the router (set after the router is assembled).
+    app: Arc<RwLock<Arc<str>>>,
+    bus: Arc<str>,
+    transport: Arc<str>,
+    mode: &'static str,
+    hists: OnceLock<(Histogram, Histogram)>,
+}
+
+impl BusHandles {
+    pub(crate) fn new(
+        app: Arc<RwLock<Arc<str>>>,
+        bus: Arc<str>,
+        transport: Arc<str>,
+        mode: Mode,
+    ) -> BusHandles {
+        BusHandles {
+            app,
+            bus,
+            transport,
+            mode: mode_label(mode),
+            hists: OnceLock::new(),
+        }
+    }
+
+    pub(crate) fn labels(&self) -> BusLabels {
+        BusLabels {
+            app: self.app.read().clone(),
+            bus: self.bus.clone(),
+            transport: self.transport.clone(),
+            mode: self.mode,
+        }
+    }
+
+    fn hists(&self) -> &(Histogram, Histogram) {
+        self.hists.get_or_init(|| {
+            let labels = self.labels().labels();
+            (
+                ::metrics::histogram!(PUBLISH_SECONDS, labels.clone()),
+                ::metrics::histogram!(DELIVERY_SECONDS, labels),
+            )
+        })
+    }
+
+    /// Records one publish's duration.
+    pub(crate) fn publish(&self, seconds: f64) {
+        self.hists().0.record(seconds);
+    }
+
+    /// Records one delivery's end-to-end latency from its `timestamp_us` header.
+    pub(crate) fn delivered(&self, timestamp_us: u64) {
+        let now = crate::message::now_micros();
+        self.hists()
+            .1
+            .record(now.saturating_sub(timestamp_us) as f64 / 1e6);
+    }
+}
+
+/// Sets the scrape-time series of one bus from its stats.
+pub(crate) fn export_bus(labels: &BusLabels, s: &StatsSnapshot) {
+    use ::metrics::{counter, gauge};
+    let l = labels.labels();
+    counter!(PUBLISHED, l.clone()).absolute(s.published);
+    counter!(DELIVERED, l.clone()).absolute(s.delivered);
+    counter!(DROPPED, l.clone()).absolute(s.dropped);
+    counter!(REDELIVERED, l.clone()).absolute(s.redelivered);
+    counter!(ERRORS, l.clone()).absolute(s.errors);
+    counter!(DECODE_ERRORS, l.clone()).absolute(s.decode_errors);
+    counter!(RECONNECTS, l.clone()).absolute(s.reconnects);
+    counter!(DEAD_LETTERED, l.clone()).absolute(s.dead_lettered);
+    counter!(DUPLICATES, l.clone()).absolute(s.duplicates);
+    gauge!(CONNECTIONS, l.clone()).set(s.connections as f64);
+    for state in [Health::Up, Health::Connecting, Health::Closed] {
+        let mut with_state = l.clone();
+        with_state.push(Label::new("state", state.to_string()));
+        gauge!(HEALTH, with_state).set(if s.health == state { 1.0 } else { 0.0 });
+    }
+}
+
+/// The bus a stats snapshot is read from, with its labels, for [`collect`].
+pub(crate) struct ProbedBus {
+    pub(crate) bus: Weak<dyn Bus>,
+    pub(crate) handles: Arc<BusHandles>,
+}
+
+#[cfg(feature = "prometheus")]
+mod prometheus;
+#[cfg(feature = "prometheus")]
+pub use prometheus::{install, serve, MetricsServer};
