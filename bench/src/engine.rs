@@ -219,18 +219,23 @@ impl Run {
 
     /// Waits until every subscriber has every one of the `published` messages, or until no
     /// delivery arrived for a while, and measures the side.
-    /// [`finish`](Self::finish), with the CPU seconds `broker` spent since `cpu_before` (what
-    /// its `cpu_seconds` said when the side started).
-    pub(crate) async fn finish_with_cpu(
+    /// [`finish`](Self::finish) of a raw side, with the CPU seconds `broker` spent since
+    /// `cpu_before` (what its `cpu_seconds` said when the side started); then stops the
+    /// side's `readers`.
+    pub(crate) async fn finish_with_cpu<T>(
         &self,
         what: String,
         published: u64,
         broker: &super::broker::Broker,
         cpu_before: Option<f64>,
+        readers: Vec<tokio::task::JoinHandle<T>>,
     ) -> SideResult {
         let mut result = self.finish(what, published).await;
         let cpu_after = broker.cpu_seconds().await;
         result.broker_cpu_s = cpu_before.zip(cpu_after).map(|(a, b)| b - a);
+        for r in readers {
+            r.abort();
+        }
         result
     }
 

@@ -90,11 +90,8 @@ async fn core(plan: &Plan, broker: &Broker, client: &async_nats::Client) -> Resu
         plan.queue_capacity()
     );
     let result = run
-        .finish_with_cpu(what, published, broker, cpu_before)
+        .finish_with_cpu(what, published, broker, cpu_before, readers)
         .await;
-    for r in readers {
-        r.abort();
-    }
     Ok(result)
 }
 
@@ -181,11 +178,8 @@ async fn stream(plan: &Plan, broker: &Broker, client: &async_nats::Client) -> Re
         plan.inflight
     );
     let result = run
-        .finish_with_cpu(what, published, broker, cpu_before)
+        .finish_with_cpu(what, published, broker, cpu_before, readers)
         .await;
-    for r in readers {
-        r.abort();
-    }
     let _ = js.delete_stream(&name).await;
     Ok(result)
 }

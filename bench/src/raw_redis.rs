@@ -113,11 +113,8 @@ async fn pubsub(plan: &Plan, broker: &Broker, client: &redis::Client) -> Result<
         plan.inflight, plan.subscribers
     );
     let result = run
-        .finish_with_cpu(what, published, broker, cpu_before)
+        .finish_with_cpu(what, published, broker, cpu_before, readers)
         .await;
-    for r in readers {
-        r.abort();
-    }
     Ok(result)
 }
 
@@ -207,11 +204,8 @@ async fn streams(plan: &Plan, broker: &Broker, client: &redis::Client) -> Result
         plan.inflight
     );
     let result = run
-        .finish_with_cpu(what, published, broker, cpu_before)
+        .finish_with_cpu(what, published, broker, cpu_before, readers)
         .await;
-    for r in readers {
-        r.abort();
-    }
     let _ = redis::cmd("DEL")
         .arg(&key)
         .query_async::<i64>(&mut conn)

@@ -71,41 +71,11 @@ enum Command {
         topic: String,
     },
     /// Publish one message through the router.
-    Pub {
-        /// The topic.
-        topic: String,
-        /// The payload, sent as the argument's bytes (which need not be UTF-8; it may start
-        /// with `-`). Or use --file.
-        #[arg(allow_hyphen_values = true, required_unless_present = "file")]
-        payload: Option<OsString>,
-        /// Read the payload from this file, `-` for stdin (any bytes, any size up to the
-        /// bus's max_payload).
-        #[arg(long, value_name = "PATH", conflicts_with = "payload")]
-        file: Option<PathBuf>,
-        /// The config file.
-        #[arg(long)]
-        config: PathBuf,
-        /// A header, key=value (id, content_type, correlation_id, reply_to and source set
-        /// their header; other keys are free headers). Repeatable.
-        #[arg(long = "header", value_name = "KEY=VALUE", value_parser = parse_header)]
-        headers: Vec<(String, String)>,
-    },
+    Pub(Outgoing),
     /// Send a request through the router and print the first reply's payload.
     Request {
-        /// The topic.
-        topic: String,
-        /// The request's payload. Or use --file.
-        #[arg(allow_hyphen_values = true, required_unless_present = "file")]
-        payload: Option<OsString>,
-        /// Read the payload from this file, `-` for stdin.
-        #[arg(long, value_name = "PATH", conflicts_with = "payload")]
-        file: Option<PathBuf>,
-        /// The config file.
-        #[arg(long)]
-        config: PathBuf,
-        /// A header, key=value. Repeatable.
-        #[arg(long = "header", value_name = "KEY=VALUE", value_parser = parse_header)]
-        headers: Vec<(String, String)>,
+        #[command(flatten)]
+        message: Outgoing,
         /// How long to wait for the reply.
         #[arg(long, default_value_t = 5.0, value_name = "SECS")]
         timeout: f64,
@@ -223,6 +193,28 @@ enum Command {
     },
 }
 
+/// The message `pub` and `request` send.
+#[derive(Debug, clap::Args)]
+struct Outgoing {
+    /// The topic.
+    topic: String,
+    /// The payload, sent as the argument's bytes (which need not be UTF-8; it may start with
+    /// `-`). Or use --file.
+    #[arg(allow_hyphen_values = true, required_unless_present = "file")]
+    payload: Option<OsString>,
+    /// Read the payload from this file, `-` for stdin (any bytes, any size up to the bus's
+    /// max_payload).
+    #[arg(long, value_name = "PATH", conflicts_with = "payload")]
+    file: Option<PathBuf>,
+    /// The config file.
+    #[arg(long)]
+    config: PathBuf,
+    /// A header, key=value (id, content_type, correlation_id, reply_to and source set their
+    /// header; other keys are free headers). Repeatable.
+    #[arg(long = "header", value_name = "KEY=VALUE", value_parser = parse_header)]
+    headers: Vec<(String, String)>,
+}
+
 fn parse_header(s: &str) -> Result<(String, String), String> {
     match s.split_once('=') {
         Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
@@ -290,13 +282,13 @@ async fn main() -> ExitCode {
             }
             Err(e) => fail(e),
         },
-        Command::Pub {
+        Command::Pub(Outgoing {
             topic,
             payload,
             file,
             config,
             headers,
-        } => {
+        }) => {
             let payload = match payload_bytes(payload, file.as_deref()) {
                 Ok(p) => p,
                 Err(e) => return fail(e),
@@ -310,11 +302,14 @@ async fn main() -> ExitCode {
             }
         }
         Command::Request {
-            topic,
-            payload,
-            file,
-            config,
-            headers,
+            message:
+                Outgoing {
+                    topic,
+                    payload,
+                    file,
+                    config,
+                    headers,
+                },
             timeout,
         } => {
             let (payload, timeout) = match (

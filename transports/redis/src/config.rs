@@ -341,24 +341,16 @@ impl RedisConfig {
         self
     }
 
-    /// Sets every Redis-specific option from config keys.
+    /// Sets every Redis-specific option from config keys; the bus's identity (name, URL,
+    /// mode, app, client name, queue defaults) stays.
     pub fn options(self, o: RedisOptions) -> Self {
-        let RedisConfig {
-            bus,
-            url,
-            mode,
-            client_name,
-            queue,
-            app,
-            ..
-        } = self;
         RedisConfig {
-            bus,
-            url,
-            mode,
-            client_name,
-            queue,
-            app,
+            bus: self.bus,
+            url: self.url,
+            mode: self.mode,
+            client_name: self.client_name,
+            queue: self.queue,
+            app: self.app,
             ..RedisConfig::with_options(String::new(), String::new(), o)
         }
     }
