@@ -24,6 +24,7 @@
 mod acker;
 mod consume;
 mod consumer;
+mod returns;
 mod setup;
 
 use std::collections::HashSet;
@@ -54,6 +55,8 @@ pub(crate) struct StreamSetup {
     dead_letter: Option<Topic>,
     /// Per-subscription consumers to delete on close.
     ephemeral: Mutex<HashSet<String>>,
+    /// The subscriptions' lines, to give back what their queues hold on close.
+    lines: Mutex<Vec<std::sync::Weak<returns::Line>>>,
 }
 
 fn js_err(what: String, e: impl std::error::Error + Send + Sync + 'static) -> Error {
@@ -202,6 +205,15 @@ impl StreamSetup {
                     inner.name
                 ),
             ))),
+        }
+    }
+
+    /// The bus is closing: gives back to the server every delivery still queued that no
+    /// handler took (it could not be acked any more).
+    pub(crate) fn give_back_queued(&self) {
+        let lines: Vec<_> = self.lines.lock().drain(..).collect();
+        for line in lines.iter().filter_map(std::sync::Weak::upgrade) {
+            line.close();
         }
     }
 
