@@ -402,10 +402,11 @@ impl Inner {
         }
     }
 
-    /// The largest payload a publish may carry.
+    /// The server's `max_payload`: the largest payload a message without headers may
+    /// carry. With headers, payload + encoded header block must fit (async-nats checks the
+    /// message being published: `PayloadTooLarge`). `max_payload()` is an atomic load, where
+    /// `server_info()` would clone the whole INFO under a lock.
     pub(crate) fn max_payload(&self) -> usize {
-        // The server's limit covers headers too; leave them room. `max_payload()` is an
-        // atomic load, where `server_info()` would clone the whole INFO under a lock.
-        self.client.max_payload().saturating_sub(4096).max(1)
+        self.client.max_payload().max(1)
     }
 }

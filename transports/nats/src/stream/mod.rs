@@ -60,7 +60,8 @@ pub(crate) struct StreamSetup {
 }
 
 fn js_err(what: String, e: impl std::error::Error + Send + Sync + 'static) -> Error {
-    Error::new(ErrorKind::Broker, format!("{what}: {e}")).with_source(e)
+    // The source's text is printed after the message (`Error`'s `Display`).
+    Error::new(ErrorKind::Broker, what).with_source(e)
 }
 
 impl StreamSetup {
@@ -147,7 +148,7 @@ impl StreamSetup {
                         Error::new(
                             kind,
                             format!(
-                                "bus {:?}: publish on {:?} to JetStream stream {:?} was not acknowledged: {e}",
+                                "bus {:?}: publish on {:?} to JetStream stream {:?} was not acknowledged",
                                 inner.name,
                                 topic.as_str(),
                                 self.name
