@@ -206,8 +206,12 @@ impl Bus for NatsBus {
         // Stream publishes already awaited their PubAck; make the server take what is
         // still buffered (broadcast) before the connection goes.
         let flushed = inner.round_trip().await;
-        inner.stop_pumps();
+        inner.stop_pumps().await;
+        // Stream mode: what the pulls held was given back as the pumps stopped; what the
+        // queues hold and no handler took is given back now, before the connection goes, so
+        // the server redelivers it at once (see `stream::returns`).
         if let Some(stream) = &self.stream {
+            stream.give_back_queued();
             stream.close().await;
         }
         // Best effort: the server may already be gone.

@@ -179,6 +179,12 @@ pub struct NatsOptions {
     /// Stream mode: where messages go after `max_deliveries` failed deliveries.
     #[serde(default)]
     pub dead_letter: Option<String>,
+    /// Stream mode: messages one pull asks the server for ahead of the handlers, per
+    /// subscription. Default: the subscription's queue capacity, at most 256. What a
+    /// subscription prefetched and no handler took is nak'd when it is dropped or the bus
+    /// closes, so the server redelivers it at once.
+    #[serde(default)]
+    pub prefetch: Option<usize>,
 }
 
 impl NatsOptions {
@@ -224,6 +230,14 @@ impl NatsOptions {
     /// async-nats's command buffer, in operations (default 8,192).
     pub fn publish_buffer(&self) -> usize {
         self.publish_buffer.unwrap_or(8192).max(1)
+    }
+
+    /// Messages a pull asks for ahead of the handlers, for a subscription whose queue holds
+    /// `queue_capacity`: `prefetch` if set, else the queue capacity but at most 256.
+    pub fn prefetch(&self, queue_capacity: usize) -> usize {
+        self.prefetch
+            .unwrap_or_else(|| queue_capacity.min(256))
+            .max(1)
     }
 
     /// The deliveries of one message before it is given up (default 5; 0 = unlimited).
@@ -272,6 +286,7 @@ impl fmt::Debug for NatsOptions {
             .field("retry_backoff", &self.retry_backoff)
             .field("max_deliveries", &self.max_deliveries)
             .field("dead_letter", &self.dead_letter)
+            .field("prefetch", &self.prefetch)
             .finish()
     }
 }

@@ -116,11 +116,20 @@ impl Inner {
         };
         Error::new(
             kind,
-            format!(
-                "bus {:?}: publish on {:?} failed: {what}",
-                self.name,
-                topic.as_str()
-            ),
+            // `what` only when it is not the source's own text: the source is printed after.
+            if what == source.to_string() {
+                format!(
+                    "bus {:?}: publish on {:?} failed",
+                    self.name,
+                    topic.as_str()
+                )
+            } else {
+                format!(
+                    "bus {:?}: publish on {:?} failed: {what}",
+                    self.name,
+                    topic.as_str()
+                )
+            },
         )
         .with_source(source)
     }

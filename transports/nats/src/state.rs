@@ -310,16 +310,23 @@ impl Inner {
         }
     }
 
-    /// Stops every pump and ends its members' subscriptions (once drained).
-    pub(crate) fn stop_pumps(&self) {
+    /// Stops every pump and ends its members' subscriptions (once drained); returns once
+    /// every pump task has ended (so what a JetStream pump prefetched has been given back
+    /// before the connection goes), or after 2 s.
+    pub(crate) async fn stop_pumps(&self) {
         let pumps: Vec<PumpEntry> = {
             let mut all = self.pumps.lock();
             all.shared.clear();
             all.by_id.drain().map(|(_, e)| e).collect()
         };
-        for pump in pumps {
+        for pump in &pumps {
             pump.task.abort();
             pump.members.close_all();
+        }
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(2);
+        while pumps.iter().any(|p| !p.task.is_finished()) && tokio::time::Instant::now() < deadline
+        {
+            tokio::time::sleep(std::time::Duration::from_millis(2)).await;
         }
     }
 
@@ -399,10 +406,11 @@ impl Inner {
         }
     }
 
-    /// The largest payload a publish may carry.
+    /// The server's `max_payload`: the largest payload a message without headers may
+    /// carry. With headers, payload + encoded header block must fit (async-nats checks the
+    /// message being published: `PayloadTooLarge`). `max_payload()` is an atomic load, where
+    /// `server_info()` would clone the whole INFO under a lock.
     pub(crate) fn max_payload(&self) -> usize {
-        // The server's limit covers headers too; leave them room. `max_payload()` is an
-        // atomic load, where `server_info()` would clone the whole INFO under a lock.
-        self.client.max_payload().saturating_sub(4096).max(1)
+        self.client.max_payload().max(1)
     }
 }

@@ -9,9 +9,9 @@ use async_nats::jetstream::message::AckKind;
 use async_nats::jetstream::{self};
 use busway::transport::{Counters, QueueSender, TransportDelivery};
 use busway::{Bus, Delivery, Message};
-use futures::StreamExt;
 
 use super::acker::JsAcker;
+use super::returns::{self, Line, Prefetched, PumpStopped};
 use super::StreamSetup;
 use crate::names::SubjectTopics;
 use crate::state::Inner;
@@ -30,7 +30,12 @@ pub(super) struct Pump {
     pub(super) via: Arc<dyn Bus>,
     pub(super) config: pull::Config,
     pub(super) durable: bool,
-    pub(super) capacity: usize,
+    /// Messages one pull asks for ahead of the handlers (`prefetch`).
+    pub(super) prefetch: usize,
+    /// `stream/consumer`: the key of the consumer's returned deliveries.
+    pub(super) consumer: Arc<str>,
+    /// The subscription's line (`block` queues: see `returns`).
+    pub(super) line: Option<Arc<Line>>,
 }
 
 impl Pump {
@@ -39,19 +44,27 @@ impl Pump {
         mut consumer: jetstream::consumer::PullConsumer,
         mut topics: SubjectTopics,
     ) {
+        // Dropped last, after the pull stream: gives back what the queue held.
+        let _stopped = PumpStopped(self.line.clone());
         let setup = &*self.setup;
         let mut backoff = Duration::from_millis(100);
         loop {
-            let batch = self.capacity.clamp(1, 256);
             let messages = consumer
                 .stream()
-                .max_messages_per_batch(batch)
+                .max_messages_per_batch(self.prefetch)
                 .heartbeat(PULL_HEARTBEAT)
                 .expires(Duration::from_secs(30))
                 .messages()
                 .await;
             match messages {
-                Ok(mut messages) => {
+                Ok(messages) => {
+                    // Dropped (subscription gone, or pulling afresh) with what it prefetched
+                    // given back to the server.
+                    let mut messages = Prefetched {
+                        messages: Some(messages),
+                        client: self.inner.client.clone(),
+                        consumer: self.consumer.clone(),
+                    };
                     while let Some(item) = messages.next().await {
                         match item {
                             Ok(msg) => {
@@ -120,10 +133,14 @@ impl Pump {
         topics: &mut SubjectTopics,
         msg: jetstream::Message,
     ) -> bool {
-        let attempt = match msg.info() {
-            Ok(info) => u32::try_from(info.delivered.max(1)).unwrap_or(u32::MAX),
-            Err(_) => 1,
+        let (delivered, seq) = match msg.info() {
+            Ok(info) => (info.delivered.max(1), info.stream_sequence),
+            Err(_) => (1, 0),
         };
+        // Deliveries this process gave back unseen (see `returns`) are not attempts.
+        let unseen = i64::from(returns::returned(&self.consumer, seq));
+        let attempt = u32::try_from((delivered - unseen).max(1)).unwrap_or(u32::MAX);
+        let reply = msg.message.reply.clone();
         let (msg, acker) = msg.split();
         let counters = &self.inner.counters;
         let decoded = topics.topic(msg.subject.as_str()).and_then(|topic| {
@@ -137,20 +154,32 @@ impl Pump {
                 Counters::incr(&self.tx.stats().decode_errors);
                 tracing::debug!(bus = %self.inner.name, subject = %msg.subject, error = %e, "skipped an undecodable JetStream message");
                 let _ = acker.ack_with(AckKind::Term).await;
+                returns::forget(&self.consumer, seq);
                 return true;
             }
         };
         if setup.max_deliveries > 0 && attempt > setup.max_deliveries {
             self.dead_letter(setup, message, attempt, acker).await;
+            returns::forget(&self.consumer, seq);
             return true;
         }
         if attempt > 1 {
             Counters::incr(&counters.redelivered);
             Counters::incr(&self.tx.stats().redelivered);
         }
+        let line = match (&self.line, reply) {
+            (Some(line), Some(reply)) => Some((line.clone(), line.enter(reply, seq))),
+            _ => None,
+        };
         let delivery = Delivery::new(message)
             .with_attempt(attempt)
-            .with_acker(Box::new(JsAcker::new(acker, self.inner.clone())))
+            .with_acker(Box::new(JsAcker::new(
+                acker,
+                self.inner.clone(),
+                seq,
+                self.consumer.clone(),
+                line,
+            )))
             .with_reply_via_if_request(&self.via);
         // A delivery a dropping policy discards is never acked: the server redelivers it
         // after the ack wait, so stream mode stays at least once.

@@ -8,9 +8,12 @@ use async_nats::jetstream::consumer::{pull, AckPolicy, DeliverPolicy};
 use async_nats::jetstream::{self};
 use busway::config::DEFAULT_ACK_TIMEOUT;
 use busway::transport::{new_message_id, TransportSubscription};
-use busway::{Bus, Error, ErrorKind, Pattern, Result, StartFrom, SubscribeOptions, Subscription};
+use busway::{
+    Bus, Error, ErrorKind, Overflow, Pattern, Result, StartFrom, SubscribeOptions, Subscription,
+};
 
 use super::consume::Pump;
+use super::returns::{Line, LineGuard};
 use super::{js_err, StreamSetup};
 use crate::names::SubjectTopics;
 use crate::state::Inner;
@@ -113,6 +116,15 @@ impl StreamSetup {
         let (capacity, overflow) = options.queue(inner.queue);
         let topics = SubjectTopics::new(&pattern);
         let (tx, sub) = Subscription::channel(pattern, capacity, overflow, inner.counters.clone());
+        let key: Arc<str> = format!("{}/{name}", self.name).into();
+        // Only a `block` queue tells exactly which deliveries a handler took (see `returns`).
+        let line = (overflow == Overflow::Block)
+            .then(|| Arc::new(Line::new(key.clone(), inner.client.clone(), tx.clone())));
+        if let Some(line) = &line {
+            let mut lines = self.lines.lock();
+            lines.retain(|l| l.strong_count() > 0);
+            lines.push(Arc::downgrade(line));
+        }
         let pump = Pump {
             inner: inner.clone(),
             setup: self.clone(),
@@ -120,7 +132,9 @@ impl StreamSetup {
             via,
             config,
             durable,
-            capacity,
+            prefetch: inner.options.prefetch(capacity),
+            consumer: key,
+            line: line.clone(),
         };
         let task = tokio::spawn(pump.run(consumer, topics));
         let guard = inner.track(tx, task.abort_handle(), None);
@@ -128,7 +142,8 @@ impl StreamSetup {
             setup: Arc::downgrade(self),
             name: (!durable).then_some(name),
         };
-        Ok(sub.with_guard((guard, cleanup)))
+        // Dropped in this order: the pump stops, then the line lets go of the queue.
+        Ok(sub.with_guard((guard, cleanup, line.map(LineGuard))))
     }
 }
 

@@ -27,6 +27,7 @@
 mod acker;
 mod consume;
 mod consumer;
+mod returns;
 mod setup;
 
 use std::collections::HashSet;
@@ -59,6 +60,8 @@ pub(crate) struct StreamSetup {
     dead_letter: Option<Topic>,
     /// Per-subscription consumers to delete on close.
     ephemeral: Mutex<HashSet<String>>,
+    /// The subscriptions' lines, to give back what their queues hold on close.
+    lines: Mutex<Vec<std::sync::Weak<returns::Line>>>,
 }
 
 /// Whether sending a publish again can succeed: no PubAck in time (a leader change, a frozen
@@ -74,7 +77,8 @@ fn retryable(e: &PublishError) -> bool {
 }
 
 fn js_err(what: String, e: impl std::error::Error + Send + Sync + 'static) -> Error {
-    Error::new(ErrorKind::Broker, format!("{what}: {e}")).with_source(e)
+    // The source's text is printed after the message (`Error`'s `Display`).
+    Error::new(ErrorKind::Broker, what).with_source(e)
 }
 
 impl StreamSetup {
@@ -239,7 +243,7 @@ impl StreamSetup {
         Error::new(
             kind,
             format!(
-                "bus {:?}: publish on {:?} to JetStream stream {:?} was not acknowledged{tries}: {e}",
+                "bus {:?}: publish on {:?} to JetStream stream {:?} was not acknowledged{tries}",
                 inner.name,
                 topic.as_str(),
                 self.name
@@ -294,6 +298,15 @@ impl StreamSetup {
                     inner.name
                 ),
             ))),
+        }
+    }
+
+    /// The bus is closing: gives back to the server every delivery still queued that no
+    /// handler took (it could not be acked any more).
+    pub(crate) fn give_back_queued(&self) {
+        let lines: Vec<_> = self.lines.lock().drain(..).collect();
+        for line in lines.iter().filter_map(std::sync::Weak::upgrade) {
+            line.close();
         }
     }
 

@@ -138,6 +138,7 @@ impl StreamSetup {
             max_deliveries: options.max_deliveries(),
             dead_letter,
             ephemeral: Mutex::new(HashSet::new()),
+            lines: Mutex::new(Vec::new()),
         })
     }
 
