@@ -7,8 +7,20 @@
 //! the glob matches a superset); every delivery is then checked with
 //! [`Pattern::matches`](busway::Pattern::matches), so `a.*` never delivers `a.b.c`.
 //! Subscriptions with the same channel or glob share one Redis subscription.
+//!
+//! **Memory is bounded whatever publishers send.** redis-rs hands pushes to a sender that it
+//! calls from the task reading the socket and that must not wait, so a channel between it
+//! and dispatch would be unbounded. Instead the connection runs on a thread of its own (a
+//! one-thread runtime with nothing else on it) and its sender waits for room in a channel
+//! of [`PUSH_BUFFER`] pushes: while dispatch waits for a full `block` queue, the connection
+//! stops reading, the socket's buffers fill, and the server's `client-output-buffer-limit
+//! pubsub` applies: the server disconnects us, as it would any slow subscriber, and the task
+//! reports it, reconnects and resubscribes. Commands sent meanwhile still go out; their
+//! replies come once dispatch has room (or the command times out and the connection is
+//! renewed), so the bus never deadlocks.
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Weak};
 
@@ -20,8 +32,8 @@ use tokio::sync::{mpsc, oneshot};
 
 use busway::transport::{Counters, Framing, QueueSender, TransportDelivery, TransportSubscription};
 use busway::{
-    topic::PatternToken, Bus, Delivery, Message, Pattern, Result, SubscribeOptions, Subscription,
-    Topic,
+    topic::PatternToken, Bus, Delivery, Error, ErrorKind, Message, Pattern, Result,
+    SubscribeOptions, Subscription, Topic,
 };
 
 use crate::connect::{is_connection_error, ConnCount};
@@ -148,8 +160,7 @@ impl Broadcast {
             // and the subscription is live when this returns.
             let mut started = ps.start.lock().await;
             if !*started {
-                let (push_tx, push_rx) = mpsc::unbounded_channel();
-                let con = shared.connector.connect(None, Some(push_tx)).await?;
+                let (con, push_rx) = open(shared).await?;
                 let ctl_rx = ps
                     .ctl_rx
                     .lock()
@@ -160,7 +171,7 @@ impl Broadcast {
                 let task = Task {
                     shared: shared.clone(),
                     broadcast: self.clone(),
-                    con: Some((con, ConnCount::new(&shared.stats))),
+                    con: Some(con),
                     push_rx,
                     ctl_rx,
                     attempt: 0,
@@ -202,11 +213,73 @@ impl Broadcast {
     }
 }
 
+/// Pushes read from the pub/sub connection and not yet dispatched: with the subscriptions'
+/// queues, all the memory the connection holds (plus one frame being read).
+const PUSH_BUFFER: usize = 128;
+
+/// An open pub/sub connection and the thread that reads it.
+struct Conn {
+    con: MultiplexedConnection,
+    _count: ConnCount,
+    /// Dropped with the connection: ends the thread that reads it (and so closes it).
+    _stop: oneshot::Sender<()>,
+}
+
+/// Opens the pub/sub connection on a thread of its own, whose pushes wait for room in the
+/// returned channel (see the module docs for why).
+async fn open(shared: &Arc<Shared>) -> Result<(Conn, mpsc::Receiver<PushInfo>)> {
+    let (push_tx, push_rx) = mpsc::channel::<PushInfo>(PUSH_BUFFER);
+    let (ready_tx, ready_rx) = oneshot::channel();
+    let (stop_tx, stop_rx) = oneshot::channel::<()>();
+    let failed = |what: &str, e: &dyn std::fmt::Display| {
+        Error::new(
+            ErrorKind::Connection,
+            format!(
+                "bus {:?}: pub/sub connection: {what}: {e}",
+                shared.config.bus
+            ),
+        )
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| failed("cannot start its runtime", &e))?;
+    let thread_shared = shared.clone();
+    std::thread::Builder::new()
+        .name(format!("busway-pubsub-{}", shared.config.bus))
+        .spawn(move || {
+            runtime.block_on(async move {
+                // Waiting here blocks the thread, which runs nothing but this connection:
+                // it stops reading the socket until dispatch has room. `unconstrained`: the
+                // reading task's coop budget must not make the wait spin.
+                let push = move |p: PushInfo| {
+                    futures::executor::block_on(tokio::task::unconstrained(push_tx.send(p)))
+                };
+                let con = thread_shared.connector.connect_with_push(push).await;
+                let ok = con.is_ok();
+                drop(thread_shared);
+                if ready_tx.send(con).is_ok() && ok {
+                    let _ = stop_rx.await;
+                }
+            });
+        })
+        .map_err(|e| failed("cannot start its thread", &e))?;
+    let con = ready_rx
+        .await
+        .map_err(|_| failed("its thread ended", &"no connection"))??;
+    let conn = Conn {
+        con,
+        _count: ConnCount::new(&shared.stats),
+        _stop: stop_tx,
+    };
+    Ok((conn, push_rx))
+}
+
 struct Task {
     shared: Arc<Shared>,
     broadcast: Arc<Broadcast>,
-    con: Option<(MultiplexedConnection, ConnCount)>,
-    push_rx: mpsc::UnboundedReceiver<PushInfo>,
+    con: Option<Conn>,
+    push_rx: mpsc::Receiver<PushInfo>,
     ctl_rx: mpsc::UnboundedReceiver<Ctl>,
     attempt: u32,
     last_foreign_warn: Option<std::time::Instant>,
@@ -244,14 +317,32 @@ impl Task {
                     None => break,
                 },
                 push = self.push_rx.recv() => match push {
-                    Some(p) if p.kind == PushKind::Disconnection => self.lost("the server closed the connection"),
+                    Some(p) if p.kind == PushKind::Disconnection => self.lost(CLOSED_BY_SERVER),
                     Some(p) => self.dispatch(p).await,
-                    None => self.lost("the connection ended"),
+                    None => self.lost(CLOSED_BY_SERVER),
                 },
             }
         }
         self.shared.pubsub_up.store(false, Relaxed);
         self.broadcast.close_all();
+    }
+
+    /// Awaits `fut` (a command on the pub/sub connection) while dispatching what the
+    /// connection reads meanwhile: its reply comes after the pushes before it, and the
+    /// connection reads nothing while the push channel is full.
+    async fn drive<T>(&mut self, fut: impl Future<Output = T>) -> T {
+        tokio::pin!(fut);
+        loop {
+            tokio::select! {
+                biased;
+                out = &mut fut => return out,
+                push = self.push_rx.recv() => match push {
+                    Some(p) if p.kind != PushKind::Disconnection => self.dispatch(p).await,
+                    // The connection is gone: the command fails with it.
+                    _ => return fut.await,
+                },
+            }
+        }
     }
 
     fn lost(&mut self, why: &str) {
@@ -271,16 +362,21 @@ impl Task {
         if wanted != subscribe {
             return;
         }
-        let Some((con, _)) = &mut self.con else {
+        let Some(conn) = &self.con else {
             return; // resubscribed from the table on reconnect
         };
+        let mut con = conn.con.clone();
         let (cmd, arg) = args(&key, subscribe);
-        let result = match (subscribe, &key) {
-            (true, Key::Channel(_)) => con.subscribe(arg).await,
-            (true, Key::Glob(_)) => con.psubscribe(arg).await,
-            (false, Key::Channel(_)) => con.unsubscribe(arg).await,
-            (false, Key::Glob(_)) => con.punsubscribe(arg).await,
+        let glob = matches!(key, Key::Glob(_));
+        let command = async move {
+            match (subscribe, glob) {
+                (true, false) => con.subscribe(arg).await,
+                (true, true) => con.psubscribe(arg).await,
+                (false, false) => con.unsubscribe(arg).await,
+                (false, true) => con.punsubscribe(arg).await,
+            }
         };
+        let result = self.drive(command).await;
         if let Err(e) = result {
             if is_connection_error(&e) {
                 self.lost("a subscribe failed");
@@ -299,9 +395,8 @@ impl Task {
             _ = tokio::time::sleep(self.shared.connector.backoff(self.attempt)) => {}
             _ = self.shared.pubsub_retry.notified() => {}
         }
-        let (push_tx, push_rx) = mpsc::unbounded_channel();
-        let mut con = match self.shared.connector.connect(None, Some(push_tx)).await {
-            Ok(con) => con,
+        let (conn, push_rx) = match open(&self.shared).await {
+            Ok(opened) => opened,
             Err(e) => {
                 self.attempt = self.attempt.saturating_add(1);
                 tracing::debug!(bus = %self.shared.config.bus, error = %e, "pub/sub reconnect failed");
@@ -320,21 +415,26 @@ impl Task {
             }
             (c, g)
         };
-        let mut result = Ok(());
-        if !channels.is_empty() {
-            result = con.subscribe(&channels).await;
-        }
-        if result.is_ok() && !globs.is_empty() {
-            result = con.psubscribe(&globs).await;
-        }
-        if let Err(e) = result {
+        // Messages may arrive before the last confirmation: dispatched as they come.
+        self.push_rx = push_rx;
+        let mut con = conn.con.clone();
+        let (c, g) = (&channels, &globs);
+        let resubscribe = async move {
+            if !c.is_empty() {
+                con.subscribe(c).await?;
+            }
+            if !g.is_empty() {
+                con.psubscribe(g).await?;
+            }
+            Ok::<(), redis::RedisError>(())
+        };
+        if let Err(e) = self.drive(resubscribe).await {
             self.attempt = self.attempt.saturating_add(1);
             tracing::debug!(bus = %self.shared.config.bus, error = %self.shared.connector.error("resubscribe", e), "pub/sub resubscribe failed");
             return;
         }
         self.attempt = 0;
-        self.push_rx = push_rx;
-        self.con = Some((con, ConnCount::new(&self.shared.stats)));
+        self.con = Some(conn);
         self.shared.pubsub_up.store(true, Relaxed);
         Counters::incr(&self.shared.stats.reconnects);
         tracing::info!(bus = %self.shared.config.bus, channels = channels.len(), globs = globs.len(), "pub/sub connection re-established and resubscribed");
@@ -422,6 +522,10 @@ impl Task {
         }
     }
 }
+
+/// Why the pub/sub connection ended when the server closed it: a subscriber that falls
+/// behind is disconnected by the server at its `client-output-buffer-limit pubsub`.
+const CLOSED_BY_SERVER: &str = "the server closed the connection (a server restart, or a subscriber too slow for its client-output-buffer-limit pubsub)";
 
 /// How often a foreign message is logged at warn: once, then at most once a minute, so a
 /// foreign publisher cannot flood the log.

@@ -93,16 +93,35 @@ impl Connector {
         response_timeout: Option<Duration>,
         push: Option<tokio::sync::mpsc::UnboundedSender<redis::PushInfo>>,
     ) -> busway::Result<MultiplexedConnection> {
-        let mut cfg = AsyncConnectionConfig::new()
+        let cfg = self.config(response_timeout);
+        match push {
+            Some(tx) => self.open(&self.resp3, cfg.set_push_sender(tx)).await,
+            None => self.open(&self.client, cfg).await,
+        }
+    }
+
+    /// A RESP3 connection named `busway:<app>:<bus>` whose pushes (pub/sub messages,
+    /// subscribe confirmations, its loss) go to `push`, called on the task that reads the
+    /// connection.
+    pub(crate) async fn connect_with_push(
+        &self,
+        push: impl redis::aio::AsyncPushSender,
+    ) -> busway::Result<MultiplexedConnection> {
+        let cfg = self.config(None).set_push_sender(push);
+        self.open(&self.resp3, cfg).await
+    }
+
+    fn config(&self, response_timeout: Option<Duration>) -> AsyncConnectionConfig {
+        AsyncConnectionConfig::new()
             .set_connection_timeout(Some(self.connect_timeout))
-            .set_response_timeout(Some(response_timeout.unwrap_or(self.response_timeout)));
-        let client = match push {
-            Some(tx) => {
-                cfg = cfg.set_push_sender(tx);
-                &self.resp3
-            }
-            None => &self.client,
-        };
+            .set_response_timeout(Some(response_timeout.unwrap_or(self.response_timeout)))
+    }
+
+    async fn open(
+        &self,
+        client: &Client,
+        cfg: AsyncConnectionConfig,
+    ) -> busway::Result<MultiplexedConnection> {
         let mut con = client
             .get_multiplexed_async_connection_with_config(&cfg)
             .await

@@ -142,6 +142,7 @@ pub(crate) async fn subscribe(
     let member = NewMember {
         pattern,
         tx,
+        capacity,
         idle,
         keys: keys.into_iter().zip(starts).collect(),
     };

@@ -23,6 +23,9 @@ use super::registry::{Join, NewMember, ReaderHandle};
 use crate::connect::{is_connection_error, ConnCount};
 use crate::state::Shared;
 
+/// How often a group reader whose queues are full looks for room again.
+const ROOM_POLL: Duration = Duration::from_millis(20);
+
 /// A reader connection (its read blocks up to `read_block`, so its response timeout is
 /// longer) and its `CLIENT ID`.
 pub(super) async fn connect(shared: &Shared) -> Result<(MultiplexedConnection, u64)> {
@@ -40,6 +43,7 @@ struct Member {
     id: u64,
     pattern: Pattern,
     target: Arc<Target>,
+    capacity: usize,
     /// Keys it reads and (group-less) the id after which it takes their entries.
     keys: HashMap<Arc<str>, StreamId>,
 }
@@ -132,6 +136,18 @@ impl Task {
                 }
                 continue;
             }
+            let Some(count) = self.room() else {
+                // The group's queues are full: what is not read stays in the stream for
+                // the group's other consumers, or for this one once its queues have room
+                // (the queues do not say when, so look again shortly).
+                let wait = until.min(ROOM_POLL);
+                tokio::select! {
+                    _ = tokio::time::sleep(wait) => {}
+                    _ = self.handle.notify.notified() => {}
+                    _ = shutdown.changed() => {}
+                }
+                continue;
+            };
             // A read never blocks past the next maintenance (wildcard rescan, reclaim).
             let block = self
                 .shared()
@@ -141,7 +157,7 @@ impl Task {
                 .min(until.as_millis())
                 .max(1) as u64;
             let reply = tokio::select! {
-                reply = self.read(block) => reply,
+                reply = self.read(count, block) => reply,
                 _ = shutdown.changed() => continue,
             };
             match reply {
@@ -276,6 +292,7 @@ impl Task {
             id,
             pattern: member.pattern,
             target,
+            capacity: member.capacity,
             keys: HashMap::new(),
         };
         let mut keys = member.keys.into_iter();
@@ -297,6 +314,7 @@ impl Task {
                     let member = NewMember {
                         pattern: m.pattern,
                         tx: m.target.tx.clone(),
+                        capacity: m.capacity,
                         idle: m.target.idle,
                         keys,
                     };
@@ -535,8 +553,27 @@ impl Task {
         Ok(())
     }
 
-    async fn read(&mut self, block: u64) -> redis::RedisResult<Value> {
-        let opts = &self.ctx.shared.config;
+    /// How many entries the next read may take: `read_count`, and for a group no more than
+    /// its members' queues have room for (an entry a group consumer reads is its to
+    /// deliver: it stays pending, in memory here, until a queue takes it). `None` when the
+    /// group has no room at all.
+    fn room(&self) -> Option<usize> {
+        let count = self.shared().config.read_count.max(1);
+        if self.ctx.group.is_none() {
+            // Every entry goes to every member: a `block` queue makes the fan-out wait (one
+            // read's worth held at most), a dropping queue drops by its policy.
+            return Some(count);
+        }
+        let room: usize = self
+            .members
+            .iter()
+            .filter(|m| !m.target.tx.is_closed())
+            .map(|m| m.capacity.saturating_sub(m.target.tx.len()))
+            .sum();
+        (room > 0).then_some(room.min(count))
+    }
+
+    async fn read(&mut self, count: usize, block: u64) -> redis::RedisResult<Value> {
         let mut cmd = match &self.ctx.group {
             Some(group) => {
                 let mut cmd = redis::cmd("XREADGROUP");
@@ -546,7 +583,7 @@ impl Task {
             None => redis::cmd("XREAD"),
         };
         cmd.arg("COUNT")
-            .arg(opts.read_count)
+            .arg(count)
             .arg("BLOCK")
             .arg(block)
             .arg("STREAMS");

@@ -121,6 +121,8 @@ pub(super) type Registry = HashMap<Option<Arc<str>>, Arc<ReaderHandle>>;
 pub(super) struct NewMember {
     pub(super) pattern: Pattern,
     pub(super) tx: QueueSender,
+    /// Its queue's capacity: a group's reader reads no more than its members have room for.
+    pub(super) capacity: usize,
     /// Ack timeout (group-less) or claim time (groups).
     pub(super) idle: Duration,
     /// Its keys, each with the id after which it takes entries (group-less; ignored for
