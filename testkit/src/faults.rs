@@ -2,13 +2,15 @@
 //! (kill -9) twice under publishing load, condition polling, and the `RESULT` lines the
 //! figures in RELIABILITY.md are copied from.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use busway::{Bus, Health, Message, Overflow, Pattern, SubscribeOptions, Subscription, Topic};
+use busway::{
+    Bus, ErrorKind, Health, Message, Overflow, Pattern, SubscribeOptions, Subscription, Topic,
+};
 
 use crate::nats::NatsServer;
 use crate::redis::RedisServer;
@@ -633,4 +635,64 @@ pub fn check_hung_error(
         took <= limit + HUNG_SLACK,
         "{what}: took {took:?}, limit {limit:?}"
     );
+}
+
+/// How long a fault test may take before [`within`] fails it: a hang fails instead of
+/// blocking the run.
+pub const TEST_LIMIT: Duration = Duration::from_secs(120);
+
+/// Runs `f`, failing the test with `what` if it takes longer than [`TEST_LIMIT`].
+pub async fn within<T>(what: &str, f: impl std::future::Future<Output = T>) -> T {
+    tokio::time::timeout(TEST_LIMIT, f)
+        .await
+        .unwrap_or_else(|_| panic!("{what}: the test hung for {TEST_LIMIT:?}"))
+}
+
+/// Publishes on `topic` from `tasks` concurrent publishers until `bus.close()` is called
+/// after `before_close` publishes returned Ok; every publish that loses the race must fail
+/// with `Closed`. Returns the payloads of every publish that returned Ok, for the caller to
+/// find on the broker.
+pub async fn publish_then_close(
+    bus: Arc<dyn Bus>,
+    topic: &Topic,
+    tasks: usize,
+    before_close: usize,
+) -> HashSet<String> {
+    let ok_count = Arc::new(AtomicU64::new(0));
+    let mut handles = Vec::new();
+    for p in 0..tasks {
+        let bus = bus.clone();
+        let ok_count = ok_count.clone();
+        let topic = topic.clone();
+        handles.push(tokio::spawn(async move {
+            let mut ok = Vec::new();
+            for i in 0.. {
+                let id = format!("c{p}-{i}");
+                match bus.publish(Message::new(topic.clone(), id.clone())).await {
+                    Ok(()) => {
+                        ok.push(id);
+                        ok_count.fetch_add(1, Relaxed);
+                    }
+                    Err(e) => {
+                        assert_eq!(e.kind(), ErrorKind::Closed, "{e}");
+                        break;
+                    }
+                }
+                if i % 64 == 0 {
+                    tokio::task::yield_now().await;
+                }
+            }
+            ok
+        }));
+    }
+    wait_until("publishes before close", Duration::from_secs(30), || {
+        ok_count.load(Relaxed) >= before_close as u64
+    })
+    .await;
+    bus.close().await.expect("close flushes");
+    let mut all = HashSet::new();
+    for h in handles {
+        all.extend(h.await.unwrap());
+    }
+    all
 }

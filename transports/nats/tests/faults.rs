@@ -6,28 +6,17 @@
 mod common;
 
 use std::collections::HashSet;
-use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use busway::{Bus, ErrorKind, Message, Mode, Overflow, SubscribeOptions};
-use busway_nats::NatsBus;
+use busway::{Bus, Message, Mode, Overflow, SubscribeOptions};
 use busway_testkit::faults::{
-    check_hung_error, restart_under_load, slow_consumer_with_dropping_policy, wait_until,
-    Guarantee, LoadPlan,
+    check_hung_error, publish_then_close, restart_under_load, slow_consumer_with_dropping_policy,
+    wait_until, within, Guarantee, LoadPlan,
 };
 use busway_testkit::nats::NatsServer;
 use common::{connect, connect_with, pattern, topic, WAIT};
 use futures::StreamExt;
-
-/// No test may take longer than this: a hang fails instead of blocking the run.
-const TEST_LIMIT: Duration = Duration::from_secs(120);
-
-async fn within<T>(what: &str, f: impl std::future::Future<Output = T>) -> T {
-    tokio::time::timeout(TEST_LIMIT, f)
-        .await
-        .unwrap_or_else(|_| panic!("{what}: the test hung for {TEST_LIMIT:?}"))
-}
 
 // ---------------------------------------------------------------------------------------
 // 1. Broker restart under load
@@ -324,53 +313,6 @@ async fn core_slow_consumer_under_block_drops_in_the_client_and_counts_them() {
 // 4. Graceful shutdown
 // ---------------------------------------------------------------------------------------
 
-/// Publishes on `t` from `tasks` concurrent publishers until `close` is called after
-/// `before_close` publishes returned Ok; returns the payloads that returned Ok.
-async fn publish_then_close(
-    bus: NatsBus,
-    t: &str,
-    tasks: usize,
-    before_close: usize,
-) -> HashSet<String> {
-    let ok_count = Arc::new(AtomicUsize::new(0));
-    let mut handles = Vec::new();
-    for p in 0..tasks {
-        let bus = bus.clone();
-        let ok_count = ok_count.clone();
-        let t = topic(t);
-        handles.push(tokio::spawn(async move {
-            let mut ok = Vec::new();
-            for i in 0.. {
-                let id = format!("c{p}-{i}");
-                match bus.publish(Message::new(t.clone(), id.clone())).await {
-                    Ok(()) => {
-                        ok.push(id);
-                        ok_count.fetch_add(1, Relaxed);
-                    }
-                    Err(e) => {
-                        assert_eq!(e.kind(), ErrorKind::Closed, "{e}");
-                        break;
-                    }
-                }
-                if i % 64 == 0 {
-                    tokio::task::yield_now().await;
-                }
-            }
-            ok
-        }));
-    }
-    wait_until("publishes before close", WAIT, || {
-        ok_count.load(Relaxed) >= before_close
-    })
-    .await;
-    bus.close().await.expect("close flushes");
-    let mut all = HashSet::new();
-    for h in handles {
-        all.extend(h.await.unwrap());
-    }
-    all
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn close_flushes_every_accepted_core_publish() {
     let Some(server) = NatsServer::start("faults_close_core") else {
@@ -389,7 +331,7 @@ async fn close_flushes_every_accepted_core_publish() {
         )
         .await
         .unwrap();
-        let ok = publish_then_close(bus, "close.t", 8, 5_000).await;
+        let ok = publish_then_close(Arc::new(bus), &topic("close.t"), 8, 5_000).await;
         let mut seen = HashSet::new();
         while !ok.is_subset(&seen) {
             match tokio::time::timeout(WAIT, raw.next()).await {
@@ -442,7 +384,7 @@ async fn close_leaves_every_accepted_jetstream_publish_and_ack_on_the_broker() {
             let d = sub.recv_timeout(WAIT).await.unwrap().expect("open");
             d.ack().await.unwrap();
         }
-        let ok = publish_then_close(bus, "close.t", 8, 3_000).await;
+        let ok = publish_then_close(Arc::new(bus), &topic("close.t"), 8, 3_000).await;
 
         let client = async_nats::connect(server.url()).await.unwrap();
         let js = async_nats::jetstream::new(client);

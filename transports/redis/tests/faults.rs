@@ -8,28 +8,19 @@ use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use busway::{Bus, ErrorKind, Message, Mode, Overflow, SubscribeOptions};
+use busway::{Bus, Message, Mode, Overflow, SubscribeOptions};
 use busway_redis::{RedisBus, RedisConfig};
 use busway_testkit::faults::{
-    check_hung_error, restart_under_load, slow_consumer_with_dropping_policy, wait_until,
-    Guarantee, LoadPlan,
+    check_hung_error, publish_then_close, restart_under_load, slow_consumer_with_dropping_policy,
+    wait_until, within, Guarantee, LoadPlan,
 };
 use busway_testkit::redis::RedisServer;
 use futures::StreamExt;
 
 use common::{connect, pat, topic, WAIT};
 
-/// No test may take longer than this: a hang fails instead of blocking the run.
-const TEST_LIMIT: Duration = Duration::from_secs(120);
-
 async fn bus(url: &str, mode: Mode, f: impl FnOnce(&mut RedisConfig)) -> RedisBus {
     connect("faults", url, mode, f).await
-}
-
-async fn within<T>(what: &str, f: impl std::future::Future<Output = T>) -> T {
-    tokio::time::timeout(TEST_LIMIT, f)
-        .await
-        .unwrap_or_else(|_| panic!("{what}: the test hung for {TEST_LIMIT:?}"))
 }
 
 // ---------------------------------------------------------------------------------------
@@ -301,50 +292,6 @@ async fn broadcast_slow_consumer_under_block_holds_the_shared_reader_and_loses_n
 // 4. Graceful shutdown
 // ---------------------------------------------------------------------------------------
 
-/// Publishes from `tasks` concurrent publishers until `close` is called after `before_close`
-/// publishes returned Ok; returns the payloads of every publish that returned Ok.
-async fn publish_then_close(bus: RedisBus, tasks: usize, before_close: usize) -> HashSet<String> {
-    let ok_count = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let mut handles = Vec::new();
-    for p in 0..tasks {
-        let bus = bus.clone();
-        let ok_count = ok_count.clone();
-        handles.push(tokio::spawn(async move {
-            let mut ok = Vec::new();
-            for i in 0.. {
-                let id = format!("c{p}-{i}");
-                match bus
-                    .publish(Message::new(topic("close.t"), id.clone()))
-                    .await
-                {
-                    Ok(()) => {
-                        ok.push(id);
-                        ok_count.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    }
-                    Err(e) => {
-                        assert_eq!(e.kind(), ErrorKind::Closed, "{e}");
-                        break;
-                    }
-                }
-                if i % 64 == 0 {
-                    tokio::task::yield_now().await;
-                }
-            }
-            ok
-        }));
-    }
-    wait_until("publishes before close", WAIT, || {
-        ok_count.load(std::sync::atomic::Ordering::Relaxed) >= before_close
-    })
-    .await;
-    bus.close().await.expect("close flushes");
-    let mut all = HashSet::new();
-    for h in handles {
-        all.extend(h.await.unwrap());
-    }
-    all
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn close_flushes_every_accepted_broadcast_publish() {
     let Some(server) = RedisServer::start("faults_close_broadcast") else {
@@ -359,7 +306,7 @@ async fn close_flushes_every_accepted_broadcast_publish() {
             c.framing = busway_redis::Framing::Raw;
         })
         .await;
-        let ok = publish_then_close(bus, 8, 5_000).await;
+        let ok = publish_then_close(Arc::new(bus), &topic("close.t"), 8, 5_000).await;
         let mut seen = HashSet::new();
         let mut messages = raw.on_message();
         while !ok.is_subset(&seen) {
@@ -404,7 +351,7 @@ async fn close_leaves_every_accepted_stream_publish_and_ack_on_the_broker() {
             let d = sub.recv_timeout(WAIT).await.unwrap().expect("open");
             d.ack().await.unwrap();
         }
-        let ok = publish_then_close(bus, 8, 3_000).await;
+        let ok = publish_then_close(Arc::new(bus), &topic("close.t"), 8, 3_000).await;
         let xlen: usize = server
             .cli(&["XLEN", "busway:stream:close.t"])
             .trim()
