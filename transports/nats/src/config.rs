@@ -87,6 +87,14 @@ pub struct NatsOptions {
     /// `dropped`.
     #[serde(default)]
     pub client_capacity: Option<usize>,
+    /// Bytes one `block` subscription may hold in the process: its queue and what its pump
+    /// took from the client and could not queue yet (core NATS), or its queue and what its
+    /// pull asked the server for (JetStream). Past it, core NATS drops (counted in
+    /// `dropped`, logged at warn) and JetStream stops pulling, so the rest stays on the
+    /// server. Counted as payload + headers + 256 bytes of bookkeeping per message. Default
+    /// 64 MiB. The count bounds (`capacity`, `client_capacity`, `prefetch`) still apply.
+    #[serde(default)]
+    pub max_pending_bytes: Option<usize>,
     /// async-nats's command buffer, in operations (publishes waiting to be written, also
     /// while disconnected). Default 8,192.
     #[serde(default)]
@@ -227,6 +235,11 @@ impl NatsOptions {
             .min(Duration::from_secs(2).max(base))
     }
 
+    /// Bytes one `block` subscription may hold in the process (default 64 MiB, at least 1).
+    pub fn max_pending_bytes(&self) -> usize {
+        self.max_pending_bytes.unwrap_or(64 << 20).max(1)
+    }
+
     /// async-nats's command buffer, in operations (default 8,192).
     pub fn publish_buffer(&self) -> usize {
         self.publish_buffer.unwrap_or(8192).max(1)
@@ -261,6 +274,7 @@ impl fmt::Debug for NatsOptions {
             .field("publish_timeout", &self.publish_timeout)
             .field("connect_timeout", &self.connect_timeout)
             .field("client_capacity", &self.client_capacity)
+            .field("max_pending_bytes", &self.max_pending_bytes)
             .field("publish_buffer", &self.publish_buffer)
             .field("max_reconnects", &self.max_reconnects)
             .field("ping_interval", &self.ping_interval)
