@@ -180,8 +180,8 @@ pub struct NatsOptions {
     #[serde(default)]
     pub retry_backoff: Option<ConfigDuration>,
     /// Stream mode: deliveries of one message before it is given up: published to
-    /// `dead_letter`, or terminated and counted as dropped when no dead-letter topic is set.
-    /// Default 5; 0 means redeliver forever.
+    /// `dead_letter`. Default unlimited (0 also means redeliver forever); set, it needs
+    /// `dead_letter`, so a message is never given up silently.
     #[serde(default)]
     pub max_deliveries: Option<u32>,
     /// Stream mode: where messages go after `max_deliveries` failed deliveries.
@@ -253,9 +253,9 @@ impl NatsOptions {
             .max(1)
     }
 
-    /// The deliveries of one message before it is given up (default 5; 0 = unlimited).
+    /// The deliveries of one message before it is given up (default 0 = unlimited).
     pub fn max_deliveries(&self) -> u32 {
-        self.max_deliveries.unwrap_or(5)
+        self.max_deliveries.unwrap_or(0)
     }
 }
 
@@ -620,6 +620,12 @@ impl StreamKeys {
         }
         for s in &subjects {
             Pattern::new(s).map_err(|e| ("subjects", e.to_string()))?;
+        }
+        if o.max_deliveries.is_some_and(|n| n > 0) && o.dead_letter.is_none() {
+            return Err((
+                "max_deliveries",
+                "is set without `dead_letter`: set `dead_letter` too, so messages given up are kept, or leave `max_deliveries` out (redeliver until acked)".into(),
+            ));
         }
         let dead_letter = match &o.dead_letter {
             Some(t) => Some(Topic::new(t).map_err(|e| ("dead_letter", e.to_string()))?),
