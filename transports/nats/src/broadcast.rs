@@ -11,7 +11,7 @@ use busway::{
 };
 
 use crate::names::SubjectTopics;
-use crate::pump::pump_starter;
+use crate::pump::{pump_starter, Bounds};
 use crate::state::{Inner, SharedPump, SubGuard};
 use crate::wire;
 
@@ -35,7 +35,12 @@ pub(crate) async fn subscribe(
     let (tx, sub) = Subscription::channel(pattern, capacity, overflow, inner.counters.clone());
     if !shared {
         let subscriber = nats_subscribe(inner, &key, options.group.as_deref()).await?;
-        let start = pump_starter(inner, subscriber, topics, via);
+        let bounds = (overflow == Overflow::Block).then(|| Bounds {
+            pattern: key.clone(),
+            bytes: inner.options.max_pending_bytes(),
+            messages: inner.options.client_capacity(capacity),
+        });
+        let start = pump_starter(inner, subscriber, topics, via, bounds);
         return Ok(sub.with_guard(inner.start_pump(tx, start)));
     }
     loop {
@@ -47,7 +52,7 @@ pub(crate) async fn subscribe(
             continue;
         }
         let subscriber = nats_subscribe(inner, &key, None).await?;
-        let start = pump_starter(inner, subscriber, topics.clone(), via.clone());
+        let start = pump_starter(inner, subscriber, topics.clone(), via.clone(), None);
         match inner.start_shared(&key, tx.clone(), start) {
             Ok(guard) => return Ok(sub.with_guard(guard)),
             // Another subscription of the pattern started one first: ours was dropped

@@ -87,6 +87,14 @@ pub struct NatsOptions {
     /// `dropped`.
     #[serde(default)]
     pub client_capacity: Option<usize>,
+    /// Bytes one `block` subscription may hold in the process: its queue and what its pump
+    /// took from the client and could not queue yet (core NATS), or its queue and what its
+    /// pull asked the server for (JetStream). Past it, core NATS drops (counted in
+    /// `dropped`, logged at warn) and JetStream stops pulling, so the rest stays on the
+    /// server. Counted as payload + headers + 256 bytes of bookkeeping per message. Default
+    /// 64 MiB. The count bounds (`capacity`, `client_capacity`, `prefetch`) still apply.
+    #[serde(default)]
+    pub max_pending_bytes: Option<usize>,
     /// async-nats's command buffer, in operations (publishes waiting to be written, also
     /// while disconnected). Default 8,192.
     #[serde(default)]
@@ -172,8 +180,8 @@ pub struct NatsOptions {
     #[serde(default)]
     pub retry_backoff: Option<ConfigDuration>,
     /// Stream mode: deliveries of one message before it is given up: published to
-    /// `dead_letter`, or terminated and counted as dropped when no dead-letter topic is set.
-    /// Default 5; 0 means redeliver forever.
+    /// `dead_letter`. Default unlimited (0 also means redeliver forever); set, it needs
+    /// `dead_letter`, so a message is never given up silently.
     #[serde(default)]
     pub max_deliveries: Option<u32>,
     /// Stream mode: where messages go after `max_deliveries` failed deliveries.
@@ -227,6 +235,11 @@ impl NatsOptions {
             .min(Duration::from_secs(2).max(base))
     }
 
+    /// Bytes one `block` subscription may hold in the process (default 64 MiB, at least 1).
+    pub fn max_pending_bytes(&self) -> usize {
+        self.max_pending_bytes.unwrap_or(64 << 20).max(1)
+    }
+
     /// async-nats's command buffer, in operations (default 8,192).
     pub fn publish_buffer(&self) -> usize {
         self.publish_buffer.unwrap_or(8192).max(1)
@@ -240,9 +253,9 @@ impl NatsOptions {
             .max(1)
     }
 
-    /// The deliveries of one message before it is given up (default 5; 0 = unlimited).
+    /// The deliveries of one message before it is given up (default 0 = unlimited).
     pub fn max_deliveries(&self) -> u32 {
-        self.max_deliveries.unwrap_or(5)
+        self.max_deliveries.unwrap_or(0)
     }
 }
 
@@ -261,6 +274,7 @@ impl fmt::Debug for NatsOptions {
             .field("publish_timeout", &self.publish_timeout)
             .field("connect_timeout", &self.connect_timeout)
             .field("client_capacity", &self.client_capacity)
+            .field("max_pending_bytes", &self.max_pending_bytes)
             .field("publish_buffer", &self.publish_buffer)
             .field("max_reconnects", &self.max_reconnects)
             .field("ping_interval", &self.ping_interval)
@@ -606,6 +620,12 @@ impl StreamKeys {
         }
         for s in &subjects {
             Pattern::new(s).map_err(|e| ("subjects", e.to_string()))?;
+        }
+        if o.max_deliveries.is_some_and(|n| n > 0) && o.dead_letter.is_none() {
+            return Err((
+                "max_deliveries",
+                "is set without `dead_letter`: set `dead_letter` too, so messages given up are kept, or leave `max_deliveries` out (redeliver until acked)".into(),
+            ));
         }
         let dead_letter = match &o.dead_letter {
             Some(t) => Some(Topic::new(t).map_err(|e| ("dead_letter", e.to_string()))?),

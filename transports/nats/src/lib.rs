@@ -33,6 +33,7 @@ mod bus;
 pub mod config;
 mod connect;
 mod drops;
+mod held;
 mod names;
 mod publish;
 mod pump;

@@ -1,17 +1,19 @@
 //! The core pumps: each moves one async-nats subscriber's messages into the busway queues of
 //! its members, and the settling of what the client dropped on the way (see `drops`).
 
+use std::collections::VecDeque;
 use std::future::poll_fn;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Weak};
 use std::task::Poll;
 
-use busway::transport::{Counters, QueueSender, TransportDelivery};
+use busway::transport::{Counters, QueueSender, TransportDelivery, TrySend};
 use busway::{Bus, Delivery, Message, Mode};
 use futures::{FutureExt, StreamExt};
 use tokio::sync::mpsc::UnboundedReceiver;
 
 use crate::drops::{ClientDrops, Probe, SETTLE_EVERY};
+use crate::held::{self, DropWarning, Queued};
 use crate::names::SubjectTopics;
 use crate::state::{Inner, Members, StartPump};
 use crate::wire::reply_headers;
@@ -66,12 +68,26 @@ impl Decoder {
     }
 }
 
+/// The bounds of a `block` subscription's pump: what it may hold besides its queue.
+#[derive(Debug, Clone)]
+pub(crate) struct Bounds {
+    /// The pattern, to name the subscription in logs.
+    pub(crate) pattern: String,
+    /// Bytes in the queue and taken from the client but not yet queued (`max_pending_bytes`).
+    pub(crate) bytes: usize,
+    /// Messages taken from the client but not yet queued (`client_capacity`).
+    pub(crate) messages: usize,
+}
+
 /// What starts the pump of `subscriber` once the bus has given it an id and its members.
+/// With `bounds` (a `block` subscription, its pump's only member) the pump keeps taking
+/// from the client while the queue is full and drops what exceeds them.
 pub(crate) fn pump_starter<'a>(
     inner: &'a Arc<Inner>,
     subscriber: async_nats::Subscriber,
     topics: SubjectTopics,
     via: Arc<dyn Bus>,
+    bounds: Option<Bounds>,
 ) -> StartPump<'a> {
     Box::new(move |id, members| {
         let (probe, probes) = tokio::sync::mpsc::unbounded_channel();
@@ -86,7 +102,18 @@ pub(crate) fn pump_starter<'a>(
             id,
             members: members.clone(),
         };
-        let task = tokio::spawn(pump(taken, probes, members, decoder, end));
+        let task = match bounds {
+            Some(bounds) => tokio::spawn(pump_block(
+                taken,
+                probes,
+                members,
+                decoder,
+                end,
+                inner.name.clone(),
+                bounds,
+            )),
+            None => tokio::spawn(pump(taken, probes, members, decoder, end)),
+        };
         (task.abort_handle(), Some(probe))
     })
 }
@@ -225,6 +252,95 @@ async fn pump(
                 }
                 messages.clear();
             }
+        }
+    }
+    end.run();
+}
+
+/// The pump of a `block` subscription. It never leaves messages in async-nats's channel,
+/// which is bounded by count only: while the queue is full it keeps taking from the client
+/// into a backlog of its own and waits for room for the oldest; what would take the queue
+/// and backlog past `bounds` is dropped here, counted in `dropped` and logged.
+async fn pump_block(
+    mut taken: Taken,
+    mut probes: UnboundedReceiver<Probe>,
+    members: Arc<Members>,
+    mut decoder: Decoder,
+    end: PumpEnd,
+    bus: String,
+    bounds: Bounds,
+) {
+    let mut txs: Vec<QueueSender> = Vec::new();
+    let mut seen = u64::MAX;
+    members.refresh(&mut seen, &mut txs);
+    let Some(tx) = txs.pop() else {
+        end.run();
+        return;
+    };
+    let mut queued = Queued::new(tx.stats().clone());
+    let mut backlog: VecDeque<(Arc<Message>, usize)> = VecDeque::new();
+    let mut backlog_bytes = 0usize;
+    let mut received = Vec::with_capacity(BATCH);
+    let mut warning = DropWarning::default();
+    loop {
+        if !backlog.is_empty() {
+            // Everything that fits, under one lock of the queue.
+            let mut offered = 0usize;
+            let outcome = tx.try_send_many(&mut backlog.iter().map(|(m, _)| {
+                offered += 1;
+                decoder.delivery(m.clone())
+            }));
+            let queued_now = match outcome {
+                TrySend::Full(_) => offered - 1,
+                TrySend::Closed(_) => break,
+                TrySend::Queued | TrySend::Dropped => offered,
+            };
+            for (_, size) in backlog.drain(..queued_now) {
+                backlog_bytes -= size;
+                queued.pushed(size);
+            }
+        }
+        let more = match backlog.front() {
+            None => poll_fn(|cx| taken.poll_batch(&mut probes, cx, &mut received, BATCH)).await,
+            Some((oldest, size)) => {
+                let size = *size;
+                let send = tx.send(decoder.delivery(oldest.clone()));
+                let next = poll_fn(|cx| taken.poll_batch(&mut probes, cx, &mut received, BATCH));
+                tokio::select! {
+                    biased;
+                    sent = send => {
+                        if !sent {
+                            break;
+                        }
+                        backlog.pop_front();
+                        backlog_bytes -= size;
+                        queued.pushed(size);
+                        continue;
+                    }
+                    // The send is dropped unfinished: the oldest was not queued, and is
+                    // offered again first.
+                    more = next => more,
+                }
+            }
+        };
+        if !more {
+            break;
+        }
+        for msg in received.drain(..) {
+            let size = held::size(msg.length);
+            let Some(message) = decoder.message(msg, std::slice::from_ref(&tx)) else {
+                continue;
+            };
+            if backlog.len() >= bounds.messages
+                || queued.bytes() + backlog_bytes + size > bounds.bytes
+            {
+                Counters::incr(&tx.stats().dropped);
+                Counters::incr(&decoder.bus_counters.dropped);
+                warning.dropped(&bus, &bounds.pattern, bounds.bytes);
+                continue;
+            }
+            backlog_bytes += size;
+            backlog.push_back((message, size));
         }
     }
     end.run();

@@ -67,14 +67,9 @@ async fn jetstream_terminates_and_counts_undecodable_headers() {
     let Some(server) = NatsServer::start("nats_bad_headers_js") else {
         return;
     };
-    let bus = connect(
-        &server.url(),
-        "eng",
-        Mode::Stream,
-        "subjects = [\"bad.>\"]\nmax_deliveries = 3",
-    )
-    .await
-    .unwrap();
+    let bus = connect(&server.url(), "eng", Mode::Stream, "subjects = [\"bad.>\"]")
+        .await
+        .unwrap();
     let mut sub = bus
         .subscribe(
             Pattern::new("bad.>").unwrap(),

@@ -35,6 +35,15 @@ async fn max_deliver_is_refused_naming_max_deliveries() {
 }
 
 #[tokio::test]
+async fn max_deliveries_without_dead_letter_is_refused_naming_both() {
+    let err = refused("nats://127.0.0.1:4222", Mode::Stream, "max_deliveries = 3").await;
+    assert!(
+        err.contains("buses.md.max_deliveries") && err.contains("`dead_letter`"),
+        "{err}"
+    );
+}
+
+#[tokio::test]
 async fn validate_refuses_what_connect_would_without_a_server() {
     let err = refused("redis://127.0.0.1:6379", Mode::Broadcast, "").await;
     assert!(

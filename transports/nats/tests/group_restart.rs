@@ -11,8 +11,8 @@ use busway_testkit::nats::NatsServer;
 use common::{connect, pattern, topic};
 
 /// One group consumer, restarted 7 times, each instance handling (and acking) one message
-/// and then dropped; an eighth instance handles the rest. With `max_deliveries = 5` (the
-/// default), every one of the 20 messages must be handled, once.
+/// and then dropped; an eighth instance handles the rest. With `max_deliveries = 5`, every
+/// one of the 20 messages must be handled, none dead-lettered.
 #[tokio::test]
 async fn group_consumer_restarted_seven_times_handles_every_message() {
     let Some(server) = NatsServer::start("js_group_restart") else {
@@ -22,7 +22,7 @@ async fn group_consumer_restarted_seven_times_handles_every_message() {
         &server.url(),
         "eng",
         Mode::Stream,
-        "subjects = [\"jobs.>\"]",
+        "subjects = [\"jobs.>\"]\nmax_deliveries = 5\ndead_letter = \"dead.jobs\"",
     )
     .await
     .unwrap();
@@ -73,6 +73,7 @@ async fn group_consumer_restarted_seven_times_handles_every_message() {
     );
     assert_eq!(distinct.len(), 20, "handled: {handled:?}");
     assert_eq!(stats.dropped, 0, "nothing terminated");
+    assert_eq!(stats.dead_lettered, 0, "nothing given up");
     // A message the server was sending to a subscription as it went (after its queue was
     // given back) comes back after the ack timeout, counted as an attempt.
     assert!(

@@ -13,6 +13,7 @@ use busway::{Bus, Delivery, Message};
 use super::acker::JsAcker;
 use super::returns::{self, Line, Prefetched, PumpStopped};
 use super::StreamSetup;
+use crate::held::{self, Queued};
 use crate::names::SubjectTopics;
 use crate::state::Inner;
 use crate::wire;
@@ -36,7 +37,27 @@ pub(super) struct Pump {
     pub(super) consumer: Arc<str>,
     /// The subscription's line (`block` queues: see `returns`).
     pub(super) line: Option<Arc<Line>>,
+    /// Bytes one pull asks for at most (see `pull_bytes`).
+    pub(super) pull_bytes: usize,
+    /// `block` queues: the bytes queued, and how many the queue may hold (see `held`).
+    pub(super) queued: Option<(parking_lot::Mutex<Queued>, usize)>,
 }
+
+/// What a subscription bounded by `max_pending` bytes lets one pull ask for, and its queue
+/// hold: a quarter, and half. async-nats asks again once half of a pull has arrived, so
+/// about one and a half pulls can be on their way while the queue is full. A pull must
+/// take the largest message the server accepts, or one such message would block the
+/// consumer (the server ends a pull whose next message is larger than its `max_bytes`).
+pub(super) fn pull_bytes(max_pending: usize, max_payload: usize) -> (usize, usize) {
+    let largest = held::size(max_payload.saturating_add(MAX_HEADERS));
+    ((max_pending / 4).max(largest), (max_pending / 2).max(1))
+}
+
+/// Room for the headers a message carries beside its payload in a pull's byte count.
+const MAX_HEADERS: usize = 64 * 1024;
+
+/// How often a pump whose queue is over its byte bound looks again.
+const ROOM_POLL: Duration = Duration::from_millis(10);
 
 impl Pump {
     pub(super) async fn run(
@@ -52,6 +73,7 @@ impl Pump {
             let messages = consumer
                 .stream()
                 .max_messages_per_batch(self.prefetch)
+                .max_bytes_per_batch(self.pull_bytes)
                 .heartbeat(PULL_HEARTBEAT)
                 .expires(Duration::from_secs(30))
                 .messages()
@@ -181,6 +203,23 @@ impl Pump {
                 line,
             )))
             .with_reply_via_if_request(&self.via);
+        if let Some((queued, max)) = &self.queued {
+            // Over the bound the pump waits (and so stops pulling): the rest stays on the
+            // server. A message larger than the bound still goes through an empty queue.
+            let size = held::size(msg.length);
+            loop {
+                let held = queued.lock().bytes();
+                if held == 0 || held + size <= *max || self.tx.is_closed() {
+                    break;
+                }
+                tokio::time::sleep(ROOM_POLL).await;
+            }
+            let sent = self.tx.send(delivery).await;
+            if sent {
+                queued.lock().pushed(size);
+            }
+            return sent;
+        }
         // A delivery a dropping policy discards is never acked: the server redelivers it
         // after the ack wait, so stream mode stays at least once.
         self.tx.send(delivery).await

@@ -12,9 +12,10 @@ use busway::{
     Bus, Error, ErrorKind, Overflow, Pattern, Result, StartFrom, SubscribeOptions, Subscription,
 };
 
-use super::consume::Pump;
+use super::consume::{pull_bytes, Pump};
 use super::returns::{Line, LineGuard};
 use super::{js_err, StreamSetup};
+use crate::held::Queued;
 use crate::names::SubjectTopics;
 use crate::state::Inner;
 
@@ -125,6 +126,14 @@ impl StreamSetup {
             lines.retain(|l| l.strong_count() > 0);
             lines.push(Arc::downgrade(line));
         }
+        let (pull_bytes, queue_bytes) =
+            pull_bytes(inner.options.max_pending_bytes(), inner.max_payload());
+        let queued = (overflow == Overflow::Block).then(|| {
+            (
+                parking_lot::Mutex::new(Queued::new(tx.stats().clone())),
+                queue_bytes,
+            )
+        });
         let pump = Pump {
             inner: inner.clone(),
             setup: self.clone(),
@@ -135,6 +144,8 @@ impl StreamSetup {
             prefetch: inner.options.prefetch(capacity),
             consumer: key,
             line: line.clone(),
+            pull_bytes,
+            queued,
         };
         let task = tokio::spawn(pump.run(consumer, topics));
         let guard = inner.track(tx, task.abort_handle(), None);
