@@ -115,7 +115,20 @@ fn handle_event(bus: &str, counters: &Counters, drops: &ClientDrops, event: asyn
             tracing::info!(bus, "connected to NATS");
         }
         Event::Disconnected => {
-            tracing::warn!(bus, "disconnected from NATS; async-nats reconnects");
+            // The bus never asks for this (closing drains, which ends in `Closed`), so every
+            // loss is a failure. async-nats's event carries no reason: it logs it at debug
+            // (target `async_nats`, "disconnected"). One cause is in-band and not the
+            // server's: a message async-nats cannot parse (a foreign publisher's malformed
+            // header block) makes it drop the connection, and what the server had already
+            // sent behind it is lost (see RELIABILITY.md, "Hostile and careless peers").
+            Counters::incr(&counters.errors);
+            tracing::warn!(
+                bus,
+                "NATS connection lost (server gone, PINGs unanswered, or a message the client \
+                 could not parse, e.g. a malformed header block from another publisher); core \
+                 NATS messages in flight are lost, JetStream redelivers after the ack wait; \
+                 async-nats reconnects and resubscribes"
+            );
         }
         Event::SlowConsumer(sid) => {
             // async-nats dropped a message because a subscription's channel was full. A lower
