@@ -8,5 +8,6 @@ pub mod nats;
 pub mod nats_cluster;
 pub mod redis;
 mod server;
+pub mod tls;
 
 pub use server::{broker_binary, free_port, free_ports, ServerProcess};

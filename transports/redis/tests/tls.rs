@@ -3,8 +3,9 @@
 
 mod common;
 
+use busway_testkit::tls::make_certs;
+
 use std::path::Path;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use busway::{Bus, ErrorKind, Message, Mode, SubscribeOptions};
@@ -12,84 +13,6 @@ use busway_redis::{RedisBus, RedisConfig};
 use busway_testkit::{broker_binary, free_port, ServerProcess};
 
 use common::{assert_refused, pat, topic, WAIT};
-
-fn openssl(dir: &Path, args: &[&str]) -> bool {
-    Command::new("openssl")
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .map(|o| o.status.success())
-        .unwrap_or(false)
-}
-
-/// `<name>.pem` / `<name>.key`: a self-signed CA.
-fn make_ca(dir: &Path, name: &str) -> bool {
-    openssl(
-        dir,
-        &[
-            "req",
-            "-x509",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-keyout",
-            &format!("{name}.key"),
-            "-out",
-            &format!("{name}.pem"),
-            "-days",
-            "2",
-            "-subj",
-            &format!("/CN=busway test {name}"),
-        ],
-    )
-}
-
-/// A CA, a server certificate for 127.0.0.1 signed by it, and an unrelated CA; false when
-/// openssl is unavailable.
-fn make_certs(dir: &Path) -> bool {
-    std::fs::write(
-        dir.join("san.ext"),
-        "subjectAltName=IP:127.0.0.1,DNS:localhost\nbasicConstraints=CA:FALSE\n",
-    )
-    .unwrap();
-    make_ca(dir, "ca")
-        && make_ca(dir, "other-ca")
-        && openssl(
-            dir,
-            &[
-                "req",
-                "-newkey",
-                "rsa:2048",
-                "-nodes",
-                "-keyout",
-                "server.key",
-                "-out",
-                "server.csr",
-                "-subj",
-                "/CN=127.0.0.1",
-            ],
-        )
-        && openssl(
-            dir,
-            &[
-                "x509",
-                "-req",
-                "-in",
-                "server.csr",
-                "-CA",
-                "ca.pem",
-                "-CAkey",
-                "ca.key",
-                "-CAcreateserial",
-                "-out",
-                "server.pem",
-                "-days",
-                "2",
-                "-extfile",
-                "san.ext",
-            ],
-        )
-}
 
 /// A redis-server that only speaks TLS (no plain port), with `requirepass`.
 fn tls_server(test: &str, certs: &Path, password: &str) -> Option<ServerProcess> {
