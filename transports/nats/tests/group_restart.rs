@@ -86,7 +86,7 @@ async fn group_consumer_restarted_seven_times_handles_every_message() {
 /// is closed and replaced (a new bus, as a restarted process would) after a few messages
 /// each time. Every message is acked; none is terminated.
 #[tokio::test]
-#[ignore = "open: a message the server sends to a pull as its bus closes comes back only after the ack wait and counts as an attempt, so ~100 closes take about 120 s (1,000 of 1,000 acked once, duplicates delivered)"]
+#[ignore = "open: a message the server sends to a pull as its bus closes comes back only after the ack wait and counts as an attempt, so ~100 closes take about 120 s"]
 async fn continue_after_subscribe_close() {
     let Some(server) = NatsServer::start("js_continue_after_close") else {
         return;
