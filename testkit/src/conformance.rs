@@ -41,6 +41,9 @@ pub struct Fixture {
     pub bus: Arc<dyn Bus>,
     /// Dropped after the case: e.g. the `ServerProcess` of the broker.
     pub guard: Option<Box<dyn Any + Send + Sync>>,
+    /// How the bus was configured to dead-letter, when it was: `(max_deliveries,
+    /// dead_letter topic)`. Cases about dead letters skip a fixture without it.
+    pub dead_letter: Option<(u32, String)>,
 }
 
 impl fmt::Debug for Fixture {
@@ -74,7 +77,11 @@ impl IntoFixture for Option<Fixture> {
 impl Fixture {
     /// A fixture with nothing to keep alive besides the bus.
     pub fn new(bus: Arc<dyn Bus>) -> Fixture {
-        Fixture { bus, guard: None }
+        Fixture {
+            bus,
+            guard: None,
+            dead_letter: None,
+        }
     }
 
     /// A fixture that keeps `guard` alive as long as the bus.
@@ -82,7 +89,14 @@ impl Fixture {
         Fixture {
             bus,
             guard: Some(Box::new(guard)),
+            dead_letter: None,
         }
+    }
+
+    /// Says the bus was built with `max_deliveries` and `dead_letter = topic`.
+    pub fn with_dead_letter(mut self, max_deliveries: u32, topic: &str) -> Fixture {
+        self.dead_letter = Some((max_deliveries, topic.to_string()));
+        self
     }
 
     fn caps(&self) -> Capabilities {
@@ -111,6 +125,7 @@ macro_rules! conformance_tests {
             wildcard_semantics,
             consumer_groups_share_and_split,
             nack_redelivers_until_ack,
+            dead_letter_after_max_deliveries,
             ack_all_settles_exactly_the_batch,
             per_publisher_order,
             stream_replay_from_beginning,
@@ -579,6 +594,51 @@ pub async fn consumer_groups_share_and_split(f: &Fixture) {
             );
         }
     }
+}
+
+/// A message nacked `max_deliveries` times goes to the dead-letter topic, once, with its
+/// payload, and is not delivered to the group again; the bus counts it in `dead_lettered`.
+pub async fn dead_letter_after_max_deliveries(f: &Fixture) {
+    let case = "dead_letter_after_max_deliveries";
+    if !f.caps().ack {
+        return skipped(case, "the bus has no acks (broadcast mode)");
+    }
+    let Some((max, dlq)) = f.dead_letter.clone() else {
+        return skipped(case, "the fixture configures no dead letter");
+    };
+    let t = format!("{}.job", prefix(case));
+    let mut dead = sub(
+        f,
+        &dlq,
+        SubscribeOptions::new()
+            .group("dlq-readers")
+            .start(StartFrom::Beginning),
+    )
+    .await;
+    let mut s = sub(f, &t, SubscribeOptions::new().group("workers")).await;
+    let before = f.bus.stats().dead_lettered;
+    publish_str(f, &t, "poison").await;
+    for round in 1..=max {
+        let d = match s.recv_timeout(WAIT).await {
+            Ok(Some(d)) => d,
+            other => panic!("{case}: delivery {round} of {max} did not come: {other:?}"),
+        };
+        assert_eq!(text(d.message()), "poison", "{case}: delivery {round}");
+        d.nack()
+            .await
+            .unwrap_or_else(|e| panic!("{case}: nack {round}: {e}"));
+    }
+    let d = match dead.recv_timeout(WAIT).await {
+        Ok(Some(d)) => d,
+        other => panic!("{case}: nothing reached the dead-letter topic {dlq:?}: {other:?}"),
+    };
+    assert_eq!(text(d.message()), "poison", "{case}: dead-lettered payload");
+    d.ack().await.unwrap_or_else(|e| panic!("{case}: ack: {e}"));
+    assert_quiet(&mut s, case).await;
+    wait_until(&format!("{case}: dead_lettered counted"), || {
+        f.bus.stats().dead_lettered > before
+    })
+    .await;
 }
 
 /// A nacked delivery comes back (attempt counted) until it is acked.

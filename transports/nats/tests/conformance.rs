@@ -11,13 +11,22 @@ use busway_testkit::nats::NatsServer;
 async fn fixture(mode: Mode) -> Option<Fixture> {
     // No nats-server: the case is skipped (SKIPPED printed; BUSWAY_REQUIRE_BROKERS=1 fails).
     let server = NatsServer::start("nats conformance")?;
-    let config = NatsConfig::new("conformance", server.url())
+    let mut config = NatsConfig::new("conformance", server.url())
         .mode(mode)
         .app("conformance");
+    // Stream mode dead-letters after 5 deliveries (the suite's other cases nack fewer times).
+    if mode == Mode::Stream {
+        config.options.max_deliveries = Some(5);
+        config.options.dead_letter = Some("dlq.conformance".to_string());
+    }
     let bus = NatsBus::connect(config)
         .await
         .expect("connect to the test nats-server");
-    Some(Fixture::with_guard(Arc::new(bus), server))
+    let f = Fixture::with_guard(Arc::new(bus), server);
+    Some(match mode {
+        Mode::Stream => f.with_dead_letter(5, "dlq.conformance"),
+        Mode::Broadcast => f,
+    })
 }
 
 mod core {

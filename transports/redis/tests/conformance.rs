@@ -13,12 +13,21 @@ async fn fixture(mode: Mode) -> Option<Fixture> {
     // No redis-server: the case is skipped (SKIPPED printed; BUSWAY_REQUIRE_BROKERS=1 fails).
     let server = RedisServer::start("redis conformance")?;
     // Short read blocks and rescans keep nack redelivery and wildcard discovery quick.
+    // Stream mode dead-letters after 5 deliveries (the suite's other cases nack fewer times).
     let bus = common::connect("conformance", &server.url(), mode, |c| {
         c.read_block = Duration::from_millis(100);
         c.rescan_interval = Duration::from_millis(200);
+        if mode == Mode::Stream {
+            c.max_deliveries = Some(5);
+            c.dead_letter = Some("dlq.conformance".to_string());
+        }
     })
     .await;
-    Some(Fixture::with_guard(Arc::new(bus), server))
+    let f = Fixture::with_guard(Arc::new(bus), server);
+    Some(match mode {
+        Mode::Stream => f.with_dead_letter(5, "dlq.conformance"),
+        Mode::Broadcast => f,
+    })
 }
 
 mod broadcast {
