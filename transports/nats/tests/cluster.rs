@@ -300,7 +300,7 @@ async fn jetstream_leader_killed_under_load_loses_and_duplicates_nothing() {
     let killed_at = Instant::now();
     cluster.node(leader).kill();
     let next = tokio::task::block_in_place(|| {
-        cluster.wait_stream_leader(stream, Some(leader), Duration::from_secs(20))
+        cluster.wait_stream_leader(stream, Some(leader), Duration::from_secs(45))
     })
     .expect("a new stream leader");
     let election = killed_at.elapsed();
