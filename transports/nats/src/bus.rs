@@ -207,10 +207,11 @@ impl Bus for NatsBus {
         // still buffered (broadcast) before the connection goes.
         let flushed = inner.round_trip().await;
         inner.stop_pumps().await;
-        // Stream mode: what the pulls held was given back as the pumps stopped; what the
-        // queues hold and no handler took is given back now, before the connection goes, so
-        // the server redelivers it at once (see `stream::returns`).
+        // Stream mode: what the pulls held is given back as they drain their inboxes; what
+        // the queues hold and no handler took is given back then, before the connection
+        // goes, so the server redelivers it at once (see `stream::returns`, `stream::pull`).
         if let Some(stream) = &self.stream {
+            stream.drained().await;
             stream.give_back_queued();
             stream.close().await;
         }

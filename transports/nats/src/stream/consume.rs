@@ -11,16 +11,13 @@ use busway::transport::{Counters, QueueSender, TransportDelivery};
 use busway::{Bus, Delivery, Message};
 
 use super::acker::JsAcker;
-use super::returns::{self, Line, Prefetched, PumpStopped};
+use super::pull::Pull;
+use super::returns::{self, Line, PumpStopped};
 use super::StreamSetup;
 use crate::held::{self, Queued};
 use crate::names::SubjectTopics;
 use crate::state::Inner;
 use crate::wire;
-
-/// How often the server confirms a waiting pull request while no message flows. Two missed in
-/// a row end the pull stream, and the pump pulls afresh (see `Pump::run`).
-const PULL_HEARTBEAT: Duration = Duration::from_secs(2);
 
 /// Moves one consumer's messages into its subscription's queue; gets or recreates the
 /// consumer when it is lost.
@@ -44,8 +41,8 @@ pub(super) struct Pump {
 }
 
 /// What a subscription bounded by `max_pending` bytes lets one pull ask for, and its queue
-/// hold: a quarter, and half. async-nats asks again once half of a pull has arrived, so
-/// about one and a half pulls can be on their way while the queue is full. A pull must
+/// hold: a quarter, and half. One pull request is open at a time (see `pull`), so at most
+/// one pull's bytes are on their way while the queue is full. A pull must
 /// take the largest message the server accepts, or one such message would block the
 /// consumer (the server ends a pull whose next message is larger than its `max_bytes`).
 pub(super) fn pull_bytes(max_pending: usize, max_payload: usize) -> (usize, usize) {
@@ -65,29 +62,26 @@ impl Pump {
         mut consumer: jetstream::consumer::PullConsumer,
         mut topics: SubjectTopics,
     ) {
-        // Dropped last, after the pull stream: gives back what the queue held.
-        let _stopped = PumpStopped(self.line.clone());
+        // Dropped once the pump and its last pull are gone (see `Line::held`).
+        let stopped = Arc::new(PumpStopped(self.line.clone()));
         let setup = &*self.setup;
         let mut backoff = Duration::from_millis(100);
         loop {
-            let messages = consumer
-                .stream()
-                .max_messages_per_batch(self.prefetch)
-                .max_bytes_per_batch(self.pull_bytes)
-                .heartbeat(PULL_HEARTBEAT)
-                .expires(Duration::from_secs(30))
-                .messages()
-                .await;
-            match messages {
-                Ok(messages) => {
-                    // Dropped (subscription gone, or pulling afresh) with what it prefetched
-                    // given back to the server.
-                    let mut messages = Prefetched {
-                        messages: Some(messages),
-                        client: self.inner.client.clone(),
-                        consumer: self.consumer.clone(),
-                    };
-                    while let Some(item) = messages.next().await {
+            // Dropped (subscription gone, or pulling afresh) with what it prefetched given
+            // back to the server (see `pull`).
+            let pull = Pull::start(
+                consumer.clone(),
+                self.inner.client.clone(),
+                self.consumer.clone(),
+                self.prefetch,
+                self.pull_bytes,
+                &self.setup,
+                stopped.clone(),
+            )
+            .await;
+            match pull {
+                Ok(mut pull) => {
+                    while let Some(item) = pull.next().await {
                         match item {
                             Ok(msg) => {
                                 backoff = Duration::from_millis(100);
@@ -95,27 +89,11 @@ impl Pump {
                                     return;
                                 }
                             }
+                            // The consumer was deleted, or the server refuses the pull: get
+                            // the consumer afresh (below).
                             Err(e) => {
-                                use async_nats::jetstream::consumer::pull::MessagesErrorKind as K;
-                                match e.kind() {
-                                    // The stream recovers by itself after this.
-                                    K::Pull => {
-                                        tracing::debug!(bus = %self.inner.name, error = %e, "JetStream pull hiccup");
-                                    }
-                                    // The server stopped answering this pull stream (no
-                                    // message, no heartbeat): the stream would wait for its
-                                    // own request expiry (~35 s) before asking again. Pull
-                                    // afresh now, through the consumer lookup below (100 ms
-                                    // back-off); anything unacked is redelivered.
-                                    K::MissingHeartbeat => {
-                                        tracing::debug!(bus = %self.inner.name, error = %e, "JetStream pull stream went quiet; pulling afresh");
-                                        break;
-                                    }
-                                    _ => {
-                                        tracing::warn!(bus = %self.inner.name, error = %e, "JetStream consumer lost; recreating it");
-                                        break;
-                                    }
-                                }
+                                tracing::warn!(bus = %self.inner.name, error = %e, "JetStream pull failed; getting the consumer afresh");
+                                break;
                             }
                         }
                     }

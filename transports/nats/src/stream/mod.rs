@@ -1,6 +1,6 @@
 //! Stream mode on JetStream: the bus's stream (`setup`), publishing into it and requests
-//! (here), consumers (`consumer`), the consume loop with dead letters (`consume`) and acks
-//! (`acker`).
+//! (here), consumers (`consumer`), the pull on a consumer (`pull`), the consume loop with
+//! dead letters (`consume`) and acks (`acker`).
 //!
 //! - The stream (`stream`, `subjects`, limits, `replicas`, `storage`, `duplicate_window` from
 //!   config) is created at build. An existing one is used as it is, with a warning naming the
@@ -27,6 +27,7 @@
 mod acker;
 mod consume;
 mod consumer;
+mod pull;
 mod returns;
 mod setup;
 
@@ -62,6 +63,8 @@ pub(crate) struct StreamSetup {
     ephemeral: Mutex<HashSet<String>>,
     /// The subscriptions' lines, to give back what their queues hold on close.
     lines: Mutex<Vec<std::sync::Weak<returns::Line>>>,
+    /// Stopped pulls draining their inboxes (see `pull`), for close to wait for.
+    drains: Mutex<Vec<tokio::task::JoinHandle<()>>>,
 }
 
 /// Whether sending a publish again can succeed: no PubAck in time (a leader change, a frozen
@@ -299,6 +302,21 @@ impl StreamSetup {
                 ),
             ))),
         }
+    }
+
+    /// Registers the drain of a stopped pull.
+    fn draining(&self, task: tokio::task::JoinHandle<()>) {
+        let mut drains = self.drains.lock();
+        drains.retain(|t| !t.is_finished());
+        drains.push(task);
+    }
+
+    /// The bus is closing and its pumps have stopped: waits (at most 3 s) until their pulls
+    /// have drained their inboxes and given back what arrived.
+    pub(crate) async fn drained(&self) {
+        let drains: Vec<_> = self.drains.lock().drain(..).collect();
+        let _ =
+            tokio::time::timeout(Duration::from_secs(3), futures::future::join_all(drains)).await;
     }
 
     /// The bus is closing: gives back to the server every delivery still queued that no

@@ -20,7 +20,6 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, LazyLock};
 
-use async_nats::jetstream;
 use async_nats::Subject;
 use busway::transport::{Counters, QueueSender};
 use futures::FutureExt;
@@ -208,55 +207,13 @@ impl Drop for LineGuard {
     }
 }
 
-/// Runs when the pump's task ends (after its pull stream was dropped): see [`Line::held`].
+/// Dropped when the pump's task has ended and its last pull has drained: see [`Line::held`].
 pub(super) struct PumpStopped(pub(super) Option<Arc<Line>>);
 
 impl Drop for PumpStopped {
     fn drop(&mut self) {
         if let Some(line) = &self.0 {
             line.pump_stopped();
-        }
-    }
-}
-
-/// A pull stream whose messages not yet taken are given back when it is dropped (the
-/// subscription went, or the pump pulls afresh).
-pub(super) struct Prefetched {
-    pub(super) messages: Option<jetstream::consumer::pull::Stream>,
-    pub(super) client: async_nats::Client,
-    pub(super) consumer: Arc<str>,
-}
-
-impl Prefetched {
-    pub(super) async fn next(
-        &mut self,
-    ) -> Option<Result<jetstream::Message, jetstream::consumer::pull::MessagesError>> {
-        use futures::StreamExt;
-        self.messages.as_mut()?.next().await
-    }
-}
-
-impl Drop for Prefetched {
-    fn drop(&mut self) {
-        use futures::StreamExt;
-        let Some(mut messages) = self.messages.take() else {
-            return;
-        };
-        // Only what the client already holds: a message still on its way after the
-        // unsubscribe comes back after the ack wait.
-        let mut unseen = Vec::new();
-        while let Some(Some(item)) = messages.next().now_or_never() {
-            let Ok(msg) = item else { continue };
-            let seq = msg.info().map(|i| i.stream_sequence).unwrap_or(0);
-            if let Some(reply) = msg.message.reply.clone() {
-                unseen.push((reply, seq));
-            }
-        }
-        // Unsubscribed first: naks sent while the pull request is open on the server would
-        // be redelivered straight into it.
-        drop(messages);
-        for (reply, seq) in unseen {
-            give_back(&self.client, &self.consumer, reply, seq);
         }
     }
 }

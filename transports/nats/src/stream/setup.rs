@@ -139,6 +139,7 @@ impl StreamSetup {
             dead_letter,
             ephemeral: Mutex::new(HashSet::new()),
             lines: Mutex::new(Vec::new()),
+            drains: Mutex::new(Vec::new()),
         })
     }
 
