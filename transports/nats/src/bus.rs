@@ -238,6 +238,10 @@ impl Bus for NatsBus {
         };
         s
     }
+
+    fn transport_kind(&self) -> &str {
+        "nats"
+    }
 }
 
 /// Builds [`NatsBus`]es for `transport = "nats"`.

@@ -182,6 +182,10 @@ impl Bus for RedisBus {
         shared.stats.set_health(shared.health());
         shared.stats.snapshot()
     }
+
+    fn transport_kind(&self) -> &str {
+        "redis"
+    }
 }
 
 /// Builds [`RedisBus`]es for `transport = "redis"`.
