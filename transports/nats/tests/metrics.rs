@@ -32,3 +32,21 @@ async fn a_bus_built_in_code_is_labelled_nats() {
     );
     metrics::transport_kind_in_labels(bus, "nats", "kind.one", &render).await;
 }
+
+#[tokio::test]
+async fn consumer_lag_per_group_from_consumer_info() {
+    let Some(server) = NatsServer::start("metrics_lag") else {
+        return;
+    };
+    let bus: Arc<dyn Bus> = Arc::new(
+        connect(
+            &server.url(),
+            "orders",
+            Mode::Stream,
+            "subjects = [\"orders.>\"]",
+        )
+        .await
+        .unwrap(),
+    );
+    metrics::consumer_lag_follows_a_group(bus, "nats", "orders.lag", &render).await;
+}

@@ -29,3 +29,12 @@ async fn a_bus_built_in_code_is_labelled_redis() {
         Arc::new(connect("orders", &server.url(), Mode::Broadcast, |_| {}).await);
     metrics::transport_kind_in_labels(bus, "redis", "kind.one", &render).await;
 }
+
+#[tokio::test]
+async fn consumer_lag_per_group_from_xinfo_groups() {
+    let Some(server) = RedisServer::start("metrics_lag") else {
+        return;
+    };
+    let bus: Arc<dyn Bus> = Arc::new(connect("orders", &server.url(), Mode::Stream, |_| {}).await);
+    metrics::consumer_lag_follows_a_group(bus, "redis", "orders.lag", &render).await;
+}

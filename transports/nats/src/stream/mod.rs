@@ -27,6 +27,7 @@
 mod acker;
 mod consume;
 mod consumer;
+mod lag;
 mod returns;
 mod setup;
 
