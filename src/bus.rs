@@ -9,7 +9,7 @@ use futures::StreamExt;
 use crate::error::{Error, ErrorKind, Result};
 use crate::message::{new_message_id, Message};
 use crate::options::SubscribeOptions;
-use crate::stats::StatsSnapshot;
+use crate::stats::{GroupLag, StatsSnapshot};
 use crate::subscription::Subscription;
 use crate::topic::{Pattern, Topic};
 use crate::transport::BoxFuture;
@@ -211,6 +211,21 @@ pub trait Bus: Send + Sync + fmt::Debug + 'static {
     /// Default: `unknown`.
     fn transport_kind(&self) -> &str {
         "unknown"
+    }
+
+    /// Stream mode: how far behind each consumer group of this bus's streams is, asked of
+    /// the broker. [`metrics`](crate::metrics) calls it at scrape time, never per message.
+    ///
+    /// # Behavior
+    /// - One entry per group the broker knows on this bus's streams (groups of other
+    ///   processes included), summed over the streams or consumers the group reads.
+    /// - A bus without consumer groups on a broker (broadcast mode, memory) returns none:
+    ///   the default.
+    ///
+    /// # Errors
+    /// Connection and broker errors of the queries; the caller keeps the previous values.
+    fn consumer_lag(&self) -> BoxFuture<'_, Result<Vec<GroupLag>>> {
+        Box::pin(std::future::ready(Ok(Vec::new())))
     }
 }
 

@@ -56,6 +56,6 @@ pub use message::{Headers, Message};
 pub use options::{Overflow, StartFrom, SubscribeOptions};
 pub use registry::Registry;
 pub use router::Router;
-pub use stats::{Health, StatsSnapshot};
+pub use stats::{GroupLag, Health, StatsSnapshot};
 pub use subscription::Subscription;
 pub use topic::{Pattern, Topic};

@@ -11,6 +11,8 @@
 //!   write, in the router's publish path) and the end-to-end delivery latency (now minus the
 //!   message's `timestamp_us` header, where a router subscription hands a delivery out).
 //!   Until then the router's publish path takes one relaxed atomic load more, nothing else.
+//! - **At scrape time, from the brokers** ([`collect_lag`]): each stream-mode bus's consumer
+//!   lag and pending per group ([`Bus::consumer_lag`]): broker round trips, never per message.
 //!
 //! Every series is labelled by `app`, `bus`, `transport` and `mode`; never by topic (topics
 //! are unbounded). Subscription gauges add the subscription's `pattern` and `group`, which
@@ -19,17 +21,20 @@
 //!
 //! # Exporting
 //! With the `prometheus` feature, [`serve`] installs a Prometheus recorder and serves
-//! `/metrics` in one line. With a recorder of your own, call [`enable`] once and [`collect`]
-//! before each export (or on an interval).
+//! `/metrics` in one line. With a recorder of your own, call [`enable`] once and await
+//! [`scrape`] before each export (or on an interval); [`collect`] alone skips the consumer
+//! lag.
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::{Arc, OnceLock, Weak};
+use std::time::Duration;
 
 use ::metrics::{Histogram, Label};
 use parking_lot::{Mutex, RwLock};
 
 use crate::bus::{Bus, Mode};
-use crate::stats::{Health, StatsSnapshot};
+use crate::stats::{GroupLag, Health, StatsSnapshot};
 
 /// Messages accepted by a bus's `publish` (counter).
 pub const PUBLISHED: &str = "busway_published_total";
@@ -69,6 +74,16 @@ pub const GENERATION: &str = "busway_router_generation";
 pub const ROUTER_ERRORS: &str = "busway_router_errors_total";
 /// `traceparent` headers that did not parse and were ignored (counter).
 pub const TRACE_MALFORMED: &str = "busway_trace_malformed_total";
+
+/// Entries stored and not yet delivered to a consumer group, per `group`, from the broker at
+/// scrape time ([`collect_lag`]) (gauge).
+pub const CONSUMER_LAG: &str = "busway_consumer_lag";
+/// Entries delivered to a consumer group and not yet acked, per `group`, from the broker at
+/// scrape time ([`collect_lag`]) (gauge).
+pub const CONSUMER_PENDING: &str = "busway_consumer_pending";
+
+/// How long [`collect_lag`] waits for one bus's broker before keeping its previous values.
+pub const LAG_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Bucket bounds of both histograms, in seconds: 10 µs to 5 s.
 pub const LATENCY_BUCKETS: [f64; 18] = [
@@ -120,11 +135,24 @@ fn describe() {
     describe_gauge!(GENERATION, "Generation of the router's live table");
     describe_counter!(ROUTER_ERRORS, "Routing failures: no route, closed");
     describe_counter!(TRACE_MALFORMED, "traceparent headers ignored as malformed");
+    describe_gauge!(
+        CONSUMER_LAG,
+        "Entries not yet delivered to a consumer group"
+    );
+    describe_gauge!(
+        CONSUMER_PENDING,
+        "Entries delivered to a consumer group and not acked"
+    );
 }
 
 /// Something [`collect`] reads at scrape time (a router).
 pub(crate) trait Source: Send + Sync {
     fn collect(&self);
+
+    /// The stream-mode buses whose consumer lag [`collect_lag`] asks for, with their labels.
+    fn lag_buses(&self) -> Vec<(BusLabels, Arc<dyn Bus>)> {
+        Vec::new()
+    }
 }
 
 static SOURCES: Mutex<Vec<Weak<dyn Source>>> = Mutex::new(Vec::new());
@@ -141,14 +169,78 @@ pub(crate) fn register(source: Weak<dyn Source>) {
 /// of your own, call it before each export. Counters are set to the value the buses hold
 /// (summed over routers with the same labels), so calling it more often changes nothing.
 pub fn collect() {
-    let sources: Vec<Arc<dyn Source>> = {
-        let mut all = SOURCES.lock();
-        all.retain(|s| s.strong_count() > 0);
-        all.iter().filter_map(Weak::upgrade).collect()
-    };
-    for s in sources {
+    for s in live_sources() {
         s.collect();
     }
+}
+
+fn live_sources() -> Vec<Arc<dyn Source>> {
+    let mut all = SOURCES.lock();
+    all.retain(|s| s.strong_count() > 0);
+    all.iter().filter_map(Weak::upgrade).collect()
+}
+
+/// The groups whose lag series were set last, per bus, so a group gone from the broker
+/// reads 0 rather than its last value.
+static LAG_SERIES: Mutex<BTreeMap<BusLabels, BTreeSet<String>>> = Mutex::new(BTreeMap::new());
+
+/// Asks the broker of every live router's stream-mode buses how far each consumer group is
+/// behind ([`Bus::consumer_lag`]) and sets [`CONSUMER_LAG`] and [`CONSUMER_PENDING`]
+/// (labels `app`, `bus`, `transport`, `mode`, `group`). The buses are asked concurrently; one
+/// that fails or does not answer within [`LAG_TIMEOUT`] keeps its previous values. It costs
+/// broker round trips (Redis: one `SMEMBERS` and one `XINFO GROUPS` per stream key; NATS:
+/// one consumer listing), so it runs at scrape time: [`scrape`] and [`serve`] call it.
+pub async fn collect_lag() {
+    let buses: Vec<(BusLabels, Arc<dyn Bus>)> =
+        live_sources().iter().flat_map(|s| s.lag_buses()).collect();
+    let answers = futures::future::join_all(buses.iter().map(|(labels, bus)| async move {
+        match tokio::time::timeout(LAG_TIMEOUT, bus.consumer_lag()).await {
+            Ok(Ok(groups)) => Some((labels, groups)),
+            Ok(Err(e)) => {
+                tracing::debug!(bus = %labels.bus, error = %e, "consumer lag not read");
+                None
+            }
+            Err(_) => {
+                tracing::debug!(bus = %labels.bus, "consumer lag not read: timed out");
+                None
+            }
+        }
+    }))
+    .await;
+    let mut last = LAG_SERIES.lock();
+    for (labels, groups) in answers.into_iter().flatten() {
+        export_lag(labels, &groups, last.entry(labels.clone()).or_default());
+    }
+}
+
+/// Sets one bus's lag series from `groups`, zeroing those in `seen` that are gone.
+fn export_lag(labels: &BusLabels, groups: &[GroupLag], seen: &mut BTreeSet<String>) {
+    use ::metrics::gauge;
+    let with_group = |group: &str| {
+        let mut l = labels.labels();
+        l.push(Label::new("group", group.to_string()));
+        l
+    };
+    let now: BTreeSet<String> = groups.iter().map(|g| g.group.clone()).collect();
+    for gone in seen.difference(&now) {
+        gauge!(CONSUMER_LAG, with_group(gone)).set(0.0);
+        gauge!(CONSUMER_PENDING, with_group(gone)).set(0.0);
+    }
+    for g in groups {
+        let l = with_group(&g.group);
+        if let Some(lag) = g.lag {
+            gauge!(CONSUMER_LAG, l.clone()).set(lag as f64);
+        }
+        gauge!(CONSUMER_PENDING, l).set(g.pending as f64);
+    }
+    *seen = now;
+}
+
+/// [`collect`], then [`collect_lag`]: everything a scrape needs. With a recorder of your
+/// own, await it before each export.
+pub async fn scrape() {
+    collect();
+    collect_lag().await;
 }
 
 /// The labels of one bus: app, bus, transport, mode.

@@ -171,3 +171,28 @@ impl fmt::Display for StatsSnapshot {
         )
     }
 }
+
+/// How far one consumer group of a stream-mode bus is behind, as the broker reports it
+/// ([`Bus::consumer_lag`](crate::Bus::consumer_lag)).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[non_exhaustive]
+pub struct GroupLag {
+    /// The group's name.
+    pub group: String,
+    /// Entries stored and not yet delivered to the group; `None` when the broker cannot
+    /// tell (Redis, after entries were deleted from the middle of a stream).
+    pub lag: Option<u64>,
+    /// Entries delivered to the group and not yet acked.
+    pub pending: u64,
+}
+
+impl GroupLag {
+    /// The lag of `group`.
+    pub fn new(group: impl Into<String>, lag: Option<u64>, pending: u64) -> GroupLag {
+        GroupLag {
+            group: group.into(),
+            lag,
+            pending,
+        }
+    }
+}

@@ -10,7 +10,7 @@ use tokio::task::JoinHandle;
 
 use crate::error::{Error, ErrorKind, Result};
 
-use super::{collect, enable, DELIVERY_SECONDS, LATENCY_BUCKETS, PUBLISH_SECONDS};
+use super::{collect, enable, scrape, DELIVERY_SECONDS, LATENCY_BUCKETS, PUBLISH_SECONDS};
 
 /// Installs a Prometheus recorder as the process's `metrics` recorder (histograms with
 /// [`LATENCY_BUCKETS`](super::LATENCY_BUCKETS)) and calls [`enable`]. Render with
@@ -45,9 +45,17 @@ impl MetricsServer {
         self.addr
     }
 
-    /// What a scrape returns now: [`collect`], then the text exposition.
+    /// The text exposition after [`collect`]: bus counters exact, consumer lag as the last
+    /// scrape left it.
     pub fn render(&self) -> String {
         collect();
+        self.handle.render()
+    }
+
+    /// What a scrape returns now: [`scrape`](super::scrape) (counters and consumer lag), then
+    /// the text exposition.
+    pub async fn scrape(&self) -> String {
+        scrape().await;
         self.handle.render()
     }
 }
@@ -61,8 +69,9 @@ impl Drop for MetricsServer {
 }
 
 /// Installs the recorder ([`install`]) and serves `GET /metrics` on `addr` in the Prometheus
-/// text format, from a task on the current tokio runtime. Each scrape calls [`collect`]
-/// first, so bus counters are exact at scrape time.
+/// text format, from a task on the current tokio runtime. Each scrape calls
+/// [`scrape`](super::scrape) first, so bus counters are exact and consumer lag is read from
+/// the brokers at scrape time.
 ///
 /// ```no_run
 /// # async fn f() -> busway::Result<()> {
@@ -129,7 +138,7 @@ async fn answer(mut stream: TcpStream, handle: &PrometheusHandle) -> std::io::Re
     let path = line.split(|b| *b == b' ').nth(1).unwrap_or_default();
     let path = path.split(|b| *b == b'?').next().unwrap_or_default();
     let (status, body) = if line.starts_with(b"GET ") && path == b"/metrics" {
-        collect();
+        scrape().await;
         ("200 OK", handle.render())
     } else {
         ("404 Not Found", "not found: try /metrics\n".to_string())

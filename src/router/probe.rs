@@ -9,7 +9,8 @@ use ::metrics::{counter, gauge, Label};
 
 use super::*;
 use crate::metrics::{
-    export_bus, BusHandles, ProbedBus, Source, GENERATION, QUEUE_DEPTH, RELOADS, ROUTER_ERRORS,
+    export_bus, BusHandles, BusLabels, ProbedBus, Source, GENERATION, QUEUE_DEPTH, RELOADS,
+    ROUTER_ERRORS,
 };
 
 /// The router's shared, read-at-scrape-time view of itself.
@@ -78,6 +79,18 @@ impl Probe {
 }
 
 impl Source for Probe {
+    fn lag_buses(&self) -> Vec<(BusLabels, Arc<dyn Bus>)> {
+        self.buses
+            .read()
+            .iter()
+            .filter_map(|b| {
+                let labels = b.handles.labels();
+                let bus = b.bus.upgrade()?;
+                (labels.mode == "stream").then_some((labels, bus))
+            })
+            .collect()
+    }
+
     fn collect(&self) {
         let app = self.app.read().clone();
         for b in self.buses.read().iter() {

@@ -4,6 +4,7 @@
 pub mod conformance;
 pub mod faults;
 pub mod logs;
+pub mod metrics;
 pub mod nats;
 pub mod nats_cluster;
 pub mod redis;

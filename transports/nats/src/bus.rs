@@ -9,8 +9,8 @@ use async_trait::async_trait;
 use busway::transport::{is_inbox, BoxFuture, BuildContext, Counters, TransportFactory};
 use busway::transport::{Framing, OnDisconnect};
 use busway::{
-    Bus, Capabilities, Error, ErrorKind, Health, Message, Mode, Pattern, Result, StatsSnapshot,
-    SubscribeOptions, Subscription,
+    Bus, Capabilities, Error, ErrorKind, GroupLag, Health, Message, Mode, Pattern, Result,
+    StatsSnapshot, SubscribeOptions, Subscription,
 };
 use futures::FutureExt;
 
@@ -238,6 +238,19 @@ impl Bus for NatsBus {
             Health::Connecting
         };
         s
+    }
+
+    fn transport_kind(&self) -> &str {
+        "nats"
+    }
+
+    fn consumer_lag(&self) -> BoxFuture<'_, Result<Vec<GroupLag>>> {
+        match &self.stream {
+            Some(stream) if !self.inner.is_closed() => {
+                Box::pin(stream.consumer_lag(&self.inner.name))
+            }
+            _ => Box::pin(std::future::ready(Ok(Vec::new()))),
+        }
     }
 }
 

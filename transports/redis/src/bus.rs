@@ -11,8 +11,8 @@ use tokio::sync::mpsc;
 
 use busway::transport::{is_inbox, request_via_inbox, BoxFuture, BuildContext, TransportFactory};
 use busway::{
-    Bus, Capabilities, Error, Message, Mode, Pattern, Result, StatsSnapshot, SubscribeOptions,
-    Subscription,
+    Bus, Capabilities, Error, GroupLag, Message, Mode, Pattern, Result, StatsSnapshot,
+    SubscribeOptions, Subscription,
 };
 
 use crate::broadcast::Broadcast;
@@ -181,6 +181,18 @@ impl Bus for RedisBus {
         let shared = &self.inner.shared;
         shared.stats.set_health(shared.health());
         shared.stats.snapshot()
+    }
+
+    fn transport_kind(&self) -> &str {
+        "redis"
+    }
+
+    fn consumer_lag(&self) -> BoxFuture<'_, Result<Vec<GroupLag>>> {
+        let shared = &self.inner.shared;
+        if shared.config.mode != Mode::Stream || shared.closed.load(Relaxed) {
+            return Box::pin(std::future::ready(Ok(Vec::new())));
+        }
+        Box::pin(stream::lag::consumer_lag(shared))
     }
 }
 

@@ -27,6 +27,7 @@
 mod acker;
 mod consume;
 mod consumer;
+mod lag;
 mod pull;
 mod returns;
 mod setup;

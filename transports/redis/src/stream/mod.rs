@@ -62,6 +62,7 @@ mod entry;
 mod group;
 mod groupless;
 mod ids;
+pub(crate) mod lag;
 mod reader;
 mod registry;
 
