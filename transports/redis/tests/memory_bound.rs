@@ -25,13 +25,7 @@ const SLACK: u64 = 16 << 20;
 
 /// The process's resident set, in bytes.
 fn rss() -> u64 {
-    let status = std::fs::read_to_string("/proc/self/status").expect("/proc/self/status");
-    let kib: u64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .expect("VmRSS");
-    kib * 1024
+    busway_testkit::faults::rss_kib().expect("VmRSS in /proc/self/status") * 1024
 }
 
 /// A private `redis-server` whose pub/sub output buffer limit is `pubsub 32mb 8mb 10`.
