@@ -295,46 +295,12 @@ async fn close_racing_blocked_publishers_never_acknowledges_a_lost_message() {
     }
 }
 
-/// Stream mode: `close` lets subscribers take what was published before it (they still read
-/// their queues to the end), and counts in `dropped` whatever they did not take in time.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn stream_close_delivers_every_accepted_publish_or_counts_it() {
+/// A stream bus with `close_timeout`, one `block` subscription of capacity 1 on `t`, and three
+/// Ok'd publishes to `t`: one queued, two still owed to the subscriber.
+async fn three_published_to_a_queue_of_one(close_timeout: Duration) -> (MemoryBus, Subscription) {
     let bus = MemoryBus::with_config(
         "s",
-        MemoryConfig::new(Mode::Stream).close_timeout(Duration::from_secs(10)),
-    );
-    let mut s = bus
-        .subscribe(
-            pattern("t"),
-            SubscribeOptions::new()
-                .capacity(1)
-                .overflow(Overflow::Block),
-        )
-        .await
-        .unwrap();
-    for i in 0..3 {
-        bus.publish(Message::new(topic("t"), format!("{i}")))
-            .await
-            .unwrap();
-    }
-    let reader = tokio::spawn(async move {
-        let mut got = Vec::new();
-        while let Some(d) = s.recv().await {
-            got.push(text(&d));
-            d.ack().await.unwrap();
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        got
-    });
-    bus.close().await.unwrap();
-    let got = tokio::time::timeout(WAIT, reader).await.unwrap().unwrap();
-    assert_eq!(got, ["0", "1", "2"]);
-    assert_eq!(bus.stats().dropped, 0);
-
-    // A subscriber that never reads: `close` gives up after its timeout and counts the rest.
-    let bus = MemoryBus::with_config(
-        "s",
-        MemoryConfig::new(Mode::Stream).close_timeout(Duration::from_millis(50)),
+        MemoryConfig::new(Mode::Stream).close_timeout(close_timeout),
     );
     let s = bus
         .subscribe(
@@ -350,6 +316,30 @@ async fn stream_close_delivers_every_accepted_publish_or_counts_it() {
             .await
             .unwrap();
     }
+    (bus, s)
+}
+
+/// Stream mode: `close` lets subscribers take what was published before it (they still read
+/// their queues to the end), and counts in `dropped` whatever they did not take in time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stream_close_delivers_every_accepted_publish_or_counts_it() {
+    let (bus, mut s) = three_published_to_a_queue_of_one(Duration::from_secs(10)).await;
+    let reader = tokio::spawn(async move {
+        let mut got = Vec::new();
+        while let Some(d) = s.recv().await {
+            got.push(text(&d));
+            d.ack().await.unwrap();
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        got
+    });
+    bus.close().await.unwrap();
+    let got = tokio::time::timeout(WAIT, reader).await.unwrap().unwrap();
+    assert_eq!(got, ["0", "1", "2"]);
+    assert_eq!(bus.stats().dropped, 0);
+
+    // A subscriber that never reads: `close` gives up after its timeout and counts the rest.
+    let (bus, s) = three_published_to_a_queue_of_one(Duration::from_millis(50)).await;
     bus.close().await.unwrap();
     assert_eq!(s.pending(), 1, "the one queued stays readable");
     assert_eq!(
