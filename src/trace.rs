@@ -20,6 +20,13 @@
 //!   Fields: `trace_id`, `span_id`, `parent_span_id`, `topic`, and `handler` (the name the
 //!   caller gives).
 //!
+//! # OpenTelemetry
+//! With the `otel` cargo feature and `tracing-opentelemetry`'s layer installed, both spans
+//! join OpenTelemetry: the incoming `traceparent` is the span's remote parent, and the ids
+//! recorded and written to the outgoing header are the OpenTelemetry span's own, so exported
+//! traces and headers agree (docs/OBSERVABILITY.md shows the wiring with an OTLP exporter).
+//! Without the layer busway draws the ids itself.
+//!
 //! With no subscriber interested, nothing is generated: headers pass through unchanged (a
 //! handler still forwards the incoming context), so a process without tracing does not break
 //! a trace that crosses it.
@@ -177,19 +184,83 @@ pub(crate) fn publish_span(message: &mut Message) -> Span {
         return Span::none();
     }
     let parent = TraceContext::from_headers(&message.headers);
-    let ctx = parent
-        .as_ref()
-        .map_or_else(TraceContext::new_root, TraceContext::child);
-    ctx.inject(&mut message.headers);
-    tracing::info_span!(
+    let span = tracing::info_span!(
         target: TARGET,
         "busway.publish",
-        trace_id = %ctx.trace_id_hex(),
-        span_id = %ctx.span_id_hex(),
-        parent_span_id = %parent.map(|p| p.span_id_hex()).unwrap_or_default(),
+        trace_id = tracing::field::Empty,
+        span_id = tracing::field::Empty,
+        parent_span_id = %parent.as_ref().map(TraceContext::span_id_hex).unwrap_or_default(),
         topic = %message.topic,
         bus = tracing::field::Empty,
-    )
+    );
+    let ctx = identify(&span, parent.as_ref());
+    ctx.inject(&mut message.headers);
+    span
+}
+
+/// The context of a new `span` whose parent is `parent` (a new trace when `None`), recorded
+/// in its `trace_id` and `span_id` fields. With the `otel` feature and the OpenTelemetry
+/// layer installed, the span joins the parent's OpenTelemetry trace and the ids are
+/// OpenTelemetry's own, so an exporter and the headers agree; otherwise busway draws them.
+fn identify(span: &Span, parent: Option<&TraceContext>) -> TraceContext {
+    let ctx = otel::link(span, parent)
+        .unwrap_or_else(|| parent.map_or_else(TraceContext::new_root, TraceContext::child));
+    span.record("trace_id", ctx.trace_id_hex());
+    span.record("span_id", ctx.span_id_hex());
+    ctx
+}
+
+#[cfg(not(feature = "otel"))]
+mod otel {
+    use super::{Span, TraceContext};
+
+    /// Without the `otel` feature there is no OpenTelemetry span to follow.
+    pub(super) fn link(_: &Span, _: Option<&TraceContext>) -> Option<TraceContext> {
+        None
+    }
+}
+
+#[cfg(feature = "otel")]
+mod otel {
+    use opentelemetry::trace::{
+        SpanContext, SpanId, TraceContextExt, TraceFlags, TraceId, TraceState,
+    };
+    use tracing::Span;
+    use tracing_opentelemetry::OpenTelemetrySpanExt;
+
+    use super::TraceContext;
+
+    /// Makes `span` a child of the remote `parent` in OpenTelemetry and returns the span's
+    /// OpenTelemetry ids; `None` when no OpenTelemetry layer records the span.
+    pub(super) fn link(span: &Span, parent: Option<&TraceContext>) -> Option<TraceContext> {
+        if let Some(p) = parent {
+            let state = p
+                .state
+                .as_deref()
+                .and_then(|s| s.parse::<TraceState>().ok())
+                .unwrap_or_default();
+            let remote = SpanContext::new(
+                TraceId::from(p.trace_id),
+                SpanId::from(p.span_id),
+                TraceFlags::new(p.flags),
+                true,
+                state,
+            );
+            span.set_parent(opentelemetry::Context::new().with_remote_span_context(remote))
+                .ok()?;
+        }
+        let cx = span.context();
+        let own = cx.span().span_context().clone();
+        if !own.is_valid() {
+            return None;
+        }
+        Some(TraceContext {
+            trace_id: u128::from_be_bytes(own.trace_id().to_bytes()),
+            span_id: u64::from_be_bytes(own.span_id().to_bytes()),
+            flags: own.trace_flags().to_u8(),
+            state: parent.and_then(|p| p.state.clone()),
+        })
+    }
 }
 
 /// The handling of one delivery: a `busway.handle` span and the trace context the messages
@@ -233,18 +304,16 @@ pub fn handling(message: &Message, handler: &str) -> Handling {
             context: parent,
         };
     }
-    let ctx = parent
-        .as_ref()
-        .map_or_else(TraceContext::new_root, TraceContext::child);
     let span = tracing::info_span!(
         target: TARGET,
         "busway.handle",
-        trace_id = %ctx.trace_id_hex(),
-        span_id = %ctx.span_id_hex(),
-        parent_span_id = %parent.map(|p| p.span_id_hex()).unwrap_or_default(),
+        trace_id = tracing::field::Empty,
+        span_id = tracing::field::Empty,
+        parent_span_id = %parent.as_ref().map(TraceContext::span_id_hex).unwrap_or_default(),
         topic = %message.topic,
         handler = %handler,
     );
+    let ctx = identify(&span, parent.as_ref());
     Handling {
         span,
         context: Some(ctx),

@@ -10,7 +10,7 @@ use busway::trace::{self, TraceContext, TRACEPARENT};
 use busway::{Bus, MemoryBus, Message, Pattern, Router, SubscribeOptions, Topic};
 use busway_cli::demo::{self, DemoOptions};
 use tracing::field::{Field, Visit};
-use tracing::span::{Attributes, Id};
+use tracing::span::{Attributes, Id, Record};
 use tracing_subscriber::layer::{Context, SubscriberExt};
 use tracing_subscriber::Layer;
 
@@ -21,9 +21,9 @@ struct Recorded {
     fields: BTreeMap<String, String>,
 }
 
-/// The in-process collector: every busway span created.
+/// The in-process collector: every busway span created, with the fields recorded later.
 #[derive(Clone, Default)]
-struct Collector(Arc<Mutex<Vec<Recorded>>>);
+struct Collector(Arc<Mutex<Vec<(Id, Recorded)>>>);
 
 struct Fields<'a>(&'a mut BTreeMap<String, String>);
 
@@ -38,22 +38,36 @@ impl Visit for Fields<'_> {
 }
 
 impl<S: tracing::Subscriber> Layer<S> for Collector {
-    fn on_new_span(&self, attrs: &Attributes<'_>, _id: &Id, _ctx: Context<'_, S>) {
+    fn on_new_span(&self, attrs: &Attributes<'_>, id: &Id, _ctx: Context<'_, S>) {
         if attrs.metadata().target() != trace::TARGET {
             return;
         }
         let mut fields = BTreeMap::new();
         attrs.record(&mut Fields(&mut fields));
-        self.0.lock().unwrap().push(Recorded {
-            name: attrs.metadata().name().to_string(),
-            fields,
-        });
+        let name = attrs.metadata().name().to_string();
+        self.0
+            .lock()
+            .unwrap()
+            .push((id.clone(), Recorded { name, fields }));
+    }
+
+    fn on_record(&self, id: &Id, values: &Record<'_>, _ctx: Context<'_, S>) {
+        let mut spans = self.0.lock().unwrap();
+        // Span ids are reused once a span closes: the latest span with this id is the one.
+        if let Some((_, span)) = spans.iter_mut().rev().find(|(i, _)| i == id) {
+            values.record(&mut Fields(&mut span.fields));
+        }
     }
 }
 
 impl Collector {
     fn spans(&self) -> Vec<Recorded> {
-        self.0.lock().unwrap().clone()
+        self.0
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(_, r)| r.clone())
+            .collect()
     }
 }
 
