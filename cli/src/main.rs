@@ -250,6 +250,8 @@ async fn metrics_server(
     let Some(addr) = addr else {
         return Ok(None);
     };
+    // The CLI's commands run at an operator's rates: time every publish and delivery.
+    busway::metrics::set_latency_sampling(1);
     let server = busway::metrics::serve(addr).await?;
     eprintln!("busway: metrics on http://{}/metrics", server.local_addr());
     Ok(Some(server))

@@ -381,7 +381,7 @@ impl Merged {
                         ack_dropped(d);
                         continue;
                     }
-                    if crate::metrics::enabled() {
+                    if crate::metrics::enabled() && crate::metrics::sampled() {
                         let part = &self.parts[i];
                         if let (Some(h), Some(ts)) =
                             (&part.handles, d.message().headers.timestamp_us)

@@ -194,9 +194,9 @@ impl Router {
 }
 
 impl Router {
-    /// [`Bus::publish`] with the publish span and the duration histogram (see
-    /// [`crate::metrics`] and [`crate::trace`]).
-    fn publish_observed(&self, mut message: Message) -> BoxFuture<'_, Result<()>> {
+    /// [`Bus::publish`] with the publish span, and the duration histogram when `sampled`
+    /// (see [`crate::metrics`] and [`crate::trace`]).
+    fn publish_observed(&self, mut message: Message, sampled: bool) -> BoxFuture<'_, Result<()>> {
         use tracing::Instrument;
         let span = crate::trace::publish_span(&mut message);
         let targets = match self.resolve(&message.topic) {
@@ -206,7 +206,7 @@ impl Router {
         if !span.is_disabled() {
             span.record("bus", targets.names.join(",").as_str());
         }
-        let metrics = crate::metrics::enabled();
+        let metrics = sampled;
         let handles = move |slot: u32| metrics.then(|| self.slots.handles(slot)).flatten();
         let future = async move {
             match &*targets.buses {
@@ -445,9 +445,10 @@ impl Bus for Router {
         if let Err(e) = self.check_open() {
             return Box::pin(std::future::ready(Err(e)));
         }
-        // Metrics or spans wanted: the observed path (one more boxed future).
-        if crate::metrics::enabled() || crate::trace::spans_enabled() {
-            return self.publish_observed(message);
+        // A sampled publish, or spans wanted: the observed path (one more boxed future).
+        let timed = crate::metrics::enabled() && crate::metrics::sampled();
+        if timed || crate::trace::spans_enabled() {
+            return self.publish_observed(message, timed);
         }
         // The hot path: a cached topic with one bus hands back that bus's own future.
         let slot = self.state.load().cache.single(&message.topic);
