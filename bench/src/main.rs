@@ -68,6 +68,10 @@ pub(crate) struct BenchArgs {
     /// Broker URL; by default a private broker is started on a free loopback port.
     #[arg(long)]
     url: Option<String>,
+    /// With --transport nats --mode stream: the raw side sends a unique `Nats-Msg-Id` with
+    /// each publish, as busway does, so the server's duplicate tracking costs both sides.
+    #[arg(long)]
+    raw_msg_id: bool,
     /// With --transport nats: a private 3-node cluster instead of one server, JetStream
     /// streams replicated on all three (R3) on both sides.
     #[arg(long, conflicts_with = "url")]
@@ -170,6 +174,8 @@ pub(crate) struct Plan {
     pub(crate) publishers: usize,
     pub(crate) subscribers: usize,
     pub(crate) inflight: usize,
+    /// The raw JetStream side sends a `Nats-Msg-Id` per publish (`--raw-msg-id`).
+    pub(crate) raw_msg_id: bool,
     /// A token unique to this run, so topics, keys and streams never meet earlier runs'.
     pub(crate) run_id: String,
 }
@@ -335,6 +341,7 @@ fn plan_for(args: &BenchArgs, mode: Mode, shape: Shape, run_id: &str) -> Plan {
         publishers,
         subscribers,
         inflight: args.inflight.unwrap_or(default_inflight),
+        raw_msg_id: args.raw_msg_id,
         run_id: run_id.to_string(),
     }
 }

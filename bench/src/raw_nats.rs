@@ -3,6 +3,7 @@
 //! publish with pipelined acks plus one durable pull consumer per subscriber, acking each
 //! message.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use async_nats::jetstream;
@@ -153,16 +154,27 @@ async fn stream(plan: &Plan, broker: &Broker, client: &async_nats::Client) -> Re
         }));
     }
     let cpu_before = broker.cpu_seconds().await;
+    // Message ids unique over the run's publishers.
+    let ids = std::sync::Arc::new(AtomicU64::new(0));
     let published = publish_all(&mut run, |share, deadline| {
         let js = js.clone();
         let plan = plan.clone();
         let subject = async_nats::Subject::from(subject.as_str());
+        let ids = ids.clone();
+        let prefix = format!("{}-{}", plan.run_id, plan.shape.as_str());
         async move {
-            let js = &js;
-            let subject = &subject;
+            let ids = &*ids;
+            let (js, subject, prefix) = (&js, &subject, &prefix);
             publish_loop(&plan, share, deadline, |payload: Bytes| async move {
+                let publish = jetstream::message::PublishMessage::build().payload(payload);
+                let publish = if plan.raw_msg_id {
+                    let n = ids.fetch_add(1, Ordering::Relaxed);
+                    publish.message_id(format!("{prefix}-{n}"))
+                } else {
+                    publish
+                };
                 let ack = js
-                    .publish(subject.clone(), payload)
+                    .send_publish(subject.clone(), publish)
                     .await
                     .map_err(|e| client_err("raw JetStream publish", e))?;
                 ack.await
@@ -174,7 +186,8 @@ async fn stream(plan: &Plan, broker: &Broker, client: &async_nats::Client) -> Re
     })
     .await?;
     let what = format!(
-        "async-nats JetStream publish, {} acks pipelined per publisher, to a stream over all of the run's subjects; per subscriber a durable pull consumer filtered to the subject, each message acked",
+        "async-nats JetStream publish{}, {} acks pipelined per publisher, to a stream over all of the run's subjects; per subscriber a durable pull consumer filtered to the subject, each message acked",
+        if plan.raw_msg_id { " with a Nats-Msg-Id" } else { "" },
         plan.inflight
     );
     let result = run
