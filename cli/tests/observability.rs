@@ -115,6 +115,7 @@ fn demo_with_metrics(
     port: u16,
     seconds: &str,
     hold: bool,
+    config: Option<&std::path::Path>,
 ) -> (Guard, BufReader<std::process::ChildStdout>) {
     let mut cmd = Command::new(BUSWAY);
     cmd.args([
@@ -127,6 +128,9 @@ fn demo_with_metrics(
     if hold {
         cmd.arg("--metrics-hold");
     }
+    if let Some(config) = config {
+        cmd.arg("--config").arg(config);
+    }
     let mut child = cmd
         .env_remove("BUSWAY_TRANSPORT")
         .stdout(Stdio::piped())
@@ -135,6 +139,65 @@ fn demo_with_metrics(
         .expect("busway demo starts");
     let out = BufReader::new(child.stdout.take().expect("stdout"));
     (Guard(child), out)
+}
+
+/// Reads the demo's output up to its RESULT line, and returns the line's fields.
+fn result_line(out: &mut BufReader<std::process::ChildStdout>) -> BTreeMap<String, u64> {
+    let mut line = String::new();
+    while out.read_line(&mut line).expect("demo output") > 0 {
+        if line.starts_with("RESULT demo") {
+            return result_fields(&line);
+        }
+        line.clear();
+    }
+    panic!("the demo printed no RESULT line");
+}
+
+/// `--metrics-hold` serves the consumer lag read from the brokers at the end of the run,
+/// beside the final counters: a group of another app that never reads the demo's AAPL
+/// features stream lags by every entry the demo wrote there.
+#[test]
+fn the_held_demo_serves_the_final_consumer_lag_of_a_stream_bus() {
+    let test = "the_held_demo_serves_the_final_consumer_lag_of_a_stream_bus";
+    let Some(redis) = busway_testkit::redis::RedisServer::start(test) else {
+        return;
+    };
+    let topic = "engine.features.AAPL";
+    let key = format!("busway:stream:{topic}");
+    redis.cli(&["XGROUP", "CREATE", &key, "audit", "$", "MKSTREAM"]);
+    redis.cli(&["SADD", "busway:topics", topic]);
+    let dir = tempfile::tempdir().expect("a temp dir");
+    let config = dir.path().join("demo.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[app]\nname = \"demo\"\n[buses.marketdata]\ntransport = \"memory\"\n\
+             [buses.engine]\ntransport = \"redis\"\nurl = \"{}\"\nmode = \"stream\"\n\
+             [buses.main]\ntransport = \"memory\"\n\
+             [[routes]]\nmatch = \"marketdata.>\"\nto = \"marketdata\"\n\
+             [[routes]]\nmatch = \"engine.>\"\nto = \"engine\"\n[default]\nto = \"main\"\n",
+            redis.url()
+        ),
+    )
+    .expect("config written");
+    let port = free_port();
+    let (_demo, mut out) = demo_with_metrics(port, "2", true, Some(&config));
+    let result = result_line(&mut out);
+    assert!(
+        result["received"] > 0,
+        "the demo moved messages: {result:?}"
+    );
+    let written: f64 = redis.cli(&["XLEN", &key]).trim().parse().expect("XLEN");
+    assert!(written > 0.0, "the demo wrote AAPL features");
+    let body = http_get(port, "/metrics").expect("the held demo serves /metrics");
+    let lag: Vec<&str> = body
+        .lines()
+        .filter(|l| l.starts_with("busway_consumer_lag{") && l.contains("group=\"audit\""))
+        .collect();
+    assert_eq!(lag.len(), 1, "the audit group's lag: {lag:?}");
+    assert!(lag[0].contains("bus=\"engine\""), "{}", lag[0]);
+    let value: f64 = lag[0].rsplit(' ').next().unwrap().parse().unwrap();
+    assert_eq!(value, written, "lag = entries the group never read");
 }
 
 #[test]
@@ -166,17 +229,8 @@ fn prometheus_scrapes_the_demo_and_agrees_with_its_result_line() {
             .expect("prometheus starts"),
     );
 
-    let (_demo, mut out) = demo_with_metrics(metrics_port, "4", true);
-    let mut result = None;
-    let mut line = String::new();
-    while out.read_line(&mut line).expect("demo output") > 0 {
-        if line.starts_with("RESULT demo") {
-            result = Some(result_fields(&line));
-            break;
-        }
-        line.clear();
-    }
-    let result = result.expect("the demo prints its RESULT line");
+    let (_demo, mut out) = demo_with_metrics(metrics_port, "4", true, None);
+    let result = result_line(&mut out);
     assert!(
         result["received"] > 0,
         "the demo moved messages: {result:?}"
@@ -242,7 +296,7 @@ fn top_in_a_terminal_shows_every_bus_with_live_rates() {
         return;
     };
     let port = free_port();
-    let (_demo, _out) = demo_with_metrics(port, "30", false);
+    let (_demo, _out) = demo_with_metrics(port, "30", false, None);
     let deadline = Instant::now() + Duration::from_secs(20);
     let metrics = loop {
         if let Some(m) = http_get(port, "/metrics") {

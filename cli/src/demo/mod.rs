@@ -216,8 +216,13 @@ pub async fn run(options: &DemoOptions, registry: &Registry) -> Result<DemoRepor
     if let Some(task) = reloader {
         task.abort();
     }
+    // The final consumer lag, read from the brokers while the router is still connected,
+    // then the final counters once it is closed: for an exporter that keeps serving after
+    // the run (`--metrics-hold`).
+    if busway::metrics::enabled() {
+        busway::metrics::collect_lag().await;
+    }
     let closed = router.close().await;
-    // The final counters, for an exporter that keeps serving after the run.
     busway::metrics::collect();
     let mut report = result?;
     if let Err(e) = closed {
