@@ -2,6 +2,7 @@
 //! seven-engine demo.
 
 use std::ffi::OsString;
+use std::io::IsTerminal;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -450,6 +451,8 @@ async fn main() -> ExitCode {
                 feed: !no_feed,
                 symbols,
                 rate,
+                // On a terminal only: piped, stderr stays quiet.
+                progress: std::io::stderr().is_terminal(),
             };
             let code = match demo::run(&options, &registry).await {
                 Ok(report) => {

@@ -290,6 +290,111 @@ fn prometheus_scrapes_the_demo_and_agrees_with_its_result_line() {
     assert!(!query(prom_port, "busway_router_generation").is_empty());
 }
 
+/// A command in a detached session of a private tmux server (its own socket, so the test
+/// never touches the user's sessions), 160 x 30; the server is killed when dropped.
+struct Tmux {
+    bin: PathBuf,
+    socket: String,
+    session: String,
+}
+
+impl Tmux {
+    fn start(bin: PathBuf, session: &str, command: &str) -> Tmux {
+        let tmux = Tmux {
+            bin,
+            socket: format!("busway-{session}-{}", std::process::id()),
+            session: session.to_string(),
+        };
+        let started = tmux.run(&[
+            "new-session",
+            "-d",
+            "-s",
+            session,
+            "-x",
+            "160",
+            "-y",
+            "30",
+            command,
+        ]);
+        assert!(started.status.success(), "tmux: {started:?}");
+        tmux
+    }
+
+    fn run(&self, args: &[&str]) -> std::process::Output {
+        Command::new(&self.bin)
+            .args(["-L", &self.socket])
+            .args(args)
+            .output()
+            .expect("tmux runs")
+    }
+
+    /// The pane's text now.
+    fn capture(&self) -> String {
+        let capture = self.run(&["capture-pane", "-p", "-t", &self.session]);
+        String::from_utf8_lossy(&capture.stdout).into_owned()
+    }
+}
+
+impl Drop for Tmux {
+    fn drop(&mut self) {
+        self.run(&["kill-server"]);
+    }
+}
+
+/// On a terminal the demo shows a progress line with the router's counters while the feed
+/// runs, and clears it before the report; piped, its stderr holds no progress at all.
+#[test]
+fn the_demo_shows_progress_on_a_terminal_and_nothing_when_piped() {
+    let Some(tmux) = require("tmux", "the_demo_shows_progress") else {
+        return;
+    };
+    // `; sleep` keeps the pane (and its last screen) after the demo exits.
+    let demo = format!("env -u BUSWAY_TRANSPORT {BUSWAY} demo --seconds 4; sleep 30");
+    let tmux = Tmux::start(tmux, "demo", &demo);
+    let mut progress = None;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(300));
+        let screen = tmux.capture();
+        if let Some(line) = screen.lines().find(|l| l.starts_with("demo [")) {
+            let published = line
+                .split_whitespace()
+                .skip_while(|w| *w != "published")
+                .nth(1)
+                .and_then(|n| n.parse::<u64>().ok());
+            if published.is_some_and(|n| n > 0) {
+                progress = Some(line.to_string());
+                break;
+            }
+        }
+    }
+    let progress = progress.expect("a progress line with published messages");
+    assert!(progress.contains("delivered"), "{progress}");
+    // After the run the report replaces the line.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let screen = loop {
+        let screen = tmux.capture();
+        if screen.contains("RESULT demo") {
+            break screen;
+        }
+        assert!(Instant::now() < deadline, "no report:\n{screen}");
+        std::thread::sleep(Duration::from_millis(300));
+    };
+    assert!(!screen.contains("demo ["), "the bar is cleared:\n{screen}");
+
+    let piped = Command::new(BUSWAY)
+        .args(["demo", "--seconds", "1"])
+        .env_remove("BUSWAY_TRANSPORT")
+        .output()
+        .expect("busway demo runs");
+    assert!(piped.status.success(), "{piped:?}");
+    let stderr = String::from_utf8_lossy(&piped.stderr);
+    assert!(
+        !stderr.contains("demo [") && !stderr.contains('\r') && !stderr.contains("delivered"),
+        "piped stderr: {stderr}"
+    );
+}
+
 #[test]
 fn top_in_a_terminal_shows_every_bus_with_live_rates() {
     let Some(tmux) = require("tmux", "top_in_a_terminal") else {
@@ -310,42 +415,13 @@ fn top_in_a_terminal_shows_every_bus_with_live_rates() {
         metrics.contains("busway_subscription_queue_depth{app=\"demo\",bus=\"marketdata\",transport=\"memory\",mode=\"broadcast\",pattern=\"marketdata.quotes.*\",group=\"\"}"),
         "{metrics}"
     );
-    // A private tmux server (its own socket), so the test never touches the user's sessions.
-    let socket = format!("busway-top-{}", std::process::id());
-    let tmux_cmd = |args: &[&str]| {
-        Command::new(&tmux)
-            .args(["-L", &socket])
-            .args(args)
-            .output()
-            .expect("tmux runs")
-    };
-    struct Server<F: Fn(&[&str]) -> std::process::Output>(F);
-    impl<F: Fn(&[&str]) -> std::process::Output> Drop for Server<F> {
-        fn drop(&mut self) {
-            (self.0)(&["kill-server"]);
-        }
-    }
     let top = format!("{BUSWAY} top --metrics-url http://127.0.0.1:{port}/metrics --interval 0.5");
-    let started = tmux_cmd(&[
-        "new-session",
-        "-d",
-        "-s",
-        "top",
-        "-x",
-        "160",
-        "-y",
-        "30",
-        &top,
-    ]);
-    assert!(started.status.success(), "tmux: {started:?}");
-    let tmux_cmd = Server(tmux_cmd);
-
+    let tmux = Tmux::start(tmux, "top", &top);
     let mut screen = String::new();
     let deadline = Instant::now() + Duration::from_secs(20);
     while Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(500));
-        let capture = (tmux_cmd.0)(&["capture-pane", "-p", "-t", "top"]);
-        screen = String::from_utf8_lossy(&capture.stdout).into_owned();
+        screen = tmux.capture();
         let row = |bus: &str| {
             screen
                 .lines()

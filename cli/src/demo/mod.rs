@@ -5,6 +5,7 @@
 pub mod engines;
 pub mod feed;
 pub mod messages;
+mod progress;
 pub mod tracked;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -50,6 +51,8 @@ pub struct DemoOptions {
     pub symbols: usize,
     /// Feed ticks per second (each tick quotes every symbol).
     pub rate: f64,
+    /// Show a progress line on stderr while the feed runs (for a terminal).
+    pub progress: bool,
 }
 
 impl Default for DemoOptions {
@@ -61,6 +64,7 @@ impl Default for DemoOptions {
             feed: true,
             symbols: 8,
             rate: 20.0,
+            progress: false,
         }
     }
 }
@@ -296,11 +300,15 @@ async fn run_with(
         if feed.is_some() { " and the feed" } else { "" }
     );
     let started = Instant::now();
+    let progress = options
+        .progress
+        .then(|| progress::Progress::start(router.clone(), options.duration));
     let interrupted = tokio::select! {
         _ = tokio::time::sleep(options.duration) => false,
         r = interrupt.recv() => r.is_some(),
     };
     let elapsed = started.elapsed();
+    drop(progress);
 
     // Stop the feed first, let the engines finish what is in flight, then stop them.
     let _ = feed_stop_tx.send(true);
