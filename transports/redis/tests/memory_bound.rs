@@ -30,6 +30,11 @@ fn rss() -> u64 {
 
 /// A private `redis-server` whose pub/sub output buffer limit is `pubsub 32mb 8mb 10`.
 fn server(test: &str) -> Option<(ServerProcess, String)> {
+    server_with(test, "pubsub 32mb 8mb 10")
+}
+
+/// A private `redis-server` with this `client-output-buffer-limit`.
+fn server_with(test: &str, output_limit: &str) -> Option<(ServerProcess, String)> {
     let binary = broker_binary("redis-server", test)?;
     let port = free_port();
     let args = [
@@ -44,7 +49,7 @@ fn server(test: &str) -> Option<(ServerProcess, String)> {
         "--dir",
         "{dir}",
         "--client-output-buffer-limit",
-        "pubsub 32mb 8mb 10",
+        output_limit,
     ]
     .iter()
     .map(|s| s.to_string())
@@ -285,4 +290,80 @@ async fn stream_flood(test: &str, overflow: Overflow) {
     }
     assert_eq!(got, N);
     assert_eq!(bus.stats().dropped, 0);
+}
+
+/// A 70 MB PUBLISH from a foreign client: the server's pub/sub output limit (32 MB, Redis's
+/// default) disconnects the subscriber before busway reads it all; busway counts the
+/// reconnect, resubscribes, delivers the next message, and keeps none of the frame's memory.
+/// (With the limit off, the client's read buffer would keep the largest frame's size: see
+/// RELIABILITY.md.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_giant_foreign_frame_costs_a_resubscribe_not_memory() {
+    let test = "a_giant_foreign_frame_costs_a_resubscribe_not_memory";
+    let Some((_server, url)) = server(test) else {
+        return;
+    };
+    const GIANT: usize = 70 << 20;
+    let bus = connect("giant", &url, Mode::Broadcast, |c| c.framing = Framing::Raw).await;
+    let mut sub = bus
+        .subscribe(pat("giant.t"), SubscribeOptions::new())
+        .await
+        .unwrap();
+    // The foreign client is another process (redis-cli), so this process's memory is
+    // busway's alone.
+    let Some(cli) = broker_binary("redis-cli", test) else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("giant");
+    std::fs::write(&file, vec![b'x'; GIANT]).unwrap();
+    let port = url.rsplit(':').next().unwrap().to_string();
+    let before = rss();
+    let status = std::process::Command::new(cli)
+        .args(["-p", &port, "-x", "PUBLISH", "giant.t"])
+        .stdin(std::fs::File::open(&file).unwrap())
+        .stdout(std::process::Stdio::null())
+        .status()
+        .unwrap();
+    assert!(status.success());
+    wait_for("the disconnection to be counted", || {
+        bus.stats().reconnects >= 1
+    })
+    .await;
+    let mut con = raw(&url).await;
+    let deadline = Instant::now() + WAIT;
+    let delivered = loop {
+        assert!(
+            Instant::now() < deadline,
+            "no message after the giant frame"
+        );
+        let () = redis::cmd("PUBLISH")
+            .arg("giant.t")
+            .arg("after")
+            .query_async(&mut con)
+            .await
+            .unwrap();
+        if let Ok(Some(d)) = sub.recv_timeout(Duration::from_millis(100)).await {
+            break d;
+        }
+    };
+    assert_eq!(
+        &delivered.message().payload[..],
+        b"after",
+        "the giant frame never arrives"
+    );
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let after = rss();
+    eprintln!(
+        "{test}: RSS {} KiB -> {} KiB; stats {:?}",
+        before / 1024,
+        after / 1024,
+        bus.stats()
+    );
+    assert!(
+        after < before + SLACK,
+        "the process keeps the giant frame: RSS {} KiB -> {} KiB",
+        before / 1024,
+        after / 1024
+    );
 }
