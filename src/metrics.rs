@@ -53,6 +53,8 @@ pub const REDELIVERED: &str = "busway_redelivered_total";
 pub const ERRORS: &str = "busway_errors_total";
 /// Incoming frames that did not decode (counter).
 pub const DECODE_ERRORS: &str = "busway_decode_errors_total";
+/// Foreign payloads (not busway frames) delivered as header-less messages (counter).
+pub const UNFRAMED: &str = "busway_unframed_total";
 /// Reconnections after a failure (counter).
 pub const RECONNECTS: &str = "busway_reconnects_total";
 /// Entries moved to a dead-letter topic (counter).
@@ -158,6 +160,10 @@ fn describe() {
     describe_counter!(DROPPED, "Messages dropped by an overflow policy or client");
     describe_counter!(REDELIVERED, "Messages delivered again");
     describe_counter!(ERRORS, "Failed operations");
+    describe_counter!(
+        UNFRAMED,
+        "Foreign payloads delivered as header-less messages"
+    );
     describe_counter!(DECODE_ERRORS, "Incoming frames that did not decode");
     describe_counter!(RECONNECTS, "Reconnections after a failure");
     describe_counter!(DEAD_LETTERED, "Entries moved to a dead-letter topic");
@@ -385,6 +391,7 @@ pub(crate) fn export_bus(labels: &BusLabels, s: &StatsSnapshot) {
     counter!(REDELIVERED, l.clone()).absolute(s.redelivered);
     counter!(ERRORS, l.clone()).absolute(s.errors);
     counter!(DECODE_ERRORS, l.clone()).absolute(s.decode_errors);
+    counter!(UNFRAMED, l.clone()).absolute(s.unframed);
     counter!(RECONNECTS, l.clone()).absolute(s.reconnects);
     counter!(DEAD_LETTERED, l.clone()).absolute(s.dead_lettered);
     counter!(DUPLICATES, l.clone()).absolute(s.duplicates);

@@ -41,6 +41,8 @@ pub struct Counters {
     pub errors: AtomicU64,
     /// Incoming bytes that did not decode and were skipped.
     pub decode_errors: AtomicU64,
+    /// Foreign payloads (not a busway frame) delivered as header-less messages.
+    pub unframed: AtomicU64,
     /// Connections to the broker currently open.
     pub connections: AtomicI64,
     /// Times a connection was re-established after a failure.
@@ -86,6 +88,7 @@ impl Counters {
             redelivered: self.redelivered.load(Relaxed),
             errors: self.errors.load(Relaxed),
             decode_errors: self.decode_errors.load(Relaxed),
+            unframed: self.unframed.load(Relaxed),
             connections: self.connections.load(Relaxed).max(0) as u64,
             reconnects: self.reconnects.load(Relaxed),
             dead_lettered: self.dead_lettered.load(Relaxed),
@@ -111,6 +114,9 @@ pub struct StatsSnapshot {
     pub errors: u64,
     /// Incoming bytes that did not decode and were skipped.
     pub decode_errors: u64,
+    /// Foreign payloads that were not busway frames, delivered as header-less messages
+    /// (a Redis broadcast bus with `unframed = "deliver"`).
+    pub unframed: u64,
     /// Connections to the broker currently open.
     pub connections: u64,
     /// Reconnections after failures.
@@ -140,6 +146,7 @@ impl StatsSnapshot {
         self.redelivered += other.redelivered;
         self.errors += other.errors;
         self.decode_errors += other.decode_errors;
+        self.unframed += other.unframed;
         self.connections += other.connections;
         self.reconnects += other.reconnects;
         self.dead_lettered += other.dead_lettered;
@@ -155,7 +162,7 @@ impl fmt::Display for StatsSnapshot {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "health={} published={} delivered={} dropped={} redelivered={} errors={} decode_errors={} connections={} reconnects={} dead_lettered={} duplicates={} dedup_evictions={}",
+            "health={} published={} delivered={} dropped={} redelivered={} errors={} decode_errors={} unframed={} connections={} reconnects={} dead_lettered={} duplicates={} dedup_evictions={}",
             self.health,
             self.published,
             self.delivered,
@@ -163,6 +170,7 @@ impl fmt::Display for StatsSnapshot {
             self.redelivered,
             self.errors,
             self.decode_errors,
+            self.unframed,
             self.connections,
             self.reconnects,
             self.dead_lettered,
