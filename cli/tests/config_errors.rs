@@ -37,6 +37,7 @@ const CASES: &[(&str, &str, &str)] = &[
     ("redis url unparsable", "[buses.a]\ntransport = \"redis\"\nurl = \"redis://h:notaport\"\n", "buses.a.url"),
     ("nats url of another scheme", "[buses.a]\ntransport = \"nats\"\nurl = \"redis://u:pw@h:1\"\n", "buses.a.url"),
     ("redis: inconsistent keys", "[buses.a]\ntransport = \"redis\"\nurl = \"redis://127.0.0.1:1\"\nmax_deliveries = 3\n", "buses.a.max_deliveries"),
+    ("redis: unframed in stream mode", "[buses.a]\ntransport = \"redis\"\nurl = \"redis://127.0.0.1:1\"\nmode = \"stream\"\nunframed = \"deliver\"\n", "buses.a.unframed"),
     ("redis: tls key without rediss://", "[buses.a]\ntransport = \"redis\"\nurl = \"redis://127.0.0.1:1\"\ntls_ca = \"ca.pem\"\n", "buses.a.tls_ca"),
     ("nats: user without password", "[buses.a]\ntransport = \"nats\"\nurl = \"nats://127.0.0.1:1\"\nuser = \"x\"\n", "buses.a.password"),
     ("invalid route pattern", "[buses.a]\ntransport = \"memory\"\n[[routes]]\nmatch = \"x.>.y\"\nto = \"a\"\n", "routes[0].match"),

@@ -36,6 +36,7 @@ use busway::{
     SubscribeOptions, Subscription, Topic,
 };
 
+use crate::config::Unframed;
 use crate::connect::{is_connection_error, ConnCount};
 use crate::state::Shared;
 use crate::wire;
@@ -496,14 +497,23 @@ impl Task {
                 return;
             }
         };
-        let message = if self.shared.config.framing == Framing::Raw {
-            Message::new(topic, payload)
-        } else {
-            match wire::decode(topic, payload) {
+        let message = match (self.shared.config.framing, self.shared.config.unframed) {
+            (Framing::Raw, _) => Message::new(topic, payload),
+            (Framing::Busway, Unframed::Skip) => match wire::decode(topic, payload) {
                 Ok(m) => m,
                 Err(e) => {
                     self.foreign(&channel, &e.to_string());
                     return;
+                }
+            },
+            (Framing::Busway, Unframed::Deliver) => {
+                match wire::decode(topic.clone(), payload.clone()) {
+                    Ok(m) => m,
+                    Err(e) => {
+                        Counters::incr(&self.shared.stats.unframed);
+                        tracing::trace!(bus = %self.shared.config.bus, channel, why = %e, "delivered a foreign payload without headers");
+                        Message::new(topic, payload)
+                    }
                 }
             }
         };

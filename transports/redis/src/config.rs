@@ -9,6 +9,8 @@
 //! url = "redis://user:password@127.0.0.1:6379/0"   # rediss:// with the `tls` feature
 //! mode = "stream"
 //! framing = "busway"          # broadcast mode: busway (headers in a frame) | raw (payload alone)
+//! unframed = "skip"           # broadcast, busway framing: a foreign payload (not a frame) is
+//!                             # skipped and counted (skip) or delivered without headers (deliver)
 //! on_disconnect = "buffer"    # buffer | fail: what publish does while the server is away
 //! publish_buffer = 10000      # publishes held while disconnected before BufferFull
 //! publish_timeout = "5s"      # how long a publish, flush or command waits for the server
@@ -88,6 +90,19 @@ fn d_rescan_interval() -> ConfigDuration {
     ConfigDuration(Duration::from_secs(1))
 }
 
+/// What a busway-framed broadcast bus does with a payload that is not a busway frame (a
+/// foreign publisher's). A frame starts with the byte `0xB5`, which no UTF-8 text starts
+/// with, so text and JSON payloads are never taken for frames (docs/WIRE.md).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Unframed {
+    /// Skipped, counted in `decode_errors` and logged at warn (rate-limited).
+    #[default]
+    Skip,
+    /// Delivered as a message without headers (no reply), counted in `unframed`.
+    Deliver,
+}
+
 /// The Redis-specific keys of a bus config. Every field has a default (shown in brackets).
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -96,6 +111,10 @@ pub struct RedisOptions {
     /// Broadcast-mode framing (default: `busway`).
     #[serde(default)]
     pub framing: Framing,
+    /// Broadcast mode with `busway` framing: what a payload that is not a busway frame
+    /// becomes (default: `skip`).
+    #[serde(default)]
+    pub unframed: Unframed,
     /// Outage policy for publishes (default: `buffer`).
     #[serde(default)]
     pub on_disconnect: OnDisconnect,
@@ -208,6 +227,8 @@ pub struct RedisConfig {
     pub app: String,
     /// Broadcast-mode framing.
     pub framing: Framing,
+    /// What a foreign payload on a busway-framed broadcast bus becomes.
+    pub unframed: Unframed,
     /// Outage policy for publishes.
     pub on_disconnect: OnDisconnect,
     /// Publishes held while disconnected under [`OnDisconnect::Buffer`].
@@ -263,6 +284,7 @@ impl fmt::Debug for RedisConfig {
             .field("queue", &self.queue)
             .field("app", &self.app)
             .field("framing", &self.framing)
+            .field("unframed", &self.unframed)
             .field("on_disconnect", &self.on_disconnect)
             .field("publish_buffer", &self.publish_buffer)
             .field("max_payload", &self.max_payload)
@@ -304,6 +326,7 @@ impl RedisConfig {
             queue: QueueDefaults::default(),
             app: "busway".to_string(),
             framing: o.framing,
+            unframed: o.unframed,
             on_disconnect: o.on_disconnect,
             publish_buffer: o.publish_buffer,
             max_payload: o.max_payload,
@@ -406,6 +429,16 @@ impl RedisConfig {
             return Some((
                 "framing",
                 "\"raw\" applies to broadcast mode; stream mode carries headers as stream fields"
+                    .into(),
+            ));
+        }
+        if self.unframed == Unframed::Deliver
+            && (self.mode == Mode::Stream || self.framing == Framing::Raw)
+        {
+            return Some((
+                "unframed",
+                "\"deliver\" applies to broadcast mode with framing = \"busway\" (raw framing \
+                 delivers every payload as it is; stream mode reads fields)"
                     .into(),
             ));
         }

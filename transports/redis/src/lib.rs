@@ -27,4 +27,4 @@ pub mod wire;
 
 pub use bus::{register, RedisBus, RedisFactory};
 pub use busway::transport::{Framing, OnDisconnect};
-pub use config::{RedisConfig, RedisOptions};
+pub use config::{RedisConfig, RedisOptions, Unframed};

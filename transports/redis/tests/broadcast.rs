@@ -203,6 +203,70 @@ async fn garbage_is_counted_and_skipped() {
     assert_eq!(bus.stats().decode_errors, 3);
 }
 
+/// `unframed = "deliver"`: a foreign client's payloads (text, JSON, an empty one) arrive as
+/// they were sent, without headers, counted in `unframed`; busway frames on the same bus keep
+/// their headers and request/reply; a channel that is not a busway topic is still skipped.
+#[tokio::test]
+async fn unframed_deliver_takes_foreign_payloads_as_header_less_messages() {
+    let Some(server) = RedisServer::start("unframed_deliver") else {
+        return;
+    };
+    let bus = bus(&server.url(), |c| {
+        c.unframed = busway_redis::Unframed::Deliver
+    })
+    .await;
+    let mut sub = bus
+        .subscribe(Pattern::new("g.>").unwrap(), SubscribeOptions::new())
+        .await
+        .unwrap();
+    server.cli(&["PUBLISH", "g.x", r#"{"symbol":"AAPL","px":1.5}"#]);
+    server.cli(&["PUBLISH", "g.x", ""]);
+    server.cli(&["PUBLISH", "g.bad topic", "x"]);
+    let mut framed = Message::new(topic("g.y"), &b"ok"[..]);
+    framed.headers.insert("k", "v");
+    bus.publish(framed).await.unwrap();
+    let mut got = Vec::new();
+    for _ in 0..3 {
+        got.push(sub.recv_timeout(WAIT).await.unwrap().unwrap());
+    }
+    assert_eq!(
+        &got[0].message().payload[..],
+        br#"{"symbol":"AAPL","px":1.5}"#
+    );
+    assert_eq!(got[0].message().topic, topic("g.x"));
+    assert!(got[0].message().headers.get("k").is_none());
+    assert_eq!(got[0].message().headers.reply_to, None);
+    assert_eq!(&got[1].message().payload[..], b"");
+    assert_eq!(&got[2].message().payload[..], b"ok");
+    assert_eq!(
+        got[2].message().headers.get("k"),
+        Some("v"),
+        "frames keep headers"
+    );
+    let stats = bus.stats();
+    assert_eq!(stats.unframed, 2, "{stats:?}");
+    assert_eq!(
+        stats.decode_errors, 1,
+        "the channel that is no topic: {stats:?}"
+    );
+
+    // Request/reply between busway processes still works on such a bus.
+    let mut svc = bus
+        .subscribe(Pattern::new("svc.echo").unwrap(), SubscribeOptions::new())
+        .await
+        .unwrap();
+    tokio::spawn(async move {
+        while let Some(d) = svc.recv().await {
+            d.reply(&b"re"[..]).await.unwrap();
+        }
+    });
+    let reply = bus
+        .request(Message::new(topic("svc.echo"), &b"hi"[..]), WAIT)
+        .await
+        .unwrap();
+    assert_eq!(&reply.payload[..], b"re");
+}
+
 #[tokio::test]
 async fn request_reply_round_trip() {
     let Some(server) = RedisServer::start("broadcast_request_reply") else {
