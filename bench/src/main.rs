@@ -68,6 +68,14 @@ pub(crate) struct BenchArgs {
     /// Broker URL; by default a private broker is started on a free loopback port.
     #[arg(long)]
     url: Option<String>,
+    /// The busway side publishes and subscribes through a Router holding the bus (one bus,
+    /// every topic routed to it), as engines do.
+    #[arg(long)]
+    router: bool,
+    /// With --router: busway's metrics on (a Prometheus recorder installed, latency
+    /// histograms sampled at the default rate), to measure their cost.
+    #[arg(long, requires = "router")]
+    metrics: bool,
     /// With --transport nats --mode stream: the raw side sends a unique `Nats-Msg-Id` with
     /// each publish, as busway does, so the server's duplicate tracking costs both sides.
     #[arg(long)]
@@ -176,6 +184,8 @@ pub(crate) struct Plan {
     pub(crate) inflight: usize,
     /// The raw JetStream side sends a `Nats-Msg-Id` per publish (`--raw-msg-id`).
     pub(crate) raw_msg_id: bool,
+    /// The busway side goes through a Router (`--router`).
+    pub(crate) router: bool,
     /// A token unique to this run, so topics, keys and streams never meet earlier runs'.
     pub(crate) run_id: String,
 }
@@ -223,6 +233,12 @@ pub(crate) async fn run(args: BenchArgs) -> Result<()> {
     if let Some(BenchCommand::Scenario(scenario)) = args.command {
         return scenario::run(scenario).await;
     }
+    // Installed for the whole run; nothing scrapes it: the cost measured is recording.
+    let _recorder = if args.metrics {
+        Some(busway::metrics::install()?)
+    } else {
+        None
+    };
     let shapes: Vec<Shape> = match args.shape {
         ShapeArg::Publish => vec![Shape::Publish],
         ShapeArg::Pubsub => vec![Shape::Pubsub],
@@ -342,6 +358,7 @@ fn plan_for(args: &BenchArgs, mode: Mode, shape: Shape, run_id: &str) -> Plan {
         subscribers,
         inflight: args.inflight.unwrap_or(default_inflight),
         raw_msg_id: args.raw_msg_id,
+        router: args.router,
         run_id: run_id.to_string(),
     }
 }

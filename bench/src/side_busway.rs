@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use busway::{
     config::BusConfig, transport::BuildContext, Bus, Delivery, Message, Mode, Overflow, Pattern,
-    Result, SubscribeOptions, Topic,
+    Result, Router, SubscribeOptions, Topic,
 };
 
 use super::broker::Broker;
@@ -44,6 +44,16 @@ pub(crate) async fn build_bus(plan: &Plan, broker: &Broker) -> Result<Arc<dyn Bu
 /// Building the bus, subscribing or publishing failed.
 pub(crate) async fn run(plan: &Plan, broker: &Broker) -> Result<SideResult> {
     let bus = build_bus(plan, broker).await?;
+    let bus: Arc<dyn Bus> = if plan.router {
+        Arc::new(
+            Router::builder()
+                .bus("bench", bus)
+                .default_to(&["bench"])
+                .build()?,
+        )
+    } else {
+        bus
+    };
     let topic_name = plan.topic("");
     let topic = Topic::new(&topic_name)?;
     let mut run = Run::new(plan);
@@ -100,9 +110,14 @@ pub(crate) async fn run(plan: &Plan, broker: &Broker) -> Result<SideResult> {
     .await?;
     bus.flush().await?;
     let what = format!(
-        "busway {} bus ({} mode) built by Registry; {} subscription(s), queue {} block{}; {} publish(es) in flight per publisher",
+        "busway {} bus ({} mode) built by Registry{}; {} subscription(s), queue {} block{}; {} publish(es) in flight per publisher",
         plan.transport.as_str(),
         plan.mode,
+        match (plan.router, busway::metrics::enabled()) {
+            (true, true) => ", through a Router, metrics recorded",
+            (true, false) => ", through a Router",
+            _ => "",
+        },
         plan.subscribers,
         plan.queue_capacity(),
         if ack { ", a consumer group each, each delivery acked (what is queued, up to 256, acked as one batch with Delivery::ack_all)" } else { "" },
