@@ -30,7 +30,9 @@ use redis::aio::MultiplexedConnection;
 use redis::{PushInfo, PushKind, Value};
 use tokio::sync::{mpsc, oneshot};
 
-use busway::transport::{Counters, Framing, QueueSender, TransportDelivery, TransportSubscription};
+use busway::transport::{
+    Counters, Framing, QueueSender, TransportDelivery, TransportSubscription, TrySend,
+};
 use busway::{
     topic::PatternToken, Bus, Delivery, Error, ErrorKind, Message, Pattern, Result,
     SubscribeOptions, Subscription, Topic,
@@ -74,6 +76,7 @@ impl Key {
     }
 }
 
+#[derive(Clone)]
 struct Entry {
     id: u64,
     pattern: Pattern,
@@ -88,7 +91,9 @@ enum Ctl {
 /// The broadcast subscriptions of one bus, by Redis subscription.
 pub(crate) struct Broadcast {
     shared: Arc<Shared>,
-    table: Mutex<HashMap<Key, Vec<Entry>>>,
+    /// Per Redis subscription, its busway subscriptions: shared with dispatch, which takes
+    /// one reference per message (no copy of the list); changed copy-on-write.
+    table: Mutex<HashMap<Key, Arc<Vec<Entry>>>>,
     ctl: mpsc::UnboundedSender<Ctl>,
     ctl_rx: Mutex<Option<mpsc::UnboundedReceiver<Ctl>>>,
     start: tokio::sync::Mutex<bool>,
@@ -117,7 +122,7 @@ impl Drop for SubGuard {
         };
         let mut table = ps.table.lock();
         if let Some(entries) = table.get_mut(&self.key) {
-            entries.retain(|e| e.id != self.id);
+            Arc::make_mut(entries).retain(|e| e.id != self.id);
             if entries.is_empty() {
                 table.remove(&self.key);
                 let _ = ps.ctl.send(Ctl::Unsubscribe(self.key.clone()));
@@ -142,7 +147,7 @@ impl Broadcast {
     /// Closes every subscription's queue (the bus is closing).
     pub(crate) fn close_all(&self) {
         for (_, entries) in self.table.lock().drain() {
-            for e in entries {
+            for e in entries.iter() {
                 e.tx.close();
             }
         }
@@ -191,7 +196,7 @@ impl Broadcast {
         let id = ps.next_id.fetch_add(1, Relaxed);
         let is_new = {
             let mut table = ps.table.lock();
-            let entries = table.entry(key.clone()).or_default();
+            let entries = Arc::make_mut(table.entry(key.clone()).or_default());
             entries.push(Entry { id, pattern, tx });
             entries.len() == 1
         };
@@ -447,7 +452,9 @@ impl Task {
 
     async fn dispatch(&mut self, push: PushInfo) {
         let mut data = push.data.into_iter();
-        let (key, channel, payload) = match push.kind {
+        // The channel is the key's own string for a channel subscription (not copied), the
+        // push's for a glob.
+        let (key, glob_channel, payload) = match push.kind {
             PushKind::Message => {
                 let (Some(c), Some(p)) = (data.next(), data.next()) else {
                     return;
@@ -456,7 +463,7 @@ impl Task {
                     Counters::incr(&self.shared.stats.decode_errors);
                     return;
                 };
-                (Key::Channel(c.clone()), c, p)
+                (Key::Channel(c), None, p)
             }
             PushKind::PMessage => {
                 let (Some(g), Some(c), Some(p)) = (data.next(), data.next(), data.next()) else {
@@ -466,28 +473,26 @@ impl Task {
                     Counters::incr(&self.shared.stats.decode_errors);
                     return;
                 };
-                (Key::Glob(g), c, p)
+                (Key::Glob(g), Some(c), p)
             }
             _ => return, // subscribe confirmations and the like
         };
-        let Ok(topic) = Topic::new(&channel) else {
+        let channel: &str = match (&key, &glob_channel) {
+            (_, Some(c)) | (Key::Channel(c), None) => c,
+            (Key::Glob(_), None) => return,
+        };
+        let Ok(topic) = Topic::new(channel) else {
             // A channel that is not a busway topic (a glob superset can catch one, a foreign
             // publisher can send one).
-            self.foreign(&channel, "the channel is not a valid busway topic");
+            self.foreign(channel, "the channel is not a valid busway topic");
             return;
         };
-        let targets: Vec<QueueSender> = {
-            let table = self.broadcast.table.lock();
-            match table.get(&key) {
-                Some(entries) => entries
-                    .iter()
-                    .filter(|e| e.pattern.matches(&topic))
-                    .map(|e| e.tx.clone())
-                    .collect(),
-                None => return,
-            }
+        // One lookup and one reference: the list is not copied, nor the lock held while the
+        // deliveries wait for room.
+        let Some(entries) = self.broadcast.table.lock().get(&key).cloned() else {
+            return;
         };
-        if targets.is_empty() {
+        if !entries.iter().any(|e| e.pattern.matches(&topic)) {
             return;
         }
         let payload = match payload {
@@ -502,7 +507,7 @@ impl Task {
             (Framing::Busway, Unframed::Skip) => match wire::decode(topic, payload) {
                 Ok(m) => m,
                 Err(e) => {
-                    self.foreign(&channel, &e.to_string());
+                    self.foreign(channel, &e.to_string());
                     return;
                 }
             },
@@ -526,9 +531,12 @@ impl Task {
         }
         // One message, shared by its subscribers' deliveries instead of copied for each.
         let message = std::sync::Arc::new(message);
-        for tx in targets {
-            tx.send(Delivery::shared(message.clone()).with_reply_via_if_request(&self.via))
-                .await;
+        for e in entries.iter().filter(|e| e.pattern.matches(&message.topic)) {
+            let d = Delivery::shared(message.clone()).with_reply_via_if_request(&self.via);
+            // Only a full `block` queue waits.
+            if let TrySend::Full(d) = e.tx.try_send(d) {
+                e.tx.send(d).await;
+            }
         }
     }
 }
