@@ -294,3 +294,116 @@ async fn bad_layouts_are_refused_by_validate_and_build() {
     )
     .await;
 }
+
+/// The `lang` code blocks of docs/WIRE.md, in order.
+fn wire_blocks(lang: &str) -> Vec<String> {
+    let doc = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../../docs/WIRE.md"))
+        .expect("docs/WIRE.md");
+    let mut out = Vec::new();
+    let mut current: Option<String> = None;
+    for line in doc.lines() {
+        match (&mut current, line.trim_end()) {
+            (None, l) if l == format!("```{lang}") => current = Some(String::new()),
+            (Some(_), "```") => out.extend(current.take()),
+            (Some(text), l) => {
+                text.push_str(l);
+                text.push('\n');
+            }
+            _ => {}
+        }
+    }
+    out
+}
+
+/// `name: value` lines.
+fn pairs(block: &str) -> Vec<(String, String)> {
+    block
+        .lines()
+        .map(|l| {
+            let (k, v) = l.split_once(": ").expect("name: value");
+            (k.to_string(), v.to_string())
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn the_documented_nautilus_example_is_read_and_written_as_documented() {
+    let Some(server) = RedisServer::start("layout_wire_doc") else {
+        return;
+    };
+    let [toml] = &wire_blocks("toml layout-example")[..] else {
+        panic!("one layout-example block in docs/WIRE.md");
+    };
+    let [entry] = &wire_blocks("layout-entry")[..] else {
+        panic!("one layout-entry block");
+    };
+    let [message] = &wire_blocks("layout-message")[..] else {
+        panic!("one layout-message block");
+    };
+    let (entry, want) = (pairs(entry), pairs(message));
+    let get = |k: &str| {
+        want.iter()
+            .find(|(n, _)| n == k)
+            .map(|(_, v)| v.as_str())
+            .unwrap_or_else(|| panic!("{k} in layout-message"))
+    };
+    let mut config = busway::Config::from_toml(toml, "WIRE.md").unwrap();
+    config.buses.get_mut("platform").unwrap().url = Some(server.url());
+    let mut registry = busway::Registry::new();
+    busway_redis::register(&mut registry);
+    let bus = registry.build(&config, "platform").await.unwrap();
+
+    let mut sub = bus
+        .subscribe(
+            pat(get("topic")),
+            SubscribeOptions::new()
+                .group("portfolio-group")
+                .start(StartFrom::Beginning),
+        )
+        .await
+        .unwrap();
+    let mut xadd = vec!["XADD", get("key"), "MAXLEN", "~", "100000", "*"];
+    for (k, v) in &entry {
+        xadd.extend([k.as_str(), v.as_str()]);
+    }
+    server.cli(&xadd);
+    let d = next(&mut sub).await;
+    let m = d.message();
+    assert_eq!(m.topic.as_str(), get("topic"));
+    assert_eq!(&m.payload[..], get("payload").as_bytes());
+    assert_eq!(
+        m.headers.timestamp_us,
+        Some(get("timestamp_us").parse().unwrap())
+    );
+    assert_eq!(m.headers.source.as_deref(), Some(get("source")));
+    assert_eq!(
+        m.headers.correlation_id.as_deref(),
+        Some(get("correlation_id"))
+    );
+    let free: Vec<(String, String)> = want
+        .iter()
+        .filter_map(|(k, v)| Some((k.strip_prefix("h.")?.to_string(), v.clone())))
+        .collect();
+    assert_eq!(m.headers.extra, free);
+    let consumers = server.cli(&["XINFO", "CONSUMERS", get("key"), "portfolio-group"]);
+    assert!(consumers.contains("portfolio-consumer-1"), "{consumers}");
+    d.ack().await.unwrap();
+    let pending = server.cli(&["XPENDING", get("key"), "portfolio-group"]);
+    assert_eq!(pending.lines().next(), Some("0"), "{pending}");
+
+    // Written back: the same fields, in the documented order (no id: the message has none).
+    let mut again = m.clone();
+    server.cli(&["DEL", get("key")]);
+    again.headers.id = None;
+    bus.publish(again).await.unwrap();
+    let written = server.cli(&["XRANGE", get("key"), "-", "+"]);
+    let lines: Vec<&str> = written.lines().skip(1).collect();
+    let mut written: Vec<(String, String)> = lines
+        .chunks(2)
+        .map(|p| (p[0].to_string(), p[1].to_string()))
+        .collect();
+    let mut entry = entry;
+    written.sort();
+    entry.sort();
+    assert_eq!(written, entry);
+}
