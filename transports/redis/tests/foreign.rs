@@ -162,3 +162,245 @@ async fn busway_entries_reach_a_redis_py_consumer_group_in_the_platform_layout()
     let pending = server.cli(&["XPENDING", "nautilus-risk-streams", "risk-group"]);
     assert_eq!(pending.lines().next(), Some("0"), "{pending}");
 }
+
+/// The platform bus as an engine's config has it: the nautilus layout on `url`.
+fn platform_toml(url: &str) -> String {
+    format!(
+        r#"
+[buses.platform]
+transport = "redis"
+url = "{url}"
+mode = "stream"
+read_block = "100ms"
+consumer = "{{app}}-consumer-1"
+
+[buses.platform.layout]
+timestamp = "timestamp"
+headers = {{ source = "source_engine", correlation_id = "correlation_id" }}
+
+[[buses.platform.layout.streams]]
+topic = "engine.{{engine}}.{{message_type}}"
+key = "nautilus-{{engine}}-streams"
+"#
+    )
+}
+
+/// The new engine bus (busway's own stream layout) on `url`.
+fn engine_toml(url: &str) -> String {
+    format!(
+        "\n[buses.engine]\ntransport = \"redis\"\nurl = \"{url}\"\nmode = \"stream\"\nread_block = \"100ms\"\n"
+    )
+}
+
+async fn router(app: &str, buses: &str, routes: &str) -> (busway::Router, busway::Config) {
+    let text = format!(
+        "[app]\nname = \"{app}\"\n[router]\ndedup_window = 10000\ndrain_grace = \"1s\"\n{buses}\n{routes}\n"
+    );
+    let config = busway::Config::from_toml(&text, &format!("{app}.toml")).unwrap();
+    let router = busway::Router::from_config(&config, &registry())
+        .await
+        .unwrap();
+    (router, config)
+}
+
+fn registry() -> busway::Registry {
+    let mut r = busway::Registry::new();
+    busway_redis::register(&mut r);
+    r
+}
+
+/// The `seq` of a payload `{"seq": n}`.
+fn seq_of(m: &Message) -> u64 {
+    json(std::str::from_utf8(&m.payload).unwrap())["seq"]
+        .as_u64()
+        .unwrap()
+}
+
+/// Asserts `got` holds each of `0..n` exactly once.
+fn exactly_once(who: &str, got: &[u64], n: u64) {
+    let mut sorted = got.to_vec();
+    sorted.sort_unstable();
+    let dups = sorted.windows(2).filter(|w| w[0] == w[1]).count();
+    sorted.dedup();
+    let lost: Vec<u64> = (0..n)
+        .filter(|s| sorted.binary_search(s).is_err())
+        .collect();
+    assert!(
+        lost.is_empty() && dups == 0 && got.len() as u64 == n,
+        "{who}: {} received, {} lost (first {:?}), {dups} duplicated",
+        got.len(),
+        lost.len(),
+        lost.iter().take(10).collect::<Vec<_>>()
+    );
+}
+
+/// One engine moved from the Python side to busway under traffic: the portfolio engine
+/// (the producer) is a Python process writing the platform layout, then a busway engine
+/// mirroring onto a new engine bus; the collateral engine (busway) moves its reading to the
+/// engine bus with a reload meanwhile; the risk engine (Python) keeps reading the platform
+/// layout throughout. Each consumer gets every message exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_engine_moves_from_python_to_busway_under_traffic_without_loss_or_duplicates() {
+    const PYTHON_SENDS: u64 = 150;
+    const TOTAL: u64 = 400;
+    let Some(python) = Python::find("foreign_migration") else {
+        return;
+    };
+    let (Some(shared), Some(new)) = (
+        RedisServer::start("foreign_migration_shared"),
+        RedisServer::start("foreign_migration_engine"),
+    ) else {
+        return;
+    };
+    let key = "nautilus-collateral-streams";
+    let platform = platform_toml(&shared.url());
+    let to_platform =
+        "[[routes]]\nmatch = \"engine.>\"\nto = \"platform\"\n[default]\nto = \"platform\"";
+
+    // The collateral engine on busway, reading the platform layout in its group.
+    let (collateral, _) = router("collateral", &platform, to_platform).await;
+    let collateral = std::sync::Arc::new(collateral);
+    let sub = collateral
+        .subscribe(
+            pat("engine.collateral.>"),
+            SubscribeOptions::new()
+                .group("collateral-group")
+                .start(StartFrom::Beginning),
+        )
+        .await
+        .unwrap();
+    let got = std::sync::Arc::new(parking_lot::Mutex::new(Vec::new()));
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let receiver = {
+        let (got, stop) = (got.clone(), stop.clone());
+        let mut sub = sub;
+        tokio::spawn(async move {
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                if let Ok(Some(d)) = sub.recv_timeout(Duration::from_millis(100)).await {
+                    got.lock().push(seq_of(d.message()));
+                    d.ack().await.unwrap();
+                }
+            }
+            sub
+        })
+    };
+    // The risk engine, still on Python, reading the same key in its own group throughout.
+    let port = shared.port().to_string();
+    let total = TOTAL.to_string();
+    let risk = python.spawn(
+        "nautilus_redis.py",
+        &[
+            "consume",
+            "--port",
+            &port,
+            "--key",
+            key,
+            "--group",
+            "risk-group",
+            "--consumer",
+            "risk-consumer-1",
+            "--count",
+            &total,
+            "--timeout",
+            "120",
+        ],
+    );
+
+    // Phase 1: the portfolio engine is the Python one.
+    let sends = PYTHON_SENDS.to_string();
+    let producer = python.spawn(
+        "nautilus_redis.py",
+        &[
+            "produce",
+            "--port",
+            &port,
+            "--key",
+            key,
+            "--type",
+            "position_update",
+            "--count",
+            &sends,
+            "--interval",
+            "0.002",
+        ],
+    );
+    lines_of(
+        "python producer",
+        &producer.finish(Duration::from_secs(60)).await,
+    );
+
+    // Phase 2: the portfolio engine on busway, mirroring engine topics onto the new bus and
+    // the platform layout (where the Python risk engine reads).
+    let mirror = "[[routes]]\nmatch = \"engine.>\"\nto = [\"engine\", \"platform\"]\n[default]\nto = \"platform\"";
+    let (portfolio, _) = router(
+        "portfolio",
+        &format!("{platform}{}", engine_toml(&new.url())),
+        mirror,
+    )
+    .await;
+    let publisher = tokio::spawn(async move {
+        for seq in PYTHON_SENDS..TOTAL {
+            let m = Message::new(
+                topic("engine.collateral.position_update"),
+                format!("{{\"seq\":{seq}}}").into_bytes(),
+            );
+            portfolio.publish(m).await.unwrap();
+            tokio::time::sleep(Duration::from_millis(3)).await;
+        }
+        portfolio
+    });
+
+    // Meanwhile the collateral engine moves its reading to the engine bus.
+    let start = std::time::Instant::now();
+    while (got.lock().len() as u64) < PYTHON_SENDS + 60 {
+        assert!(start.elapsed() < Duration::from_secs(60), "no traffic");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let to_engine =
+        "[[routes]]\nmatch = \"engine.>\"\nto = \"engine\"\n[default]\nto = \"platform\"";
+    let text = format!(
+        "[app]\nname = \"collateral\"\n[router]\ndedup_window = 10000\ndrain_grace = \"1s\"\n{platform}{}\n{to_engine}\n",
+        engine_toml(&new.url())
+    );
+    let after = busway::Config::from_toml(&text, "collateral.toml").unwrap();
+    let report = collateral.reload(&after, &registry()).await.unwrap();
+    assert_eq!((report.subscriptions, report.moved), (1, 1), "{report}");
+    assert_eq!(report.added, ["engine"], "{report}");
+
+    let portfolio = publisher.await.unwrap();
+    let start = std::time::Instant::now();
+    while (got.lock().len() as u64) < TOTAL && start.elapsed() < Duration::from_secs(60) {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // A copy that came late would show up now.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let sub = receiver.await.unwrap();
+    exactly_once("collateral (busway, moved by reload)", &got.lock(), TOTAL);
+    // It heard both buses for a while: the mirror's copies were dropped by message id.
+    let stats = sub.stats();
+    assert!(stats.duplicates > 0, "{stats}");
+    assert_eq!(stats.delivered, TOTAL, "{stats}");
+    let risk = risk.finish(Duration::from_secs(120)).await;
+    let seqs: Vec<u64> = lines_of("risk consumer", &risk)
+        .iter()
+        .map(|l| {
+            json(json(l)["payload"].as_str().unwrap())["seq"]
+                .as_u64()
+                .unwrap()
+        })
+        .collect();
+    exactly_once("risk (Python, platform layout)", &seqs, TOTAL);
+    // The moved engine read the new bus; nothing is left pending in either group.
+    let on_new: u64 = new
+        .cli(&["XLEN", "busway:stream:engine.collateral.position_update"])
+        .trim()
+        .parse()
+        .unwrap();
+    assert_eq!(on_new, TOTAL - PYTHON_SENDS);
+    for group in ["risk-group"] {
+        let pending = shared.cli(&["XPENDING", key, group]);
+        assert_eq!(pending.lines().next(), Some("0"), "{group}: {pending}");
+    }
+    portfolio.close().await.unwrap();
+}
