@@ -21,7 +21,8 @@
 //! tls_ca = "/etc/busway/ca.pem"  # rediss:// only: trust this CA instead of the system's
 //! tls_cert = "client.pem"     # rediss:// only: client certificate (mutual TLS), with tls_key
 //! tls_key = "client.key"
-//! consumer = "{app}-consumer-1" # stream mode: consumer name in a group ({app}, {group}, {bus})
+//! consumer = "{app}-consumer-{instance}" # stream mode: consumer name in a group ({app},
+//!                                         # {group}, {bus}; {instance}: $BUSWAY_INSTANCE)
 //!
 //! [buses.engine.layout]       # stream mode: map topics and fields to an existing layout
 //! # see the `layout` module docs and the README's "Existing stream layouts"
@@ -174,7 +175,8 @@ pub struct RedisOptions {
     #[serde(default)]
     pub tls_key: Option<String>,
     /// Stream mode: the consumer name of this process in a consumer group; `{app}`,
-    /// `{group}` and `{bus}` are replaced (default: unset, `busway:<app>:<bus>:<random>`).
+    /// `{group}` and `{bus}` are replaced, `{instance}` by the environment variable
+    /// `BUSWAY_INSTANCE` (default: unset, `busway:<app>:<bus>:<random>`).
     #[serde(default)]
     pub consumer: Option<String>,
     /// Stream mode: an existing layout of stream keys and entry fields to read and write
@@ -265,8 +267,8 @@ pub struct RedisConfig {
     pub tls_cert: Option<String>,
     /// `rediss://` only: the PEM private key of `tls_cert`.
     pub tls_key: Option<String>,
-    /// Stream mode: the consumer name in a group, with `{app}`, `{group}` and `{bus}`
-    /// replaced; `None`: `busway:<app>:<bus>:<random>`.
+    /// Stream mode: the consumer name in a group, with `{app}`, `{group}`, `{bus}` and
+    /// `{instance}` (`$BUSWAY_INSTANCE`) replaced; `None`: `busway:<app>:<bus>:<random>`.
     pub consumer: Option<String>,
     /// Stream mode: an existing layout of stream keys and entry fields; `None`: busway's.
     pub layout: Option<LayoutOptions>,
@@ -468,6 +470,11 @@ impl RedisConfig {
             if let Err(why) = check_consumer(c) {
                 return Some(("consumer", why));
             }
+            if c.contains("{instance}") {
+                if let Err(why) = instance() {
+                    return Some(("consumer", format!("{c:?} uses {{instance}}, but {why}")));
+                }
+            }
             if self.mode != Mode::Stream {
                 return Some((
                     "consumer",
@@ -544,7 +551,8 @@ impl RedisConfig {
             Some(c) => c
                 .replace("{app}", &self.app)
                 .replace("{group}", group)
-                .replace("{bus}", &self.bus),
+                .replace("{bus}", &self.bus)
+                .replace("{instance}", &instance().unwrap_or_default()),
             None => format!("{}:{:016x}", self.client_name, rand::random::<u64>()),
         }
     }
@@ -560,6 +568,18 @@ impl RedisConfig {
     }
 }
 
+/// `BUSWAY_INSTANCE`: this process's instance (a number or name), for `{instance}` in
+/// `consumer`.
+fn instance() -> std::result::Result<String, String> {
+    match std::env::var("BUSWAY_INSTANCE") {
+        Ok(v) if !v.is_empty() && v.bytes().all(|b| b.is_ascii_graphic()) => Ok(v),
+        Ok(v) => Err(format!(
+            "BUSWAY_INSTANCE {v:?} is empty or holds spaces or control characters"
+        )),
+        Err(_) => Err("BUSWAY_INSTANCE is not set (this process's instance number or name)".into()),
+    }
+}
+
 /// Why a consumer name template cannot be used.
 fn check_consumer(c: &str) -> std::result::Result<(), String> {
     if c.is_empty() {
@@ -571,9 +591,9 @@ fn check_consumer(c: &str) -> std::result::Result<(), String> {
             .find('}')
             .ok_or_else(|| format!("{c:?} has a '{{' without '}}'"))?;
         let name = &rest[start..start + end + 1];
-        if !matches!(name, "{app}" | "{group}" | "{bus}") {
+        if !matches!(name, "{app}" | "{group}" | "{bus}" | "{instance}") {
             return Err(format!(
-                "{c:?}: {name} is not one of {{app}}, {{group}}, {{bus}}"
+                "{c:?}: {name} is not one of {{app}}, {{group}}, {{bus}}, {{instance}}"
             ));
         }
         rest = &rest[start + end + 1..];

@@ -407,3 +407,31 @@ async fn the_documented_nautilus_example_is_read_and_written_as_documented() {
     entry.sort();
     assert_eq!(written, entry);
 }
+
+#[tokio::test]
+async fn the_consumer_instance_comes_from_busway_instance() {
+    let body = "url = \"redis://127.0.0.1:1\"\nmode = \"stream\"\nconsumer = \"{app}-consumer-{instance}\"\n";
+    std::env::remove_var("BUSWAY_INSTANCE");
+    assert_refused(
+        body,
+        "cfg.toml: buses.main.consumer: \"{app}-consumer-{instance}\" uses {instance}, but BUSWAY_INSTANCE is not set",
+    )
+    .await;
+    let Some(server) = RedisServer::start("layout_instance") else {
+        return;
+    };
+    // This test's process only (nextest runs each test in a process of its own).
+    std::env::set_var("BUSWAY_INSTANCE", "3");
+    let bus = bus(&server.url(), |c| {
+        c.consumer = Some("{app}-consumer-{instance}".into())
+    })
+    .await;
+    let mut sub = bus
+        .subscribe(pat("trade.fill"), SubscribeOptions::new().group("g"))
+        .await
+        .unwrap();
+    foreign_xadd(&server, "nautilus-trade-streams", "fill", "x");
+    next(&mut sub).await.ack().await.unwrap();
+    let consumers = server.cli(&["XINFO", "CONSUMERS", "nautilus-trade-streams", "g"]);
+    assert!(consumers.contains("test-consumer-3"), "{consumers}");
+}
