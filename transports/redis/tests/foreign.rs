@@ -398,9 +398,14 @@ async fn an_engine_moves_from_python_to_busway_under_traffic_without_loss_or_dup
         .parse()
         .unwrap();
     assert_eq!(on_new, TOTAL - PYTHON_SENDS);
-    for group in ["risk-group"] {
-        let pending = shared.cli(&["XPENDING", key, group]);
-        assert_eq!(pending.lines().next(), Some("0"), "{group}: {pending}");
-    }
+    let pending = shared.cli(&["XPENDING", key, "risk-group"]);
+    assert_eq!(pending.lines().next(), Some("0"), "risk-group: {pending}");
+    let new_key = "busway:stream:engine.collateral.position_update";
+    let pending = new.cli(&["XPENDING", new_key, "collateral-group"]);
+    assert_eq!(
+        pending.lines().next(),
+        Some("0"),
+        "collateral-group: {pending}"
+    );
     portfolio.close().await.unwrap();
 }
