@@ -220,14 +220,19 @@ fn seq_of(m: &Message) -> u64 {
 fn exactly_once(who: &str, got: &[u64], n: u64) {
     let mut sorted = got.to_vec();
     sorted.sort_unstable();
-    let dups = sorted.windows(2).filter(|w| w[0] == w[1]).count();
+    let dup_seqs: Vec<u64> = sorted
+        .windows(2)
+        .filter(|w| w[0] == w[1])
+        .map(|w| w[0])
+        .collect();
+    let dups = dup_seqs.len();
     sorted.dedup();
     let lost: Vec<u64> = (0..n)
         .filter(|s| sorted.binary_search(s).is_err())
         .collect();
     assert!(
         lost.is_empty() && dups == 0 && got.len() as u64 == n,
-        "{who}: {} received, {} lost (first {:?}), {dups} duplicated",
+        "{who}: {} received, {} lost (first {:?}), {dups} duplicated {dup_seqs:?}",
         got.len(),
         lost.len(),
         lost.iter().take(10).collect::<Vec<_>>()
