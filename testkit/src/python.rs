@@ -8,6 +8,7 @@
 //! assert!(out.status.success());
 //! ```
 
+use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -76,11 +77,27 @@ impl Python {
 
     /// Starts a script; the returned guard kills it when dropped.
     pub fn spawn(&self, script: &str, args: &[&str]) -> Script {
-        let child = self
+        let mut child = self
             .command(script, args)
             .spawn()
             .unwrap_or_else(|e| panic!("start {script}: {e}"));
-        Script { child: Some(child) }
+        // Read as it comes, so a test can wait for a line (`ready`) while the script runs.
+        let stdout = child.stdout.take().expect("piped stdout");
+        let (tx, lines) = std::sync::mpsc::channel();
+        let reader = std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Script {
+            child: Some(child),
+            lines,
+            reader: Some(reader),
+            seen: Vec::new(),
+        }
     }
 }
 
@@ -88,18 +105,44 @@ impl Python {
 #[derive(Debug)]
 pub struct Script {
     child: Option<Child>,
+    lines: std::sync::mpsc::Receiver<String>,
+    reader: Option<std::thread::JoinHandle<()>>,
+    /// Lines taken by [`wait_for_line`](Self::wait_for_line), still part of the output.
+    seen: Vec<String>,
 }
 
 impl Script {
-    /// Waits for the script to end (killing it after `limit`) and returns its output.
-    pub fn wait(mut self, limit: Duration) -> Output {
-        let mut child = self.child.take().expect("not waited yet");
-        let start = Instant::now();
-        while child.try_wait().ok().flatten().is_none() && start.elapsed() < limit {
-            std::thread::sleep(Duration::from_millis(20));
+    /// Waits (at most `limit`) for a stdout line equal to `want`; panics with the script's
+    /// output when it does not come.
+    pub fn wait_for_line(&mut self, want: &str, limit: Duration) {
+        let deadline = Instant::now() + limit;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) if line == want => return,
+                Ok(line) => self.seen.push(line),
+                Err(_) => {
+                    let child = self.child.take().expect("running");
+                    let out = finish(child, Duration::ZERO, &self.lines, &mut self.seen);
+                    panic!(
+                        "no line {want:?} within {limit:?}: {}\n{}",
+                        String::from_utf8_lossy(&out.stderr),
+                        String::from_utf8_lossy(&out.stdout)
+                    );
+                }
+            }
         }
-        let _ = child.kill();
-        child.wait_with_output().expect("script output")
+    }
+
+    /// Waits for the script to end (killing it after `limit`) and returns its output (stdout
+    /// without the lines [`wait_for_line`](Self::wait_for_line) waited for).
+    pub fn wait(mut self, limit: Duration) -> Output {
+        let child = self.child.take().expect("not waited yet");
+        let out = finish(child, limit, &self.lines, &mut self.seen);
+        if let Some(reader) = self.reader.take() {
+            let _ = reader.join();
+        }
+        out
     }
 
     /// Waits as [`wait`](Self::wait) without blocking the async runtime's thread.
@@ -108,6 +151,30 @@ impl Script {
             .await
             .expect("waiting for the script")
     }
+}
+
+/// Waits up to `limit` for `child` to end, kills it, and returns its output.
+fn finish(
+    mut child: Child,
+    limit: Duration,
+    lines: &std::sync::mpsc::Receiver<String>,
+    seen: &mut Vec<String>,
+) -> Output {
+    let start = Instant::now();
+    while child.try_wait().ok().flatten().is_none() && start.elapsed() < limit {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = child.kill();
+    let out = child.wait_with_output().expect("script output");
+    // The reader ends with stdout; take what it read.
+    while let Ok(line) = lines.recv_timeout(Duration::from_secs(5)) {
+        seen.push(line);
+    }
+    let mut stdout = seen.join("\n").into_bytes();
+    if !stdout.is_empty() {
+        stdout.push(b'\n');
+    }
+    Output { stdout, ..out }
 }
 
 impl Drop for Script {

@@ -139,3 +139,87 @@ async fn busway_messages_reach_a_nats_py_durable_consumer_with_their_headers() {
     assert_eq!(&d.message().payload[..], b"next");
     d.ack().await.unwrap();
 }
+
+/// Runs until `script` prints `ready` (it subscribed), without blocking the runtime.
+async fn ready(mut script: busway_testkit::python::Script) -> busway_testkit::python::Script {
+    tokio::task::spawn_blocking(move || {
+        script.wait_for_line("ready", Duration::from_secs(30));
+        script
+    })
+    .await
+    .unwrap()
+}
+
+#[tokio::test]
+async fn nats_py_and_busway_request_each_other_on_core_nats_with_headers() {
+    let Some(python) = Python::find("foreign_nats_rpc") else {
+        return;
+    };
+    let Some(server) = NatsServer::start("foreign_nats_rpc") else {
+        return;
+    };
+    let bus = connect(&server.url(), "rpc", Mode::Broadcast, "")
+        .await
+        .unwrap();
+    let url = server.url();
+
+    // A Python requester, a busway responder.
+    let mut svc = bus
+        .subscribe(pattern("svc.ping"), SubscribeOptions::new())
+        .await
+        .unwrap();
+    let requester = python.spawn(
+        "nats_core.py",
+        &[
+            "request",
+            "--url",
+            &url,
+            "--subject",
+            "svc.ping",
+            "--data",
+            "ping",
+            "--header",
+            "priority=high",
+        ],
+    );
+    let d = next(&mut svc).await;
+    assert_eq!(&d.message().payload[..], b"ping");
+    assert_eq!(d.message().headers.get("priority"), Some("high"));
+    d.reply("pong").await.unwrap();
+    let lines = lines_of(
+        "requester",
+        &requester.finish(Duration::from_secs(30)).await,
+    );
+    assert_eq!(json(&lines[0])["data"], "pong", "{lines:?}");
+
+    // A busway requester, a Python responder (which sends the request's headers back).
+    let responder = ready(python.spawn(
+        "nats_core.py",
+        &[
+            "reply",
+            "--url",
+            &url,
+            "--subject",
+            "svc.py",
+            "--count",
+            "1",
+        ],
+    ))
+    .await;
+    let answer = bus
+        .request(
+            Message::new(topic("svc.py"), &b"hello"[..]).with_header("priority", "low"),
+            Duration::from_secs(10),
+        )
+        .await
+        .unwrap();
+    assert_eq!(&answer.payload[..], b"pong:hello");
+    assert_eq!(answer.headers.get("priority"), Some("low"));
+    let lines = lines_of(
+        "responder",
+        &responder.finish(Duration::from_secs(30)).await,
+    );
+    let request = json(&lines[0]);
+    assert_eq!(request["data"], "hello", "{lines:?}");
+    assert_eq!(request["headers"]["priority"], "low", "{lines:?}");
+}

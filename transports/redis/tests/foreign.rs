@@ -414,3 +414,89 @@ async fn an_engine_moves_from_python_to_busway_under_traffic_without_loss_or_dup
     );
     portfolio.close().await.unwrap();
 }
+
+/// Runs until `script` prints `ready` (it subscribed), without blocking the runtime.
+async fn ready(mut script: busway_testkit::python::Script) -> busway_testkit::python::Script {
+    tokio::task::spawn_blocking(move || {
+        script.wait_for_line("ready", Duration::from_secs(30));
+        script
+    })
+    .await
+    .unwrap()
+}
+
+/// Request/reply both ways on a busway-framed pub/sub bus, the Python side speaking the
+/// frame and protocol of docs/WIRE.md (`testkit/python/busway_frame.py`, written from it).
+#[tokio::test]
+async fn redis_py_and_busway_request_each_other_on_pub_sub_with_headers() {
+    let Some(python) = Python::find("foreign_redis_rpc") else {
+        return;
+    };
+    let Some(server) = RedisServer::start("foreign_redis_rpc") else {
+        return;
+    };
+    let bus = connect("rpc", &server.url(), Mode::Broadcast, |_| {}).await;
+    let port = server.port().to_string();
+
+    // A Python requester, a busway responder.
+    let mut svc = bus
+        .subscribe(pat("svc.ping"), SubscribeOptions::new())
+        .await
+        .unwrap();
+    let requester = python.spawn(
+        "redis_pubsub.py",
+        &[
+            "request",
+            "--port",
+            &port,
+            "--channel",
+            "svc.ping",
+            "--data",
+            "ping",
+            "--header",
+            "desk=fx",
+        ],
+    );
+    let d = next(&mut svc).await;
+    assert_eq!(&d.message().payload[..], b"ping");
+    assert_eq!(d.message().headers.get("desk"), Some("fx"));
+    assert!(d.message().headers.correlation_id.is_some());
+    d.reply("pong").await.unwrap();
+    let lines = lines_of(
+        "requester",
+        &requester.finish(Duration::from_secs(30)).await,
+    );
+    assert_eq!(json(&lines[0])["payload"], "pong", "{lines:?}");
+
+    // A busway requester, a Python responder.
+    let responder = ready(python.spawn(
+        "redis_pubsub.py",
+        &[
+            "reply",
+            "--port",
+            &port,
+            "--channel",
+            "svc.py",
+            "--count",
+            "1",
+        ],
+    ))
+    .await;
+    let answer = bus
+        .request(
+            Message::new(topic("svc.py"), &b"hello"[..]).with_header("desk", "eq"),
+            Duration::from_secs(10),
+        )
+        .await
+        .unwrap();
+    assert_eq!(&answer.payload[..], b"pong:hello");
+    assert_eq!(answer.headers.source.as_deref(), Some("python"));
+    assert_eq!(answer.headers.get("desk"), Some("eq"));
+    let lines = lines_of(
+        "responder",
+        &responder.finish(Duration::from_secs(30)).await,
+    );
+    let request = json(&lines[0]);
+    assert_eq!(request["payload"], "hello", "{lines:?}");
+    assert_eq!(request["extra"][0], serde_json::json!(["desk", "eq"]));
+}
