@@ -41,6 +41,7 @@ const CASES: &[(&str, &str, &str)] = &[
     ("redis: layout that does not parse", "[buses.a]\ntransport = \"redis\"\nurl = \"redis://127.0.0.1:1\"\nmode = \"stream\"\n[[buses.a.layout.streams]]\ntopic = \"md.{type\"\nkey = \"k\"\n", "buses.a.layout"),
     ("redis: layout key field not in the topic", "[buses.a]\ntransport = \"redis\"\nurl = \"redis://127.0.0.1:1\"\nmode = \"stream\"\n[[buses.a.layout.streams]]\ntopic = \"engine.{type}\"\nkey = \"nautilus-{engine}-streams\"\n", "buses.a.layout"),
     ("redis: layout on a broadcast bus", "[buses.a]\ntransport = \"redis\"\nurl = \"redis://127.0.0.1:1\"\n[[buses.a.layout.streams]]\ntopic = \"md.{type}\"\nkey = \"k\"\n", "buses.a.layout"),
+    ("redis: key_prefix beside a layout", "[buses.a]\ntransport = \"redis\"\nurl = \"redis://127.0.0.1:1\"\nmode = \"stream\"\nkey_prefix = \"x:\"\n[[buses.a.layout.streams]]\ntopic = \"md.{type}\"\nkey = \"k\"\n", "buses.a.key_prefix"),
     ("redis: unknown layout key", "[buses.a]\ntransport = \"redis\"\nurl = \"redis://127.0.0.1:1\"\nmode = \"stream\"\n[buses.a.layout]\npayload_field = \"p\"\n", "payload_field"),
     ("redis: consumer name placeholder", "[buses.a]\ntransport = \"redis\"\nurl = \"redis://127.0.0.1:1\"\nmode = \"stream\"\nconsumer = \"{engine}-consumer-1\"\n", "buses.a.consumer"),
     ("nats: durable name without {group}", "[buses.a]\ntransport = \"nats\"\nurl = \"nats://127.0.0.1:1\"\nmode = \"stream\"\ndurable = \"portfolio\"\n", "buses.a.durable"),

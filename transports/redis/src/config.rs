@@ -465,6 +465,19 @@ impl RedisConfig {
             if let Err(why) = Layout::new(layout) {
                 return Some(("layout", why));
             }
+            // Ignored under a layout: refused rather than silently unused.
+            for (key, value, default) in [
+                ("key_prefix", &self.key_prefix, d_key_prefix()),
+                ("index_key", &self.index_key, d_index_key()),
+            ] {
+                if *value != default {
+                    return Some((
+                        key,
+                        "does not apply with a layout (its streams give the keys; no index is kept)"
+                            .into(),
+                    ));
+                }
+            }
         }
         if let Some(c) = &self.consumer {
             if let Err(why) = check_consumer(c) {

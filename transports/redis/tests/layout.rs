@@ -289,6 +289,11 @@ async fn bad_layouts_are_refused_by_validate_and_build() {
     )
     .await;
     assert_refused(
+        &format!("{base}key_prefix = \"x:\"\n[[buses.main.layout.streams]]\ntopic = \"md.{{t}}\"\nkey = \"k\"\n"),
+        "cfg.toml: buses.main.key_prefix: does not apply with a layout",
+    )
+    .await;
+    assert_refused(
         &format!("{base}consumer = \"{{engine}}-consumer-1\"\n"),
         "cfg.toml: buses.main.consumer: \"{engine}-consumer-1\": {engine} is not one of",
     )
