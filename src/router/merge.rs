@@ -60,6 +60,14 @@ impl MergeHandle {
         self.send(Change::Later(key, Later::ForgetBefore(generation)));
     }
 
+    /// From now on the subscription remembers the ids it delivers, as it does once it has
+    /// two parts: sent before a part is subscribed for an open subscription, so a message
+    /// delivered by an old part in the meantime is known when its mirror copy comes through
+    /// the new part (without it, the window would start only when the new part is added).
+    pub(crate) fn remember_ids(&self) {
+        self.send(Change::RememberIds);
+    }
+
     /// After its backlog, part `key` ends (and its subscription is dropped).
     pub(crate) fn end_after_backlog(&self, key: u64) {
         self.send(Change::Later(key, Later::End));
@@ -94,6 +102,7 @@ enum Change {
     Add(u64, Subscription, Option<(u64, Accept)>),
     AcceptAlso(u64, u64, Accept),
     Later(u64, Later),
+    RememberIds,
 }
 
 enum Later {
@@ -183,8 +192,9 @@ impl Dedup {
 /// so a reload can move them to other buses.
 ///
 /// With `dedup_window > 0`, once the subscription has two parts or more it delivers each
-/// message id once among the last `dedup_window` ids it has delivered; a one-part
-/// subscription keeps no window. Messages without an id are never treated as duplicates.
+/// message id once among the last `dedup_window` ids it has delivered (or once a reload is
+/// about to add a part: [`MergeHandle::remember_ids`]); a one-part subscription keeps no
+/// window otherwise. Messages without an id are never treated as duplicates.
 /// Duplicates dropped count in `duplicates` and ids pushed out of the full window in
 /// `dedup_evictions` of [`Subscription::stats`]; an ackable duplicate is acked (on a spawned
 /// task), as a delivery no rule accepts is.
@@ -297,6 +307,11 @@ impl Merged {
         for change in changes {
             match change {
                 Change::Add(key, sub, rule) => self.add(key, sub, rule),
+                Change::RememberIds => {
+                    if self.dedup_window > 0 && self.dedup.is_none() {
+                        self.dedup = Some(Dedup::new(self.dedup_window));
+                    }
+                }
                 Change::AcceptAlso(key, generation, accept) => {
                     if let Some(p) = self.parts.iter_mut().find(|p| p.key == key) {
                         p.accept
@@ -404,5 +419,50 @@ impl Merged {
         } else {
             Poll::Pending
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::{Bus, MemoryBus, Message, SubscribeOptions, Topic};
+
+    /// The ids a one-part subscription delivers when a reload adds a second part whose bus
+    /// got a mirror copy of a message the first part delivers before the part is added.
+    async fn ids_through_a_move(remember: bool) -> Vec<String> {
+        let (a, b) = (MemoryBus::new("a"), MemoryBus::new("b"));
+        let p = Pattern::new("t").unwrap();
+        let on_a = a
+            .subscribe(p.clone(), SubscribeOptions::new())
+            .await
+            .unwrap();
+        let (mut merged, handle) = merge_live(p.clone(), 1, vec![(0, on_a, None)], 100, None);
+        if remember {
+            handle.remember_ids();
+        }
+        let on_b = b
+            .subscribe(p.clone(), SubscribeOptions::new())
+            .await
+            .unwrap();
+        let m = Message::new(Topic::new("t").unwrap(), &b"x"[..]).with_id("m1");
+        a.publish(m.clone()).await.unwrap();
+        b.publish(m).await.unwrap();
+        let wait = Duration::from_millis(300);
+        let mut ids = Vec::new();
+        let first = merged.recv_timeout(wait).await.unwrap().unwrap();
+        ids.extend(first.message().headers.id.clone());
+        handle.add(1, on_b, 1, None);
+        while let Ok(Some(d)) = merged.recv_timeout(wait).await {
+            ids.extend(d.message().headers.id.clone());
+        }
+        ids
+    }
+
+    #[tokio::test]
+    async fn ids_remembered_before_a_part_is_added_drop_its_copies() {
+        assert_eq!(ids_through_a_move(false).await, ["m1", "m1"]);
+        assert_eq!(ids_through_a_move(true).await, ["m1"]);
     }
 }

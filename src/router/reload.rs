@@ -175,6 +175,11 @@ impl Router {
                 ))
             })?;
             let current = ls.parts.lock().clone();
+            if plan.iter().any(|(_, _, slot)| !current.contains(slot)) {
+                // Before the new buses' subscriptions start: what the old parts deliver from
+                // now on is remembered, so its copies through the new parts are dropped.
+                ls.handle.remember_ids();
+            }
             let mut options = ls.options.clone();
             options.start = StartFrom::New;
             let mut added = Vec::new();

@@ -1,5 +1,6 @@
 //! Test support for busway: the conformance suite every [`Bus`](busway::Bus) must pass, and
-//! harnesses that start real `redis-server` / `nats-server` processes on free loopback ports.
+//! harnesses that start real `redis-server` / `nats-server` processes on free loopback ports,
+//! and foreign (Python) clients for the mixed-fleet tests.
 
 pub mod conformance;
 pub mod faults;
@@ -7,6 +8,7 @@ pub mod logs;
 pub mod metrics;
 pub mod nats;
 pub mod nats_cluster;
+pub mod python;
 pub mod redis;
 mod server;
 pub mod tls;

@@ -14,7 +14,8 @@
 //! mode = "stream"              # JetStream
 //! url = "nats://10.0.0.1:4222"
 //! stream = "ENGINE"            # default: BUSWAY_<BUS> upper-cased
-//! subjects = ["engine.>"]      # default: ["<bus>.>"]
+//! subjects = ["engine.>"]      # default: ["<bus>.>"]; set, the stream has them from connect
+//! durable = "{group}-{hash}"   # a group's durable consumer name (the default)
 //! max_age = "7d"
 //! max_deliveries = 5
 //! dead_letter = "dead.engine"
@@ -170,6 +171,12 @@ pub struct NatsOptions {
     /// as it is and a warning names the keys that differ.
     #[serde(default)]
     pub update_stream: bool,
+    /// Stream mode: the durable consumer name of a group reading a pattern; `{group}` (with
+    /// characters NATS refuses in names as `_`), `{hash}` (FNV-1a-32 of the pattern, 8 hex
+    /// digits) and `{bus}` are replaced. Default `{group}-{hash}`. Without `{hash}` a group
+    /// reads one pattern (the consumer's filter).
+    #[serde(default)]
+    pub durable: Option<String>,
     /// Stream mode: times a publish whose PubAck did not come (timeout, lost connection, no
     /// stream leader) is sent again, with the same `Nats-Msg-Id`, so the stream stores it
     /// once within `duplicate_window`. Default 3; 0 = no retry.
@@ -296,6 +303,7 @@ impl fmt::Debug for NatsOptions {
             .field("replicas", &self.replicas)
             .field("duplicate_window", &self.duplicate_window)
             .field("update_stream", &self.update_stream)
+            .field("durable", &self.durable)
             .field("publish_retries", &self.publish_retries)
             .field("retry_backoff", &self.retry_backoff)
             .field("max_deliveries", &self.max_deliveries)
@@ -578,6 +586,8 @@ pub(crate) struct StreamKeys {
     /// No `subjects` in config: the stream's subjects grow with use.
     pub(crate) auto: bool,
     pub(crate) dead_letter: Option<Topic>,
+    /// The durable consumer name template of groups (`{group}`, `{hash}`, `{bus}`).
+    pub(crate) durable: String,
 }
 
 impl StreamKeys {
@@ -631,13 +641,38 @@ impl StreamKeys {
             Some(t) => Some(Topic::new(t).map_err(|e| ("dead_letter", e.to_string()))?),
             None => None,
         };
+        let durable = o.durable.clone().unwrap_or_else(|| "{group}-{hash}".into());
+        check_durable(&durable).map_err(|why| ("durable", why))?;
         Ok(StreamKeys {
             name,
             subjects,
             auto,
             dead_letter,
+            durable,
         })
     }
+}
+
+/// Why a durable name template cannot name JetStream consumers.
+fn check_durable(t: &str) -> std::result::Result<(), String> {
+    if !t.contains("{group}") {
+        return Err(format!(
+            "{t:?} has no {{group}}: two groups would share one durable consumer"
+        ));
+    }
+    let literal = t
+        .replace("{group}", "")
+        .replace("{hash}", "")
+        .replace("{bus}", "");
+    if let Some(c) = literal
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || *c == '-' || *c == '_'))
+    {
+        return Err(format!(
+            "{t:?}: {c:?} is neither a placeholder ({{group}}, {{hash}}, {{bus}}) nor a letter, digit, '-' or '_'"
+        ));
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -356,3 +356,86 @@ async fn jetstream_survives_kill_9_without_losing_acknowledged_publishes() {
     }
     assert!(bus.stats().reconnects >= 1);
 }
+
+#[tokio::test]
+async fn a_foreign_publisher_goes_first_and_groups_use_the_configured_durable_name() {
+    let Some(server) = NatsServer::start("js_foreign_first") else {
+        return;
+    };
+    let keys = "stream = \"PLATFORM\"\nsubjects = [\"engine.>\"]\ndurable = \"{group}\"";
+    // The bus creates the stream with its configured subjects at connect: a foreign
+    // publisher can publish before any busway subscriber (or publisher) used a subject.
+    let bus = connect(&server.url(), "eng", Mode::Stream, keys)
+        .await
+        .unwrap();
+    let client = async_nats::connect(server.url()).await.unwrap();
+    let js = async_nats::jetstream::new(client);
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert("priority", "high");
+    js.publish_with_headers("engine.portfolio.fill", headers, "first".into())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    let mut sub = bus
+        .subscribe(
+            pattern("engine.portfolio.>"),
+            SubscribeOptions::new()
+                .group("portfolio")
+                .start(StartFrom::Beginning),
+        )
+        .await
+        .unwrap();
+    let d = next(&mut sub).await;
+    assert_eq!(d.message().topic.as_str(), "engine.portfolio.fill");
+    assert_eq!(&d.message().payload[..], b"first");
+    assert_eq!(d.message().headers.get("priority"), Some("high"));
+    d.ack().await.unwrap();
+    // The group's durable consumer is named as configured, so a foreign consumer of the
+    // same durable shares its position.
+    let mut stream = js.get_stream("PLATFORM").await.unwrap();
+    let info = stream
+        .consumer_info("portfolio")
+        .await
+        .expect("durable \"portfolio\"");
+    assert_eq!(info.config.filter_subject, "engine.portfolio.>");
+    assert_eq!(info.num_ack_pending, 0);
+    let _ = stream.info().await.unwrap();
+    // The same group on another pattern would need a second durable of the same name.
+    let err = bus
+        .subscribe(
+            pattern("engine.risk.>"),
+            SubscribeOptions::new().group("portfolio"),
+        )
+        .await
+        .unwrap_err();
+    assert!(
+        err.to_string().contains("\"portfolio\"") && err.to_string().contains("{hash}"),
+        "{err}"
+    );
+}
+
+#[tokio::test]
+async fn durable_names_without_a_group_or_with_bad_characters_are_refused() {
+    for (durable, want) in [
+        ("fixed", "has no {group}"),
+        ("{group}.x", "'.' is neither a placeholder"),
+        ("{grp}", "has no {group}"),
+    ] {
+        let config = common::bus_config(
+            "nats://127.0.0.1:1",
+            Mode::Stream,
+            &format!("durable = \"{durable}\""),
+            None,
+        );
+        let err =
+            busway_nats::NatsConfig::from_context(&common::context("eng", &config)).unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::InvalidConfig);
+        assert!(
+            err.to_string()
+                .starts_with("test.toml: buses.eng.durable: ")
+                && err.to_string().contains(want),
+            "{durable}: {err}"
+        );
+    }
+}

@@ -23,6 +23,11 @@
 //! tls_ca = "/etc/busway/ca.pem"  # rediss:// only: trust this CA instead of the system's
 //! tls_cert = "client.pem"     # rediss:// only: client certificate (mutual TLS), with tls_key
 //! tls_key = "client.key"
+//! consumer = "{app}-consumer-{instance}" # stream mode: consumer name in a group ({app},
+//!                                         # {group}, {bus}; {instance}: $BUSWAY_INSTANCE)
+//!
+//! [buses.engine.layout]       # stream mode: map topics and fields to an existing layout
+//! # see the `layout` module docs and the README's "Existing stream layouts"
 //! ```
 
 use std::fmt;
@@ -34,6 +39,8 @@ use busway::transport::{
     redact_url, scrub_secrets, BuildContext, ConfigDuration, Framing, OnDisconnect,
 };
 use busway::{config::QueueDefaults, Capabilities, Error, Mode, Result, Topic};
+
+use crate::layout::{Layout, LayoutOptions};
 
 /// Renamed keys, `(old, new)`: an old key is refused naming the new one.
 const RENAMED: &[(&str, &str)] = &[
@@ -186,6 +193,15 @@ pub struct RedisOptions {
     /// `rediss://` only: the PEM private key of `tls_cert` (default: unset).
     #[serde(default)]
     pub tls_key: Option<String>,
+    /// Stream mode: the consumer name of this process in a consumer group; `{app}`,
+    /// `{group}` and `{bus}` are replaced, `{instance}` by the environment variable
+    /// `BUSWAY_INSTANCE` (default: unset, `busway:<app>:<bus>:<random>`).
+    #[serde(default)]
+    pub consumer: Option<String>,
+    /// Stream mode: an existing layout of stream keys and entry fields to read and write
+    /// (default: unset, busway's own: `key_prefix` + topic and busway's fields).
+    #[serde(default)]
+    pub layout: Option<LayoutOptions>,
 }
 
 impl Default for RedisOptions {
@@ -272,6 +288,11 @@ pub struct RedisConfig {
     pub tls_cert: Option<String>,
     /// `rediss://` only: the PEM private key of `tls_cert`.
     pub tls_key: Option<String>,
+    /// Stream mode: the consumer name in a group, with `{app}`, `{group}`, `{bus}` and
+    /// `{instance}` (`$BUSWAY_INSTANCE`) replaced; `None`: `busway:<app>:<bus>:<random>`.
+    pub consumer: Option<String>,
+    /// Stream mode: an existing layout of stream keys and entry fields; `None`: busway's.
+    pub layout: Option<LayoutOptions>,
 }
 
 impl fmt::Debug for RedisConfig {
@@ -306,6 +327,8 @@ impl fmt::Debug for RedisConfig {
             .field("tls_ca", &self.tls_ca)
             .field("tls_cert", &self.tls_cert)
             .field("tls_key", &self.tls_key)
+            .field("consumer", &self.consumer)
+            .field("layout", &self.layout)
             .finish()
     }
 }
@@ -348,6 +371,8 @@ impl RedisConfig {
             tls_ca: o.tls_ca,
             tls_cert: o.tls_cert,
             tls_key: o.tls_key,
+            consumer: o.consumer,
+            layout: o.layout,
         }
     }
 
@@ -449,8 +474,58 @@ impl RedisConfig {
             ));
         }
         if let Some(t) = &self.dead_letter {
-            if let Err(e) = Topic::new(t) {
-                return Some(("dead_letter", e.to_string()));
+            match Topic::new(t) {
+                Err(e) => return Some(("dead_letter", e.to_string())),
+                Ok(t) => {
+                    let layout = self.layout.as_ref().and_then(|l| Layout::new(l).ok());
+                    if layout.is_some_and(|l| !l.maps(&t)) {
+                        return Some((
+                            "dead_letter",
+                            format!("topic {:?} falls in no layout.streams topic", t.as_str()),
+                        ));
+                    }
+                }
+            }
+        }
+        if let Some(layout) = &self.layout {
+            if self.mode != Mode::Stream {
+                return Some((
+                    "layout",
+                    "applies to stream mode (mode = \"stream\"); broadcast channels are topics"
+                        .into(),
+                ));
+            }
+            if let Err(why) = Layout::new(layout) {
+                return Some(("layout", why));
+            }
+            // Ignored under a layout: refused rather than silently unused.
+            for (key, value, default) in [
+                ("key_prefix", &self.key_prefix, d_key_prefix()),
+                ("index_key", &self.index_key, d_index_key()),
+            ] {
+                if *value != default {
+                    return Some((
+                        key,
+                        "does not apply with a layout (its streams give the keys; no index is kept)"
+                            .into(),
+                    ));
+                }
+            }
+        }
+        if let Some(c) = &self.consumer {
+            if let Err(why) = check_consumer(c) {
+                return Some(("consumer", why));
+            }
+            if c.contains("{instance}") {
+                if let Err(why) = instance() {
+                    return Some(("consumer", format!("{c:?} uses {{instance}}, but {why}")));
+                }
+            }
+            if self.mode != Mode::Stream {
+                return Some((
+                    "consumer",
+                    "applies to stream mode (consumer groups)".into(),
+                ));
             }
         }
         for (key, value) in [
@@ -515,6 +590,19 @@ impl RedisConfig {
         }
     }
 
+    /// The consumer name of this process in `group`: `consumer` with its placeholders
+    /// replaced, or `busway:<app>:<bus>:<random>`.
+    pub(crate) fn consumer_name(&self, group: &str) -> String {
+        match &self.consumer {
+            Some(c) => c
+                .replace("{app}", &self.app)
+                .replace("{group}", group)
+                .replace("{bus}", &self.bus)
+                .replace("{instance}", &instance().unwrap_or_default()),
+            None => format!("{}:{:016x}", self.client_name, rand::random::<u64>()),
+        }
+    }
+
     /// `publish_timeout`, at least 1ms.
     pub(crate) fn response_timeout(&self) -> Duration {
         self.publish_timeout.max(Duration::from_millis(1))
@@ -524,6 +612,44 @@ impl RedisConfig {
     pub fn redacted_url(&self) -> String {
         redact_url(&self.url)
     }
+}
+
+/// `BUSWAY_INSTANCE`: this process's instance (a number or name), for `{instance}` in
+/// `consumer`.
+fn instance() -> std::result::Result<String, String> {
+    match std::env::var("BUSWAY_INSTANCE") {
+        Ok(v) if !v.is_empty() && v.bytes().all(|b| b.is_ascii_graphic()) => Ok(v),
+        Ok(v) => Err(format!(
+            "BUSWAY_INSTANCE {v:?} is empty or holds spaces or control characters"
+        )),
+        Err(_) => Err("BUSWAY_INSTANCE is not set (this process's instance number or name)".into()),
+    }
+}
+
+/// Why a consumer name template cannot be used.
+fn check_consumer(c: &str) -> std::result::Result<(), String> {
+    if c.is_empty() {
+        return Err("must not be empty".into());
+    }
+    let mut rest = c;
+    while let Some(start) = rest.find('{') {
+        let end = rest[start..]
+            .find('}')
+            .ok_or_else(|| format!("{c:?} has a '{{' without '}}'"))?;
+        let name = &rest[start..start + end + 1];
+        if !matches!(name, "{app}" | "{group}" | "{bus}" | "{instance}") {
+            return Err(format!(
+                "{c:?}: {name} is not one of {{app}}, {{group}}, {{bus}}, {{instance}}"
+            ));
+        }
+        rest = &rest[start + end + 1..];
+    }
+    if c.bytes()
+        .any(|b| b.is_ascii_whitespace() || b.is_ascii_control())
+    {
+        return Err(format!("{c:?} holds whitespace or a control character"));
+    }
+    Ok(())
 }
 
 /// Why a URL cannot be used, without echoing its password.

@@ -97,10 +97,30 @@ impl Publisher {
         let topic = message.topic.clone();
         let (item, done) = if stream {
             let (tx, rx) = oneshot::channel();
+            let (key, fields) = match &shared.layout {
+                None => (
+                    format!("{}{}", config.key_prefix, topic.as_str()),
+                    stream::fields(message),
+                ),
+                Some(layout) => {
+                    let Some((key, topic_fields)) = layout.route(&topic) else {
+                        return Err(Error::new(
+                            ErrorKind::InvalidTopic,
+                            format!(
+                                "bus {:?}: topic {:?} falls in no layout.streams topic, so it has no stream key",
+                                config.bus,
+                                topic.as_str()
+                            ),
+                        ));
+                    };
+                    (key, layout.fields(message, topic_fields))
+                }
+            };
             (
                 Item::Xadd {
-                    topic: message.topic.clone(),
-                    fields: stream::fields(message),
+                    topic: topic.clone(),
+                    key,
+                    fields,
                     done: tx,
                 },
                 Some(rx),
@@ -227,6 +247,8 @@ enum Item {
     /// `XADD key MAXLEN ~ n * fields...` (stream; the publisher waits for `done`).
     Xadd {
         topic: Topic,
+        /// The stream key (`key_prefix` + topic, or the layout's).
+        key: String,
         fields: Vec<Field>,
         done: oneshot::Sender<Result<()>>,
     },
@@ -562,20 +584,21 @@ impl Writer {
                         .arg(data.as_slice());
                     replies_per_item.push(1);
                 }
-                Item::Xadd { topic, fields, .. } => {
+                Item::Xadd {
+                    topic, key, fields, ..
+                } => {
                     let mut extra = 0;
                     // Inserted now so a batch adds each new topic once; the set is cleared on
                     // reconnect, so a failed batch only costs a repeated (idempotent) SADD.
-                    if self.indexed.insert(topic.clone()) {
+                    // A layout's keys come from its config: no index.
+                    if self.shared.layout.is_none() && self.indexed.insert(topic.clone()) {
                         pipe.cmd("SADD").arg(&opts.index_key).arg(topic.as_str());
                         extra = 1;
                         // Wildcard subscriptions of this process read the new key at once
                         // rather than at their next rescan.
                         self.streams.topic_indexed(topic);
                     }
-                    let cmd =
-                        pipe.cmd("XADD")
-                            .arg(format!("{}{}", opts.key_prefix, topic.as_str()));
+                    let cmd = pipe.cmd("XADD").arg(key.as_str());
                     if opts.stream_maxlen > 0 {
                         cmd.arg("MAXLEN").arg("~").arg(opts.stream_maxlen);
                     }

@@ -14,10 +14,13 @@ use busway::{Error, Health, Result};
 
 use crate::config::RedisConfig;
 use crate::connect::Connector;
+use crate::layout::Layout;
 
 /// The state shared by a bus's handles and its background tasks.
 pub(crate) struct Shared {
     pub(crate) config: RedisConfig,
+    /// Stream mode: the checked `layout`, when the bus maps an existing one.
+    pub(crate) layout: Option<Layout>,
     pub(crate) connector: Connector,
     pub(crate) stats: Arc<Counters>,
     pub(crate) closed: AtomicBool,
@@ -45,7 +48,10 @@ impl Shared {
         connector: Connector,
         cmd: MultiplexedConnection,
     ) -> Shared {
+        // `connect` validated the config, so a layout given is a good one.
+        let layout = config.layout.as_ref().and_then(|l| Layout::new(l).ok());
         Shared {
+            layout,
             config,
             connector,
             stats: Arc::new(Counters::default()),

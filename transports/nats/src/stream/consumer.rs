@@ -76,7 +76,7 @@ impl StreamSetup {
             return Err(Error::new(
                 ErrorKind::Unsupported,
                 format!(
-                    "{what}: it exists with filter {:?}",
+                    "{what}: it exists with filter {:?} (one durable consumer reads one pattern; a `durable` name without {{hash}} serves one pattern per group)",
                     info.config.filter_subject
                 ),
             ));
@@ -103,7 +103,10 @@ impl StreamSetup {
             .await
             .map_err(|e| inner.failed(e))?;
         let (name, durable) = match &options.group {
-            Some(group) => (group_consumer_name(group, &pattern), true),
+            Some(group) => (
+                durable_name(&self.durable, &inner.name, group, &pattern),
+                true,
+            ),
             None => (format!("busway-{}", &new_message_id()[..16]), false),
         };
         let config = self.consumer_config(&name, durable, &pattern, &options);
@@ -184,11 +187,20 @@ impl Drop for ConsumerCleanup {
     }
 }
 
-/// A durable consumer name for `group` reading `pattern`: the group (characters NATS refuses
-/// replaced by `_`) and a hash of the pattern, so one group may read several patterns.
-pub(crate) fn group_consumer_name(group: &str, pattern: &Pattern) -> String {
-    let clean: String = group
-        .chars()
+/// The durable consumer name of `group` reading `pattern` on bus `bus`: the `durable`
+/// template with `{group}`, `{hash}` and `{bus}` replaced.
+pub(crate) fn durable_name(template: &str, bus: &str, group: &str, pattern: &Pattern) -> String {
+    let default = group_consumer_name(group, pattern);
+    let (clean, hash) = default.rsplit_once('-').unwrap_or((&default, ""));
+    template
+        .replace("{group}", clean)
+        .replace("{hash}", hash)
+        .replace("{bus}", &clean_name(bus))
+}
+
+/// `name` with the characters NATS refuses in consumer names as `_`, at most 48 of them.
+fn clean_name(name: &str) -> String {
+    name.chars()
         .take(48)
         .map(|c| {
             if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
@@ -197,7 +209,13 @@ pub(crate) fn group_consumer_name(group: &str, pattern: &Pattern) -> String {
                 '_'
             }
         })
-        .collect();
+        .collect()
+}
+
+/// A durable consumer name for `group` reading `pattern`: the group (characters NATS refuses
+/// replaced by `_`) and a hash of the pattern, so one group may read several patterns.
+pub(crate) fn group_consumer_name(group: &str, pattern: &Pattern) -> String {
+    let clean = clean_name(group);
     // FNV-1a: stable across processes and releases, unlike std's hasher.
     let mut hash: u32 = 0x811c_9dc5;
     for b in pattern.as_str().bytes() {
@@ -222,5 +240,13 @@ mod tests {
             group_consumer_name("billing.v2 east", &Pattern::new("orders.*").unwrap())
         );
         assert_eq!(n, group_consumer_name("billing.v2 east", &p));
+        assert_eq!(
+            durable_name("{group}-{hash}", "eng", "billing.v2 east", &p),
+            n
+        );
+        assert_eq!(
+            durable_name("{bus}_{group}", "eng.x", "portfolio", &p),
+            "eng_x_portfolio"
+        );
     }
 }

@@ -12,8 +12,9 @@
 //!   `t.>` to the stream (one stream update per new token; subjects other processes added are
 //!   kept). Topics whose first token is a wildcard cannot be derived and need `subjects`.
 //!   With `subjects` set, anything outside them is refused with `ErrorKind::Unsupported`.
-//! - A subscription with a group uses the durable pull consumer `<group>-<hash of pattern>`
-//!   (group name with characters NATS refuses in consumer names replaced by `_`): every member
+//! - A subscription with a group uses the durable pull consumer named by `durable`, by
+//!   default `<group>-<hash of pattern>` (group name with characters NATS refuses in
+//!   consumer names replaced by `_`, FNV-1a-32 of the pattern in 8 hex digits): every member
 //!   of the group, in any process, shares it and the server splits the messages. It outlives
 //!   the subscription, so the group resumes where it left off.
 //! - A subscription without a group gets its own pull consumer `busway-<random>` with explicit
@@ -60,6 +61,8 @@ pub(crate) struct StreamSetup {
     growing: tokio::sync::Mutex<()>,
     max_deliveries: u32,
     dead_letter: Option<Topic>,
+    /// The durable consumer name template of groups (`durable`).
+    durable: String,
     /// Per-subscription consumers to delete on close.
     ephemeral: Mutex<HashSet<String>>,
     /// The subscriptions' lines, to give back what their queues hold on close.

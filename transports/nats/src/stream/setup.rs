@@ -26,6 +26,7 @@ impl StreamSetup {
             subjects: mut subject_strings,
             auto,
             dead_letter,
+            durable,
         } = keys;
         let js = jetstream::ContextBuilder::new()
             .timeout(options.publish_timeout())
@@ -137,6 +138,7 @@ impl StreamSetup {
             growing: tokio::sync::Mutex::new(()),
             max_deliveries: options.max_deliveries(),
             dead_letter,
+            durable,
             ephemeral: Mutex::new(HashSet::new()),
             lines: Mutex::new(Vec::new()),
             drains: Mutex::new(Vec::new()),

@@ -24,7 +24,11 @@ pub(super) struct Ctx {
 }
 
 impl Ctx {
+    /// The topic of every entry of `key`; `None` under a layout (each entry has its own).
     pub(super) fn topic_of(&self, key: &str) -> Option<Topic> {
+        if self.shared.layout.is_some() {
+            return None;
+        }
         key.strip_prefix(&self.shared.config.key_prefix)
             .and_then(|t| Topic::new(t).ok())
     }
@@ -36,10 +40,15 @@ impl Ctx {
         key: &str,
         fields: Vec<Value>,
     ) -> std::result::Result<Message, String> {
-        let topic = self
-            .topic_of(key)
-            .ok_or_else(|| format!("key {key:?} names no topic"))?;
-        let m = decode_entry(topic, fields)?;
+        let m = match &self.shared.layout {
+            Some(layout) => layout.decode(key, fields)?,
+            None => {
+                let topic = self
+                    .topic_of(key)
+                    .ok_or_else(|| format!("key {key:?} names no topic"))?;
+                decode_entry(topic, fields)?
+            }
+        };
         let max = self.shared.config.max_payload;
         if m.payload.len() > max {
             return Err(format!(
@@ -74,7 +83,10 @@ impl Ctx {
             return Ok(());
         };
         let dead = Topic::new(dead)?;
-        let topic = self.topic_of(key);
+        let topic = match &message {
+            Some(m) => Some(m.topic.clone()),
+            None => self.topic_of(key),
+        };
         let mut message = message.unwrap_or_else(|| Message::new(dead.clone(), Vec::new()));
         message.topic = dead;
         message.headers.insert(

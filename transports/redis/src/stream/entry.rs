@@ -33,7 +33,7 @@ pub(crate) fn fields(message: Message) -> Vec<Field> {
     f
 }
 
-pub(super) fn text(v: Value) -> Option<String> {
+pub(crate) fn text(v: Value) -> Option<String> {
     match v {
         Value::BulkString(b) => String::from_utf8(b).ok(),
         Value::SimpleString(s) => Some(s),
@@ -59,26 +59,33 @@ pub(super) fn decode_entry(
             continue;
         }
         let v = text(v).ok_or_else(|| format!("field {k:?} is not UTF-8"))?;
-        match k.as_str() {
-            "id" => h.id = Some(v),
-            "ts" => h.timestamp_us = Some(v.parse().map_err(|_| format!("ts {v:?}"))?),
-            "src" => h.source = Some(v),
-            "ct" => h.content_type = Some(v),
-            "reply_to" => h.reply_to = Some(Topic::new(&v).map_err(|e| e.to_string())?),
-            "corr" => h.correlation_id = Some(v),
-            // A field busway does not write (a foreign producer's `symbol AAPL`) is kept as a
-            // free header rather than losing the entry over it.
-            _ => match k.strip_prefix("h:") {
-                Some(key) => h.extra.push((key.to_string(), v)),
-                None => h.extra.push((k, v)),
-            },
-        }
+        busway_field(&mut h, k, v)?;
     }
     Ok(Message {
         topic,
         payload: payload.ok_or("no payload field")?,
         headers: h,
     })
+}
+
+/// Puts a field other than the payload into `h`: busway's own field names, `h:<key>`, and
+/// any other field as a free header of its name.
+pub(crate) fn busway_field(h: &mut Headers, k: String, v: String) -> Result<(), String> {
+    match k.as_str() {
+        "id" => h.id = Some(v),
+        "ts" => h.timestamp_us = Some(v.parse().map_err(|_| format!("ts {v:?}"))?),
+        "src" => h.source = Some(v),
+        "ct" => h.content_type = Some(v),
+        "reply_to" => h.reply_to = Some(Topic::new(&v).map_err(|e| e.to_string())?),
+        "corr" => h.correlation_id = Some(v),
+        // A field busway does not write (a foreign producer's `symbol AAPL`) is kept as a
+        // free header rather than losing the entry over it.
+        _ => match k.strip_prefix("h:") {
+            Some(key) => h.extra.push((key.to_string(), v)),
+            None => h.extra.push((k, v)),
+        },
+    }
+    Ok(())
 }
 
 /// One stream entry: its id and its flat `field, value, ...` list.

@@ -13,7 +13,7 @@ use redis::aio::MultiplexedConnection;
 use redis::Value;
 
 use busway::transport::{ack_each, Acker, QueueSender, TransportDelivery, TrySend};
-use busway::{Delivery, Result};
+use busway::{Delivery, Pattern, Result};
 
 use super::ack;
 use super::context::Ctx;
@@ -190,7 +190,16 @@ async fn nack_group(
     // The delivery count before this claim.
     let delivered = pending_count(&mut cmd, key, group, id).await.unwrap_or(1);
     if let Some((id, fields, attempt)) = claim(ctx, &mut cmd, key, group, id, 0, delivered).await? {
-        deliver_group(ctx, key, group, id, fields, attempt, std::iter::once(tx)).await;
+        deliver_group(
+            ctx,
+            key,
+            group,
+            id,
+            fields,
+            attempt,
+            std::iter::once((tx, None)),
+        )
+        .await;
     }
     Ok(())
 }
@@ -233,11 +242,15 @@ pub(super) async fn claim(
     Ok(Some((id, fields, delivered.saturating_add(1))))
 }
 
-/// Decodes and queues one group entry for the first of `to` (subscriptions in turn order)
-/// with room, or, when every queue is full, waits for the first that is open; an
-/// undecodable entry is counted and acked, so it never blocks the group or comes back.
-/// Preferring a queue with room means one slow subscription of a group does not hold up
-/// the entries its group mates could take.
+/// Decodes and queues one group entry for the first of `to` (subscriptions in turn order,
+/// with the pattern the entry's topic must match, if any) with room, or, when every queue is
+/// full, waits for the first that is open; an undecodable entry is counted and acked, so it
+/// never blocks the group or comes back. Preferring a queue with room means one slow
+/// subscription of a group does not hold up the entries its group mates could take.
+///
+/// Under a layout a key holds many topics and the group reads all its entries, as the
+/// platform's own consumers do: an entry whose topic none of the group's subscriptions in
+/// this process matches is acked and counted in `dropped`.
 pub(super) async fn deliver_group<'a>(
     ctx: &Arc<Ctx>,
     key: &Arc<str>,
@@ -245,23 +258,39 @@ pub(super) async fn deliver_group<'a>(
     id: String,
     fields: Vec<Value>,
     attempt: u32,
-    to: impl Iterator<Item = &'a QueueSender> + Clone,
+    to: impl Iterator<Item = (&'a QueueSender, Option<&'a Pattern>)> + Clone,
 ) {
-    let message = match ctx.decode(key, fields) {
-        Ok(message) => Arc::new(message),
-        Err(why) => {
-            ctx.undecodable(key, &id, &why);
-            if let Ok(mut cmd) = ctx.shared.cmd_connection() {
+    let settle = |why: &str| {
+        let (key, group, id) = (key.clone(), group.clone(), id.clone());
+        let cmd = ctx.shared.cmd_connection();
+        tracing::debug!(bus = %ctx.shared.config.bus, key = &*key, id, why, "acked a stream entry without delivering it");
+        async move {
+            if let Ok(mut cmd) = cmd {
                 let _: redis::RedisResult<()> = redis::cmd("XACK")
-                    .arg(&**key)
-                    .arg(&**group)
+                    .arg(&*key)
+                    .arg(&*group)
                     .arg(&id)
                     .query_async(&mut cmd)
                     .await;
             }
+        }
+    };
+    let message = match ctx.decode(key, fields) {
+        Ok(message) => Arc::new(message),
+        Err(why) => {
+            ctx.undecodable(key, &id, &why);
+            settle(&why).await;
             return;
         }
     };
+    let to = to
+        .filter(|(_, p)| p.is_none_or(|p| p.matches(&message.topic)))
+        .map(|(tx, _)| tx);
+    if to.clone().next().is_none() {
+        busway::transport::Counters::incr(&ctx.shared.stats.dropped);
+        settle("no subscription of the group matches its topic").await;
+        return;
+    }
     let delivery = |tx: &QueueSender, cell: &Arc<std::sync::atomic::AtomicU64>| {
         let acker = GroupAcker {
             ctx: ctx.clone(),

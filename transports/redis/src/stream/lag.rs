@@ -1,5 +1,5 @@
-//! Consumer lag per group ([`consumer_lag`]): `XINFO GROUPS` on every stream key of the bus,
-//! summed per group. Read at scrape time, never on the message path.
+//! Consumer lag per group ([`consumer_lag`]): `XINFO GROUPS` on every stream key of the bus
+//! (under a layout, the keys of its key templates without a `{field}`), summed per group. Read at scrape time, never on the message path.
 
 use std::collections::BTreeMap;
 
@@ -24,15 +24,20 @@ const KEYS_AT_ONCE: usize = 256;
 pub(crate) async fn consumer_lag(shared: &Shared) -> Result<Vec<GroupLag>> {
     let mut cmd = shared.cmd_connection()?;
     let config = &shared.config;
-    let topics: Vec<String> = redis::cmd("SMEMBERS")
-        .arg(&config.index_key)
-        .query_async(&mut cmd)
-        .await
-        .map_err(|e| shared.connector.error("SMEMBERS", e))?;
-    let keys: Vec<String> = topics
-        .iter()
-        .map(|t| format!("{}{t}", config.key_prefix))
-        .collect();
+    let keys: Vec<String> = match &shared.layout {
+        Some(layout) => layout.literal_keys(),
+        None => {
+            let topics: Vec<String> = redis::cmd("SMEMBERS")
+                .arg(&config.index_key)
+                .query_async(&mut cmd)
+                .await
+                .map_err(|e| shared.connector.error("SMEMBERS", e))?;
+            topics
+                .iter()
+                .map(|t| format!("{}{t}", config.key_prefix))
+                .collect()
+        }
+    };
     let mut groups: BTreeMap<String, (Option<u64>, u64)> = BTreeMap::new();
     for chunk in keys.chunks(KEYS_AT_ONCE) {
         let answers = futures::future::join_all(chunk.iter().map(|key| {

@@ -1,6 +1,8 @@
 //! Stream mode on Redis Streams.
 //!
-//! - A topic `t` is the stream key `key_prefix + t` (default `busway:stream:t`). A publish is
+//! - A topic `t` is the stream key `key_prefix + t` (default `busway:stream:t`), unless the
+//!   bus has a `layout` ([`crate::layout`]): then its keys and fields are the layout's, and
+//!   no index is kept. A publish is
 //!   `XADD key MAXLEN ~ stream_maxlen * field value...`; the first publish of a topic by a
 //!   process also adds the topic to the set `index_key` (default `busway:topics`), in the
 //!   same pipeline.
@@ -71,10 +73,11 @@ use std::sync::Arc;
 
 use busway::transport::TransportSubscription;
 use busway::{
-    config::DEFAULT_ACK_TIMEOUT, Bus, Pattern, Result, StartFrom, SubscribeOptions, Subscription,
+    config::DEFAULT_ACK_TIMEOUT, Bus, Error, ErrorKind, Pattern, Result, StartFrom,
+    SubscribeOptions, Subscription,
 };
 
-pub(crate) use entry::{fields, Field};
+pub(crate) use entry::{busway_field, fields, text, Field};
 pub(crate) use registry::StreamState;
 
 use context::Ctx;
@@ -97,21 +100,34 @@ pub(crate) async fn subscribe(
         .or(options.ack_timeout)
         .unwrap_or(DEFAULT_ACK_TIMEOUT);
     let mut cmd = shared.cmd_connection()?;
-    let topics: Vec<String> = match pattern.as_topic() {
-        Some(t) => vec![t.as_str().to_string()],
+    let keys: Vec<Arc<str>> = match &shared.layout {
+        // A layout's keys come from its config, whoever wrote them.
+        Some(layout) => layout
+            .keys_for(&pattern)
+            .map_err(|why| {
+                Error::new(ErrorKind::Unsupported, format!("bus {:?}: {why}", opts.bus))
+            })?
+            .into_iter()
+            .map(Arc::from)
+            .collect(),
         None => {
-            let all: Vec<String> = redis::cmd("SMEMBERS")
-                .arg(&opts.index_key)
-                .query_async(&mut cmd)
-                .await
-                .map_err(|e| shared.connector.error("SMEMBERS", e))?;
-            all.into_iter().filter(|t| pattern.matches_str(t)).collect()
+            let topics: Vec<String> = match pattern.as_topic() {
+                Some(t) => vec![t.as_str().to_string()],
+                None => {
+                    let all: Vec<String> = redis::cmd("SMEMBERS")
+                        .arg(&opts.index_key)
+                        .query_async(&mut cmd)
+                        .await
+                        .map_err(|e| shared.connector.error("SMEMBERS", e))?;
+                    all.into_iter().filter(|t| pattern.matches_str(t)).collect()
+                }
+            };
+            topics
+                .iter()
+                .map(|t| format!("{}{t}", opts.key_prefix).into())
+                .collect()
         }
     };
-    let keys: Vec<Arc<str>> = topics
-        .iter()
-        .map(|t| format!("{}{t}", opts.key_prefix).into())
-        .collect();
     let group: Option<Arc<str>> = options.group.as_deref().map(Arc::from);
     let starts = match &group {
         Some(group) => {
@@ -183,11 +199,7 @@ async fn join(
         // reader never sees itself empty and retires at once.
         handle.inbox.lock().joins.push(join);
         streams.readers.lock().insert(group.clone(), handle.clone());
-        let consumer = format!(
-            "{}:{:016x}",
-            shared.config.client_name,
-            rand::random::<u64>()
-        );
+        let consumer = shared.config.consumer_name(group.as_deref().unwrap_or(""));
         let ctx = Arc::new(Ctx {
             shared: shared.clone(),
             streams: streams.clone(),

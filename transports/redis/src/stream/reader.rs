@@ -362,6 +362,7 @@ impl Task {
                 };
                 at = at.max(sid);
                 match self.ctx.decode(key, fields) {
+                    Ok(message) if !m.pattern.matches(&message.topic) => {}
                     Ok(message) => {
                         deliver_local(&self.ctx, &m.target, key, sid, Arc::new(message)).await;
                     }
@@ -463,7 +464,8 @@ impl Task {
     /// Finds new keys for wildcards; reclaims idle group entries, or redelivers group-less
     /// deliveries past their ack timeout.
     async fn maintenance(&mut self) -> Result<()> {
-        if self.members.iter().any(|m| !m.pattern.is_literal()) {
+        let indexed = self.shared().layout.is_none();
+        if indexed && self.members.iter().any(|m| !m.pattern.is_literal()) {
             let mut cmd = self.shared().cmd_connection()?;
             let all: Vec<String> = redis::cmd("SMEMBERS")
                 .arg(&self.shared().config.index_key)
@@ -694,18 +696,21 @@ impl Task {
         self.turn = self.turn.wrapping_add(1);
         let (n, turn, members) = (to.len(), self.turn, &self.members);
         // A closed member's queue refuses the entry and the next one in turn gets it.
-        let in_turn = (0..n).map(|k| &members[to[(turn + k) % n]].target.tx);
+        let in_turn = (0..n).map(|k| {
+            let m = &members[to[(turn + k) % n]];
+            (&m.target.tx, Some(&m.pattern))
+        });
         deliver_group(&self.ctx, key, group, id, fields, attempt, in_turn).await;
     }
 
     /// Every entry to every group-less subscription reading the key past where it started.
     async fn fan_out(&mut self, key: &Arc<str>, batch: Vec<Entry>) {
-        let targets: Vec<(Arc<Target>, StreamId)> = match self.routes.get(key) {
+        let targets: Vec<(Arc<Target>, StreamId, Pattern)> = match self.routes.get(key) {
             Some(to) => to
                 .iter()
                 .filter_map(|&i| {
                     let m = &self.members[i];
-                    Some((m.target.clone(), *m.keys.get(key)?))
+                    Some((m.target.clone(), *m.keys.get(key)?, m.pattern.clone()))
                 })
                 .collect(),
             None => Vec::new(),
@@ -718,7 +723,7 @@ impl Task {
             if let Some(at) = self.keys.get_mut(key) {
                 *at = (*at).max(sid);
             }
-            if !targets.iter().any(|(_, from)| sid > *from) {
+            if !targets.iter().any(|(_, from, _)| sid > *from) {
                 continue;
             }
             let message = match self.ctx.decode(key, fields) {
@@ -728,8 +733,9 @@ impl Task {
                     continue;
                 }
             };
-            for (target, from) in &targets {
-                if sid > *from {
+            // Under a layout a key holds many topics: each subscription takes its own.
+            for (target, from, pattern) in &targets {
+                if sid > *from && pattern.matches(&message.topic) {
                     deliver_local(&self.ctx, target, key, sid, message.clone()).await;
                 }
             }
