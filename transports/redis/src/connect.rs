@@ -1,5 +1,5 @@
-//! Connection set-up: the bus's parsed clients (TLS included), named connections, redis
-//! errors mapped to busway's, and the reconnect backoff.
+//! Connection set-up: the bus's parsed clients (TLS included) or its sentinels, named
+//! connections, redis errors mapped to busway's, and the reconnect backoff.
 
 use std::fmt;
 use std::sync::Arc;
@@ -12,15 +12,23 @@ use busway::transport::{redact_url, scrub_secrets, Counters};
 use busway::{Error, ErrorKind};
 
 use crate::config::RedisConfig;
+use crate::sentinel::{is_sentinel_url, SentinelSet, SentinelUrl};
 
 /// The least of every timeout and delay: a zero would mean "none" to the client.
 const MIN_TIMEOUT: Duration = Duration::from_millis(1);
 
-/// What every connection of one bus shares: the parsed client and names for messages.
+/// Where a bus's connections go.
+enum Target {
+    /// One server: its parsed clients (RESP2 for commands, RESP3 for push connections).
+    Direct { client: Client, resp3: Client },
+    /// The primary the sentinels name, looked up for every connection.
+    Sentinel(SentinelSet),
+}
+
+/// What every connection of one bus shares: where to connect and names for messages.
 /// `Debug` shows the URL redacted.
 pub(crate) struct Connector {
-    client: Client,
-    resp3: Client,
+    target: Target,
     bus: String,
     url: String,
     redacted: String,
@@ -43,34 +51,25 @@ impl fmt::Debug for Connector {
 
 impl Connector {
     pub(crate) fn new(config: &RedisConfig) -> busway::Result<Connector> {
-        let parse = |resp3: bool| -> busway::Result<Client> {
-            let mut info = config.url.as_str().into_connection_info().map_err(|e| {
-                Error::config(format!(
-                    "bus {:?}: url {:?}: {}",
-                    config.bus,
-                    config.redacted_url(),
-                    scrub_secrets(&e.to_string(), &config.url)
-                ))
-            })?;
-            if resp3 {
-                let redis = info
-                    .redis_settings()
-                    .clone()
-                    .set_protocol(ProtocolVersion::RESP3);
-                info = info.set_redis_settings(redis);
+        let config_error = |e: String| {
+            Error::config(format!(
+                "bus {:?}: url {:?}: {}",
+                config.bus,
+                config.redacted_url(),
+                scrub_secrets(&e, &config.url)
+            ))
+        };
+        let target = if is_sentinel_url(&config.url) {
+            let url = SentinelUrl::parse(&config.url).map_err(config_error)?;
+            Target::Sentinel(SentinelSet::new(&url).map_err(|e| config_error(e.to_string()))?)
+        } else {
+            Target::Direct {
+                client: Self::parse(config, false)?,
+                resp3: Self::parse(config, true)?,
             }
-            open_client(config, info).map_err(|e| {
-                Error::config(format!(
-                    "bus {:?}: url {:?}: {}",
-                    config.bus,
-                    config.redacted_url(),
-                    scrub_secrets(&e.to_string(), &config.url)
-                ))
-            })
         };
         Ok(Connector {
-            client: parse(false)?,
-            resp3: parse(true)?,
+            target,
             bus: config.bus.clone(),
             url: config.url.clone(),
             redacted: config.redacted_url(),
@@ -85,6 +84,38 @@ impl Connector {
         })
     }
 
+    /// The client of a one-server URL, RESP3 when `resp3`.
+    fn parse(config: &RedisConfig, resp3: bool) -> busway::Result<Client> {
+        {
+            let parse = |resp3: bool| -> busway::Result<Client> {
+                let mut info = config.url.as_str().into_connection_info().map_err(|e| {
+                    Error::config(format!(
+                        "bus {:?}: url {:?}: {}",
+                        config.bus,
+                        config.redacted_url(),
+                        scrub_secrets(&e.to_string(), &config.url)
+                    ))
+                })?;
+                if resp3 {
+                    let redis = info
+                        .redis_settings()
+                        .clone()
+                        .set_protocol(ProtocolVersion::RESP3);
+                    info = info.set_redis_settings(redis);
+                }
+                open_client(config, info).map_err(|e| {
+                    Error::config(format!(
+                        "bus {:?}: url {:?}: {}",
+                        config.bus,
+                        config.redacted_url(),
+                        scrub_secrets(&e.to_string(), &config.url)
+                    ))
+                })
+            };
+            parse(resp3)
+        }
+    }
+
     /// A multiplexed connection named `busway:<app>:<bus>`. `response_timeout` overrides the
     /// bus's (blocking readers need longer than their BLOCK); `push` makes it a RESP3
     /// connection whose pub/sub messages go to the sender.
@@ -95,8 +126,8 @@ impl Connector {
     ) -> busway::Result<MultiplexedConnection> {
         let cfg = self.config(response_timeout);
         match push {
-            Some(tx) => self.open(&self.resp3, cfg.set_push_sender(tx)).await,
-            None => self.open(&self.client, cfg).await,
+            Some(tx) => self.open(true, cfg.set_push_sender(tx)).await,
+            None => self.open(false, cfg).await,
         }
     }
 
@@ -108,7 +139,7 @@ impl Connector {
         push: impl redis::aio::AsyncPushSender,
     ) -> busway::Result<MultiplexedConnection> {
         let cfg = self.config(None).set_push_sender(push);
-        self.open(&self.resp3, cfg).await
+        self.open(true, cfg).await
     }
 
     fn config(&self, response_timeout: Option<Duration>) -> AsyncConnectionConfig {
@@ -117,11 +148,34 @@ impl Connector {
             .set_response_timeout(Some(response_timeout.unwrap_or(self.response_timeout)))
     }
 
+    /// The client to connect with: the URL's, or the one of the primary the sentinels name
+    /// now.
+    async fn client(&self, resp3: bool) -> busway::Result<Client> {
+        match &self.target {
+            Target::Direct { client, resp3: r3 } => Ok(if resp3 { r3 } else { client }.clone()),
+            Target::Sentinel(set) => set
+                .primary(resp3, self.connect_timeout, &self.bus)
+                .await
+                .map_err(|why| {
+                    Error::new(
+                        ErrorKind::Connection,
+                        format!(
+                            "bus {:?} ({}): connect: {}",
+                            self.bus,
+                            self.redacted,
+                            scrub_secrets(&why, &self.url)
+                        ),
+                    )
+                }),
+        }
+    }
+
     async fn open(
         &self,
-        client: &Client,
+        resp3: bool,
         cfg: AsyncConnectionConfig,
     ) -> busway::Result<MultiplexedConnection> {
+        let client = self.client(resp3).await?;
         let mut con = client
             .get_multiplexed_async_connection_with_config(&cfg)
             .await
@@ -271,9 +325,11 @@ fn open_client(config: &RedisConfig, info: redis::ConnectionInfo) -> redis::Redi
 }
 
 /// Whether a redis error means the connection is unusable (reconnect), as opposed to a
-/// command the server refused.
+/// command the server refused. `READONLY` counts: the server was a primary and is now a
+/// replica (a Sentinel failover), so the next connection must find the new primary.
 pub(crate) fn is_connection_error(e: &redis::RedisError) -> bool {
-    e.is_io_error()
+    e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::ReadOnly)
+        || e.is_io_error()
         || e.is_connection_dropped()
         || e.is_connection_refusal()
         || e.is_unrecoverable_error()

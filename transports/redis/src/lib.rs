@@ -21,6 +21,7 @@ mod bus;
 mod config;
 mod connect;
 mod publish;
+mod sentinel;
 mod state;
 mod stream;
 pub mod wire;

@@ -8,7 +8,9 @@
 //! filled and sent (items leave the queue in order, each when its pipeline is answered).
 //! Broadcast publishes return once queued; stream publishes (XADD) carry a one-shot that the
 //! task completes with the server's answer. `flush` queues a marker completed when
-//! everything before it is answered.
+//! everything before it is answered. With `min_replicas = N` a pipeline holding XADDs ends
+//! with `WAIT N min_replicas_timeout`, and its stream publishes return Ok only when WAIT
+//! counted N replicas.
 //!
 //! The task also owns reconnection of the command connection: on a connection error it
 //! marks the bus down, reconnects with capped jittered backoff, and then resends the batch
@@ -294,17 +296,19 @@ const MAX_INFLIGHT: usize = 2;
 
 type Replies = redis::RedisResult<Vec<Value>>;
 
-/// One pipeline on its way: how many items of `pending` it carries, and how many replies
-/// each of them has.
+/// One pipeline on its way: how many items of `pending` it carries, how many replies
+/// each of them has, and whether it ends with a `WAIT` (`min_replicas`).
 struct InFlight {
     n: usize,
     replies_per_item: Vec<usize>,
+    wait: bool,
 }
 
 /// A pipeline built from `pending`, not yet sent.
 struct Batch {
     n: usize,
     replies_per_item: Vec<usize>,
+    wait: bool,
     pipe: redis::Pipeline,
 }
 
@@ -546,6 +550,7 @@ impl Writer {
         pipe.ignore_errors();
         let mut n = 0;
         let mut replies_per_item = Vec::new();
+        let mut xadds = false;
         let opts = &self.shared.config;
         for item in self.pending.iter().skip(from) {
             if n >= max_batch {
@@ -584,13 +589,22 @@ impl Writer {
                         cmd.arg(&**k).arg(&v[..]);
                     }
                     replies_per_item.push(1 + extra);
+                    xadds = true;
                 }
             }
             n += 1;
         }
+        // One WAIT covers every XADD before it on this connection.
+        let wait = xadds && opts.min_replicas > 0;
+        if wait {
+            pipe.cmd("WAIT")
+                .arg(opts.min_replicas)
+                .arg(opts.min_replicas_timeout.as_millis().max(1) as u64);
+        }
         (n > 0).then_some(Batch {
             n,
             replies_per_item,
+            wait,
             pipe,
         })
     }
@@ -604,6 +618,7 @@ impl Writer {
         let Batch {
             n,
             replies_per_item,
+            wait,
             pipe,
         } = batch;
         let answer: Pin<Box<dyn Future<Output = Replies> + Send>> = if pipe.is_empty() {
@@ -615,6 +630,7 @@ impl Writer {
         self.inflight.push_back(InFlight {
             n,
             replies_per_item,
+            wait,
         });
         self.answers.push_back(answer);
     }
@@ -633,13 +649,13 @@ impl Writer {
         let Some(InFlight {
             n,
             replies_per_item,
-            ..
+            wait,
         }) = self.inflight.pop_front()
         else {
             return Ok(());
         };
         self.sent -= n;
-        self.settle(n, replies_per_item, replies)
+        self.settle(n, replies_per_item, wait, replies)
     }
 
     /// Sends the front of `pending` as one pipeline and settles it (nothing else in flight).
@@ -654,9 +670,16 @@ impl Writer {
         self.settle_front().await
     }
 
-    /// Settles the front `n` items of `pending` with the answer to their pipeline.
-    fn settle(&mut self, n: usize, replies_per_item: Vec<usize>, replies: Replies) -> Result<()> {
-        let replies: Vec<Value> = match replies {
+    /// Settles the front `n` items of `pending` with the answer to their pipeline (whose
+    /// last reply is `WAIT`'s when `wait`).
+    fn settle(
+        &mut self,
+        n: usize,
+        replies_per_item: Vec<usize>,
+        wait: bool,
+        replies: Replies,
+    ) -> Result<()> {
+        let mut replies: Vec<Value> = match replies {
             Ok(r) => r,
             Err(e) if is_connection_error(&e) => {
                 return Err(self.shared.connector.error("pipeline", e))
@@ -691,6 +714,26 @@ impl Writer {
                 ),
             ));
         }
+        // READONLY: the server was demoted to a replica (a Sentinel failover). An outage too:
+        // the batch is resent on the next connection, which goes to the new primary.
+        let read_only = replies.iter().any(|v| {
+            matches!(v, Value::ServerError(e) if e.kind() == Some(redis::ServerErrorKind::ReadOnly))
+        });
+        if read_only {
+            return Err(Error::new(
+                busway::ErrorKind::Connection,
+                format!(
+                    "bus {:?}: {} is a read-only replica now (failover)",
+                    self.shared.config.bus,
+                    self.shared.config.redacted_url()
+                ),
+            ));
+        }
+        let short = if wait {
+            self.replicas_short(replies.pop())
+        } else {
+            None
+        };
         let mut replies = replies.into_iter();
         for (item, count) in self.pending.drain(..n).zip(replies_per_item) {
             self.shared.queued.fetch_sub(1, Relaxed);
@@ -701,9 +744,22 @@ impl Writer {
                 }
             }
             match (item, result) {
-                (Item::Xadd { done, .. }, Ok(())) => {
-                    let _ = done.send(Ok(()));
-                }
+                (Item::Xadd { topic, done, .. }, Ok(())) => match &short {
+                    None => {
+                        let _ = done.send(Ok(()));
+                    }
+                    Some(why) => {
+                        Counters::incr(&self.shared.stats.errors);
+                        let _ = done.send(Err(Error::new(
+                            ErrorKind::Timeout,
+                            format!(
+                                "bus {:?}: publish on {:?}: {why}",
+                                self.shared.config.bus,
+                                topic.as_str()
+                            ),
+                        )));
+                    }
+                },
                 (item, Err(e)) => {
                     let e = self.shared.connector.error("publish", e.into());
                     item.fail(&self.shared, &e);
@@ -712,5 +768,21 @@ impl Writer {
             }
         }
         Ok(())
+    }
+
+    /// Why `WAIT`'s answer `reply` falls short of `min_replicas`, or `None` when enough
+    /// replicas hold the pipeline's entries.
+    fn replicas_short(&self, reply: Option<Value>) -> Option<String> {
+        let config = &self.shared.config;
+        let (want, within) = (config.min_replicas, config.min_replicas_timeout);
+        let got = match reply {
+            Some(Value::Int(k)) if k >= i64::from(want) => return None,
+            Some(Value::Int(k)) => format!("{k}"),
+            Some(Value::ServerError(e)) => return Some(format!("WAIT refused: {e:?}")),
+            other => return Some(format!("WAIT answered {other:?}")),
+        };
+        Some(format!(
+            "{got} of {want} replicas acknowledged it within {within:?} (min_replicas = {want}, min_replicas_timeout); the entry is on the primary and may be lost in a failover"
+        ))
     }
 }
