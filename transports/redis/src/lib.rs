@@ -29,3 +29,4 @@ pub mod wire;
 pub use bus::{register, RedisBus, RedisFactory};
 pub use busway::transport::{Framing, OnDisconnect};
 pub use config::{RedisConfig, RedisOptions};
+pub use sentinel::{sentinel_nodes, SentinelNode};

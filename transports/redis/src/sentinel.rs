@@ -198,6 +198,65 @@ impl SentinelSet {
     }
 }
 
+/// One data node of a Sentinel-managed set, as the sentinels name it.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct SentinelNode {
+    /// `primary` or `replica`.
+    pub role: &'static str,
+    /// `host:port`.
+    pub addr: String,
+    /// A client for it, with the URL's credentials and db.
+    pub client: Client,
+}
+
+/// The data nodes behind a `redis+sentinel://` URL: the primary first, then the replicas
+/// the sentinels know (each checked with `ROLE`), for tools that must visit every node
+/// (`busway audit`). Each sentinel is given `timeout`.
+///
+/// # Errors
+/// `InvalidConfig` for a URL that is not a valid `redis+sentinel://` URL; `Connection` when
+/// no sentinel names a reachable primary. Messages show the URL redacted.
+pub async fn sentinel_nodes(url: &str, timeout: Duration) -> busway::Result<Vec<SentinelNode>> {
+    use busway::transport::{redact_url, scrub_secrets};
+    let shown = redact_url(url);
+    let parsed = SentinelUrl::parse(url)
+        .map_err(|why| busway::Error::config(format!("{shown:?}: {}", scrub_secrets(&why, url))))?;
+    let connection = |why: String| {
+        busway::Error::new(
+            busway::ErrorKind::Connection,
+            format!("{shown}: {}", scrub_secrets(&why, url)),
+        )
+    };
+    let set = SentinelSet::new(&parsed).map_err(|e| connection(e.to_string()))?;
+    let primary = set
+        .primary(false, timeout, "audit")
+        .await
+        .map_err(connection)?;
+    let mut nodes = vec![SentinelNode {
+        role: "primary",
+        addr: primary.get_connection_info().addr().to_string(),
+        client: primary,
+    }];
+    for (_, sentinel) in &set.sentinels {
+        let lookup = async {
+            let mut sentinel = sentinel.lock().await;
+            sentinel
+                .async_get_replica_clients(&set.master, Some(&set.node))
+                .await
+        };
+        if let Ok(Ok(replicas)) = tokio::time::timeout(timeout, lookup).await {
+            nodes.extend(replicas.into_iter().map(|client| SentinelNode {
+                role: "replica",
+                addr: client.get_connection_info().addr().to_string(),
+                client,
+            }));
+            break;
+        }
+    }
+    Ok(nodes)
+}
+
 /// Whether `url` is a Sentinel URL.
 pub(crate) fn is_sentinel_url(url: &str) -> bool {
     url.starts_with(SCHEME)
