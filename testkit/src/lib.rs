@@ -8,6 +8,7 @@ pub mod metrics;
 pub mod nats;
 pub mod nats_cluster;
 pub mod redis;
+pub mod redis_cluster;
 pub mod redis_sentinel;
 mod server;
 pub mod tls;

@@ -26,7 +26,6 @@ use std::sync::{Arc, Weak};
 
 use bytes::Bytes;
 use parking_lot::Mutex;
-use redis::aio::MultiplexedConnection;
 use redis::{PushInfo, PushKind, Value};
 use tokio::sync::{mpsc, oneshot};
 
@@ -36,7 +35,7 @@ use busway::{
     SubscribeOptions, Subscription, Topic,
 };
 
-use crate::connect::{is_connection_error, ConnCount};
+use crate::connect::{is_connection_error, Con, ConnCount};
 use crate::state::Shared;
 use crate::wire;
 
@@ -219,7 +218,7 @@ const PUSH_BUFFER: usize = 128;
 
 /// An open pub/sub connection and the thread that reads it.
 struct Conn {
-    con: MultiplexedConnection,
+    con: Con,
     _count: ConnCount,
     /// Dropped with the connection: ends the thread that reads it (and so closes it).
     _stop: oneshot::Sender<()>,
@@ -370,8 +369,8 @@ impl Task {
         let glob = matches!(key, Key::Glob(_));
         let command = async move {
             match (subscribe, glob) {
-                (true, false) => con.subscribe(arg).await,
-                (true, true) => con.psubscribe(arg).await,
+                (true, false) => con.subscribe(&[arg]).await,
+                (true, true) => con.psubscribe(&[arg]).await,
                 (false, false) => con.unsubscribe(arg).await,
                 (false, true) => con.punsubscribe(arg).await,
             }
@@ -447,7 +446,8 @@ impl Task {
     async fn dispatch(&mut self, push: PushInfo) {
         let mut data = push.data.into_iter();
         let (key, channel, payload) = match push.kind {
-            PushKind::Message => {
+            // SMessage: sharded pub/sub (a cluster).
+            PushKind::Message | PushKind::SMessage => {
                 let (Some(c), Some(p)) = (data.next(), data.next()) else {
                     return;
                 };

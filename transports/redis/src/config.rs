@@ -9,6 +9,8 @@
 //! url = "redis://user:password@127.0.0.1:6379/0"   # rediss:// with the `tls` feature
 //! # or a Sentinel-managed primary (sentinel port 26379 when left out):
 //! # url = "redis+sentinel://user:password@10.0.0.1:26379,10.0.0.2:26379,10.0.0.3:26379/mymaster?db=0"
+//! # or a Redis Cluster (broadcast mode, exact topics only):
+//! # url = "redis+cluster://user:password@10.0.0.1:7000,10.0.0.2:7000,10.0.0.3:7000"
 //! mode = "stream"
 //! framing = "busway"          # broadcast mode: busway (headers in a frame) | raw (payload alone)
 //! on_disconnect = "buffer"    # buffer | fail: what publish does while the server is away
@@ -211,7 +213,8 @@ pub struct RedisConfig {
     /// The bus's name.
     pub bus: String,
     /// `redis://[user:password@]host[:port][/db]`, `rediss://...`, `redis+unix://`,
-    /// `unix://`, or `redis+sentinel://[user:password@]host:port,host:port/<master-name>`.
+    /// `unix://`, `redis+sentinel://[user:password@]host:port,host:port/<master-name>` or
+    /// `redis+cluster://[user:password@]host:port,host:port`.
     pub url: String,
     /// Broadcast or stream.
     pub mode: Mode,
@@ -425,6 +428,12 @@ impl RedisConfig {
         if let Err(why) = check_url(&self.url) {
             return Some(("url", why));
         }
+        if self.mode == Mode::Stream && self.is_cluster() {
+            return Some((
+                "mode",
+                "stream mode is not supported on a Redis Cluster (redis+cluster://): a reader's blocking XREADGROUP over all of its keys would cross hash slots; use broadcast mode (sharded pub/sub) or a one-server / Sentinel URL".into(),
+            ));
+        }
         if self.mode == Mode::Stream && self.framing == Framing::Raw {
             return Some((
                 "framing",
@@ -508,6 +517,11 @@ impl RedisConfig {
         None
     }
 
+    /// Whether the URL names a Redis Cluster (`redis+cluster://`).
+    pub(crate) fn is_cluster(&self) -> bool {
+        crate::cluster::is_cluster_url(&self.url)
+    }
+
     /// What a bus with this config can do.
     pub(crate) fn capabilities(&self) -> Capabilities {
         let max = self.max_payload;
@@ -520,6 +534,8 @@ impl RedisConfig {
                 let framed = self.framing == Framing::Busway;
                 c.headers = framed;
                 c.request_reply = framed;
+                // Sharded pub/sub has no patterns.
+                c.wildcards = !self.is_cluster();
                 c
             }
             Mode::Stream => Capabilities::stream(max),
@@ -547,6 +563,11 @@ fn check_url(url: &str) -> std::result::Result<(), String> {
                 .map(drop)
                 .map_err(|why| format!("{shown:?}: {}", scrub_secrets(&why, url)));
         }
+        "redis+cluster" => {
+            return crate::cluster::node_infos(url)
+                .map(drop)
+                .map_err(|why| format!("{shown:?}: {}", scrub_secrets(&why, url)));
+        }
         "redis" | "redis+unix" | "unix" => {}
         "rediss" if cfg!(feature = "tls") => {}
         "rediss" => {
@@ -556,7 +577,7 @@ fn check_url(url: &str) -> std::result::Result<(), String> {
         }
         _ => {
             return Err(format!(
-                "{shown:?} is not a redis URL; expected redis://[user:password@]host[:port][/db], rediss://, or redis+sentinel://host:port,host:port/<master-name>"
+                "{shown:?} is not a redis URL; expected redis://[user:password@]host[:port][/db], rediss://, redis+sentinel://host:port,host:port/<master-name> or redis+cluster://host:port,host:port"
             ))
         }
     }

@@ -1,12 +1,17 @@
-//! Connection set-up: the bus's parsed clients (TLS included) or its sentinels, named
-//! connections, redis errors mapped to busway's, and the reconnect backoff.
+//! Connection set-up: the bus's parsed clients (TLS included), its sentinels or its cluster
+//! nodes, named connections, redis errors mapped to busway's, and the reconnect backoff.
 
 use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
-use redis::aio::MultiplexedConnection;
-use redis::{AsyncConnectionConfig, Client, IntoConnectionInfo, ProtocolVersion};
+use redis::aio::{ConnectionLike, MultiplexedConnection};
+use redis::cluster::ClusterClientBuilder;
+use redis::cluster_async::ClusterConnection;
+use redis::{
+    AsyncConnectionConfig, Client, ConnectionInfo, IntoConnectionInfo, ProtocolVersion,
+    RedisFuture, Value,
+};
 
 use busway::transport::{redact_url, scrub_secrets, Counters};
 use busway::{Error, ErrorKind};
@@ -23,6 +28,117 @@ enum Target {
     Direct { client: Client, resp3: Client },
     /// The primary the sentinels name, looked up for every connection.
     Sentinel(SentinelSet),
+    /// A Redis Cluster, reached through any of these nodes.
+    Cluster(Vec<ConnectionInfo>),
+}
+
+/// One connection of a bus: to one server (or the primary a Sentinel set names), or to a
+/// Redis Cluster (the `redis` crate's cluster connection: one connection per node, commands
+/// routed by key slot, `MOVED` / `ASK` and slot changes followed).
+#[derive(Clone)]
+pub(crate) enum Con {
+    One(MultiplexedConnection),
+    Cluster(ClusterConnection),
+}
+
+impl ConnectionLike for Con {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a redis::Cmd) -> RedisFuture<'a, Value> {
+        match self {
+            Con::One(c) => c.req_packed_command(cmd),
+            Con::Cluster(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a redis::Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        match self {
+            Con::One(c) => c.req_packed_commands(pipeline, offset, count),
+            // A cluster pipeline must stay within one slot, and busway's span topics: each
+            // command goes on its own, all at once (the cluster connection pipelines them
+            // per node), the answers in order.
+            Con::Cluster(c) => {
+                let c = c.clone();
+                Box::pin(async move {
+                    let calls = pipeline.cmd_iter().map(|cmd| {
+                        let mut c = c.clone();
+                        async move { c.req_packed_command(cmd).await }
+                    });
+                    let answers = futures::future::join_all(calls).await;
+                    let answers = answers
+                        .into_iter()
+                        .collect::<redis::RedisResult<Vec<_>>>()?;
+                    Ok(answers.into_iter().skip(offset).take(count).collect())
+                })
+            }
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Con::One(c) => c.get_db(),
+            Con::Cluster(c) => c.get_db(),
+        }
+    }
+}
+
+impl Con {
+    /// `SUBSCRIBE`, or on a cluster `SSUBSCRIBE` (sharded pub/sub: each channel on the shard
+    /// of its slot), one channel at a time there.
+    pub(crate) async fn subscribe<S: AsRef<str>>(
+        &mut self,
+        channels: &[S],
+    ) -> redis::RedisResult<()> {
+        let names: Vec<&str> = channels.iter().map(AsRef::as_ref).collect();
+        match self {
+            Con::One(c) => c.subscribe(&names).await,
+            Con::Cluster(c) => {
+                for name in names {
+                    c.ssubscribe(name).await?;
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// `UNSUBSCRIBE`, or `SUNSUBSCRIBE` on a cluster.
+    pub(crate) async fn unsubscribe(&mut self, channel: &str) -> redis::RedisResult<()> {
+        match self {
+            Con::One(c) => c.unsubscribe(channel).await,
+            Con::Cluster(c) => c.sunsubscribe(channel).await,
+        }
+    }
+
+    /// `PSUBSCRIBE`; a cluster has no sharded pattern subscriptions (the bus refuses
+    /// wildcards there before this is reached).
+    pub(crate) async fn psubscribe<S: AsRef<str>>(
+        &mut self,
+        globs: &[S],
+    ) -> redis::RedisResult<()> {
+        let globs: Vec<&str> = globs.iter().map(AsRef::as_ref).collect();
+        match self {
+            Con::One(c) => c.psubscribe(&globs).await,
+            Con::Cluster(_) => Err(no_cluster_patterns()),
+        }
+    }
+
+    /// `PUNSUBSCRIBE`.
+    pub(crate) async fn punsubscribe(&mut self, glob: &str) -> redis::RedisResult<()> {
+        match self {
+            Con::One(c) => c.punsubscribe(glob).await,
+            Con::Cluster(_) => Err(no_cluster_patterns()),
+        }
+    }
+}
+
+fn no_cluster_patterns() -> redis::RedisError {
+    redis::RedisError::from((
+        redis::ErrorKind::InvalidClientConfig,
+        "pattern subscriptions cannot be sharded on a Redis Cluster",
+    ))
 }
 
 /// What every connection of one bus shares: where to connect and names for messages.
@@ -62,6 +178,8 @@ impl Connector {
         let target = if is_sentinel_url(&config.url) {
             let url = SentinelUrl::parse(&config.url).map_err(config_error)?;
             Target::Sentinel(SentinelSet::new(&url).map_err(|e| config_error(e.to_string()))?)
+        } else if crate::cluster::is_cluster_url(&config.url) {
+            Target::Cluster(crate::cluster::node_infos(&config.url).map_err(config_error)?)
         } else {
             Target::Direct {
                 client: Self::parse(config, false)?,
@@ -123,7 +241,10 @@ impl Connector {
         &self,
         response_timeout: Option<Duration>,
         push: Option<tokio::sync::mpsc::UnboundedSender<redis::PushInfo>>,
-    ) -> busway::Result<MultiplexedConnection> {
+    ) -> busway::Result<Con> {
+        if let Target::Cluster(nodes) = &self.target {
+            return self.open_cluster(nodes, response_timeout, push).await;
+        }
         let cfg = self.config(response_timeout);
         match push {
             Some(tx) => self.open(true, cfg.set_push_sender(tx)).await,
@@ -137,7 +258,10 @@ impl Connector {
     pub(crate) async fn connect_with_push(
         &self,
         push: impl redis::aio::AsyncPushSender,
-    ) -> busway::Result<MultiplexedConnection> {
+    ) -> busway::Result<Con> {
+        if let Target::Cluster(nodes) = &self.target {
+            return self.open_cluster(nodes, None, Some(push)).await;
+        }
         let cfg = self.config(None).set_push_sender(push);
         self.open(true, cfg).await
     }
@@ -153,6 +277,7 @@ impl Connector {
     async fn client(&self, resp3: bool) -> busway::Result<Client> {
         match &self.target {
             Target::Direct { client, resp3: r3 } => Ok(if resp3 { r3 } else { client }.clone()),
+            Target::Cluster(_) => unreachable!("cluster connections open in open_cluster"),
             Target::Sentinel(set) => set
                 .primary(resp3, self.connect_timeout, &self.bus)
                 .await
@@ -170,16 +295,56 @@ impl Connector {
         }
     }
 
-    async fn open(
-        &self,
-        resp3: bool,
-        cfg: AsyncConnectionConfig,
-    ) -> busway::Result<MultiplexedConnection> {
+    async fn open(&self, resp3: bool, cfg: AsyncConnectionConfig) -> busway::Result<Con> {
         let client = self.client(resp3).await?;
-        let mut con = client
+        let con = client
             .get_multiplexed_async_connection_with_config(&cfg)
             .await
             .map_err(|e| self.connect_error(e))?;
+        self.name(Con::One(con)).await
+    }
+
+    /// A cluster connection (RESP3 with `push`), named on every node.
+    async fn open_cluster(
+        &self,
+        nodes: &[ConnectionInfo],
+        response_timeout: Option<Duration>,
+        push: Option<impl redis::aio::AsyncPushSender>,
+    ) -> busway::Result<Con> {
+        let mut builder = ClusterClientBuilder::new(nodes.to_vec())
+            .connection_timeout(self.connect_timeout)
+            .response_timeout(response_timeout.unwrap_or(self.response_timeout));
+        if let Some(push) = push {
+            builder = builder
+                .use_protocol(ProtocolVersion::RESP3)
+                .push_sender(push);
+        }
+        let client = builder
+            .build()
+            .map_err(|e| self.error("cluster client", e))?;
+        let con = tokio::time::timeout(
+            self.connect_timeout.saturating_mul(2),
+            client.get_async_connection(),
+        )
+        .await
+        .map_err(|_| {
+            Error::new(
+                ErrorKind::Timeout,
+                format!(
+                    "bus {:?} ({}): connect: no cluster node answered within {:?}",
+                    self.bus,
+                    self.redacted,
+                    self.connect_timeout.saturating_mul(2)
+                ),
+            )
+        })?
+        .map_err(|e| self.connect_error(e))?;
+        // `CLIENT SETNAME` goes to every node. A node connection the cluster client reopens
+        // on its own (after a node restart) is unnamed until the bus reconnects.
+        self.name(Con::Cluster(con)).await
+    }
+
+    async fn name(&self, mut con: Con) -> busway::Result<Con> {
         redis::cmd("CLIENT")
             .arg("SETNAME")
             .arg(&self.client_name)

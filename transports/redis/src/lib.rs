@@ -18,6 +18,7 @@
 
 mod broadcast;
 mod bus;
+mod cluster;
 mod config;
 mod connect;
 mod publish;

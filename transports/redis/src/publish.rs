@@ -27,14 +27,13 @@ use std::time::Duration;
 
 use futures::stream::FuturesOrdered;
 use futures::StreamExt;
-use redis::aio::MultiplexedConnection;
 use redis::Value;
 use tokio::sync::{mpsc, oneshot};
 
 use busway::transport::{is_inbox, Counters, Framing, OnDisconnect};
 use busway::{Error, ErrorKind, Message, Mode, Result, Topic};
 
-use crate::connect::{is_connection_error, ConnCount};
+use crate::connect::{is_connection_error, Con, ConnCount};
 use crate::state::Shared;
 use crate::stream::{self, Field, StreamState};
 use crate::wire;
@@ -52,7 +51,7 @@ impl Publisher {
     pub(crate) fn new(
         shared: Arc<Shared>,
         streams: Arc<StreamState>,
-        con: MultiplexedConnection,
+        con: Con,
         events: mpsc::UnboundedReceiver<redis::PushInfo>,
     ) -> (Publisher, Writer) {
         let (tx, rx) = mpsc::channel(shared.config.publish_queue);
@@ -270,7 +269,7 @@ pub(crate) struct Writer {
     streams: Arc<StreamState>,
     rx: mpsc::Receiver<Item>,
     pending: VecDeque<Item>,
-    con: Option<(MultiplexedConnection, ConnCount)>,
+    con: Option<(Con, ConnCount)>,
     /// The command connection is RESP3 with a push channel only so that its loss is
     /// announced at once (`Disconnection`), not found by the next publish or ping.
     events: mpsc::UnboundedReceiver<redis::PushInfo>,
@@ -317,7 +316,7 @@ impl Writer {
         shared: Arc<Shared>,
         streams: Arc<StreamState>,
         rx: mpsc::Receiver<Item>,
-        con: MultiplexedConnection,
+        con: Con,
         events: mpsc::UnboundedReceiver<redis::PushInfo>,
     ) -> Writer {
         let count = ConnCount::new(&shared.stats);
@@ -562,9 +561,14 @@ impl Writer {
                     replies_per_item.push(0);
                 }
                 Item::Publish { channel, data } => {
-                    pipe.cmd("PUBLISH")
-                        .arg(channel.as_str())
-                        .arg(data.as_slice());
+                    // Sharded pub/sub on a cluster: the message stays in its channel's shard.
+                    pipe.cmd(if opts.is_cluster() {
+                        "SPUBLISH"
+                    } else {
+                        "PUBLISH"
+                    })
+                    .arg(channel.as_str())
+                    .arg(data.as_slice());
                     replies_per_item.push(1);
                 }
                 Item::Xadd { topic, fields, .. } => {

@@ -6,14 +6,13 @@ use std::sync::atomic::{AtomicBool, AtomicUsize};
 use std::sync::Arc;
 
 use parking_lot::Mutex;
-use redis::aio::MultiplexedConnection;
 use tokio::sync::watch;
 
 use busway::transport::Counters;
 use busway::{Error, Health, Result};
 
 use crate::config::RedisConfig;
-use crate::connect::Connector;
+use crate::connect::{Con, Connector};
 
 /// The state shared by a bus's handles and its background tasks.
 pub(crate) struct Shared {
@@ -35,16 +34,12 @@ pub(crate) struct Shared {
     pub(crate) pubsub_retry: tokio::sync::Notify,
     /// Set once when the bus closes or its last user handle goes; every task watches it.
     pub(crate) shutdown: watch::Sender<bool>,
-    cmd: Mutex<Option<MultiplexedConnection>>,
+    cmd: Mutex<Option<Con>>,
 }
 
 impl Shared {
     /// The state of a bus whose command connection `cmd` is open.
-    pub(crate) fn new(
-        config: RedisConfig,
-        connector: Connector,
-        cmd: MultiplexedConnection,
-    ) -> Shared {
+    pub(crate) fn new(config: RedisConfig, connector: Connector, cmd: Con) -> Shared {
         Shared {
             config,
             connector,
@@ -61,7 +56,7 @@ impl Shared {
         }
     }
 
-    pub(crate) fn set_cmd_connection(&self, con: Option<MultiplexedConnection>) {
+    pub(crate) fn set_cmd_connection(&self, con: Option<Con>) {
         *self.cmd.lock() = con;
     }
 
@@ -69,7 +64,7 @@ impl Shared {
     ///
     /// # Errors
     /// `Connection` while it is down.
-    pub(crate) fn cmd_connection(&self) -> Result<MultiplexedConnection> {
+    pub(crate) fn cmd_connection(&self) -> Result<Con> {
         self.cmd
             .lock()
             .clone()
