@@ -10,10 +10,12 @@
 //!   URL): `/connz` (each connection's `name`), paged, and `/varz`'s `cpu` (the server's own
 //!   reading, % of one core). A plain HTTP/1.0 GET over a tokio `TcpStream`: no HTTP client
 //!   dependency for three GETs.
-//! - A Sentinel set (`redis+sentinel://s1,s2,s3/<master>`): the sentinels name the primary
-//!   and its replicas, each is read as a `redis://` server, and the rows are summed over
-//!   the nodes as for a NATS cluster (below). The sentinels' own client lists are not read:
-//!   busway's lookups hold one unnamed connection per sentinel and bus there.
+//! - A Sentinel set (`redis+sentinel://s1,s2,s3/<master>`) or a Redis Cluster
+//!   (`redis+cluster://n1,n2,...`): the sentinels name the primary and its replicas (a
+//!   cluster: `CLUSTER NODES` of the first node that answers), each is read as a `redis://`
+//!   server, and the rows are summed over the nodes as for a NATS cluster (below). The
+//!   sentinels' own client lists are not read: busway's lookups hold one unnamed connection
+//!   per sentinel and bus there.
 //! - A NATS cluster: the monitoring URLs of its nodes, comma-separated
 //!   (`http://n1:8222,http://n2:8222,http://n3:8222`): each node is read as above (its
 //!   `/varz` `server_name` names it), every busway row sums the app's connections to the bus
@@ -126,7 +128,12 @@ pub async fn audit(url: &str, options: &AuditOptions) -> Result<AuditReport> {
         return audit_redis(url, options.interval).await;
     }
     if url.starts_with("redis+sentinel://") {
-        return audit_sentinel(url, options.interval).await;
+        let nodes = busway_redis::sentinel_nodes(url, Duration::from_secs(5)).await?;
+        return audit_redis_nodes(url, nodes, options.interval).await;
+    }
+    if url.starts_with("redis+cluster://") {
+        let nodes = busway_redis::cluster_nodes(url, Duration::from_secs(5)).await?;
+        return audit_redis_nodes(url, nodes, options.interval).await;
     }
     if url.starts_with("http://") {
         return audit_nats(url).await;
@@ -141,7 +148,7 @@ pub async fn audit(url: &str, options: &AuditOptions) -> Result<AuditReport> {
         };
     }
     Err(Error::config(format!(
-        "{}: expected a redis:// or redis+sentinel:// URL or a NATS monitoring URL (http://HOST:8222)",
+        "{}: expected a redis://, redis+sentinel:// or redis+cluster:// URL or a NATS monitoring URL (http://HOST:8222)",
         redact_url(url)
     )))
 }
@@ -213,10 +220,13 @@ async fn audit_redis(url: &str, interval: Duration) -> Result<AuditReport> {
         .map(|(report, _)| report)
 }
 
-/// Audits every data node of a Sentinel set (the primary and the replicas the sentinels
-/// name), one report summed over them with a row per node.
-async fn audit_sentinel(url: &str, interval: Duration) -> Result<AuditReport> {
-    let nodes = busway_redis::sentinel_nodes(url, Duration::from_secs(5)).await?;
+/// Audits every data node of a Sentinel set or a cluster (`nodes`, as the sentinels or the
+/// cluster name them), one report summed over them with a row per node.
+async fn audit_redis_nodes(
+    url: &str,
+    nodes: Vec<busway_redis::ServerNode>,
+    interval: Duration,
+) -> Result<AuditReport> {
     let mut parts = Vec::new();
     for node in nodes {
         let name = format!("{} {}", node.role, node.addr);

@@ -467,6 +467,58 @@ async fn audit_of_a_sentinel_set_groups_connections_per_app_over_its_nodes() {
     ml.close().await.unwrap();
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn audit_of_a_redis_cluster_groups_connections_per_app_over_its_nodes() {
+    let test = "audit_of_a_redis_cluster_groups_connections_per_app_over_its_nodes";
+    let Some(cluster) = busway_testkit::redis_cluster::RedisCluster::start(test) else {
+        return;
+    };
+    let url = cluster.url();
+    let config = config(&format!(
+        "[app]\nname = \"portfolio\"\n[buses.main]\ntransport = \"redis\"\nurl = \"{url}\"\n[default]\nto = \"main\"\n"
+    ));
+    let router = Router::from_config(&config, &busway_cli::registry())
+        .await
+        .unwrap();
+    let _sub = router
+        .bus("main")
+        .unwrap()
+        .subscribe(Pattern::new("x.y").unwrap(), SubscribeOptions::new())
+        .await
+        .unwrap();
+    router.publish(msg("x.y", "hi")).await.unwrap();
+    router.flush().await.unwrap();
+    let audit_url = url.clone();
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new(env!("CARGO_BIN_EXE_busway"))
+            .args(["audit", &audit_url, "--json", "--interval-ms", "50"])
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let nodes = json["nodes"].as_array().unwrap();
+    assert_eq!(nodes.len(), 6, "every node of the cluster: {json}");
+    let row = json["busway"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["app"] == "portfolio" && r["bus"] == "main")
+        .unwrap_or_else(|| panic!("portfolio/main: {json}"));
+    // The command connection and the pub/sub connection reach every primary.
+    for p in cluster.primaries() {
+        let name = format!("primary 127.0.0.1:{}", cluster.nodes()[p].port());
+        assert!(
+            row["nodes"][&name].as_u64().unwrap_or(0) >= 1,
+            "no connection of portfolio/main on {name}: {json}"
+        );
+    }
+    router.close().await.unwrap();
+}
+
 #[tokio::test]
 async fn audit_reads_nats_connections_from_the_monitoring_port() {
     let test = "audit_reads_nats_connections_from_the_monitoring_port";

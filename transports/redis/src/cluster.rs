@@ -12,7 +12,11 @@
 //! - stream mode is refused at config time (a reader's one blocking `XREADGROUP` over all of
 //!   its keys would cross slots).
 
-use redis::{ConnectionInfo, IntoConnectionInfo};
+use std::time::Duration;
+
+use redis::{Client, ConnectionAddr, ConnectionInfo, IntoConnectionInfo};
+
+use crate::sentinel::ServerNode;
 
 /// The scheme of a cluster URL.
 pub(crate) const SCHEME: &str = "redis+cluster://";
@@ -57,6 +61,91 @@ pub(crate) fn node_infos(url: &str) -> Result<Vec<ConnectionInfo>, String> {
                 .map_err(|_| format!("node {host:?}: the user or password cannot be parsed"))
         })
         .collect()
+}
+
+/// The nodes of the cluster a `redis+cluster://` URL names, primaries and replicas, from
+/// `CLUSTER NODES` of the first listed node that answers within `timeout` (failed nodes and
+/// nodes still joining left out), for tools that must visit every node (`busway audit`).
+///
+/// # Errors
+/// `InvalidConfig` for a URL that is not a valid `redis+cluster://` URL; `Connection` when
+/// no listed node answers. Messages show the URL redacted.
+pub async fn cluster_nodes(url: &str, timeout: Duration) -> busway::Result<Vec<ServerNode>> {
+    use busway::transport::{redact_url, scrub_secrets};
+    let shown = redact_url(url);
+    let infos = node_infos(url)
+        .map_err(|why| busway::Error::config(format!("{shown:?}: {}", scrub_secrets(&why, url))))?;
+    let mut why = Vec::new();
+    for info in &infos {
+        let ask = async {
+            let mut con = Client::open(info.clone())?
+                .get_multiplexed_async_connection()
+                .await?;
+            redis::cmd("CLUSTER")
+                .arg("NODES")
+                .query_async::<String>(&mut con)
+                .await
+        };
+        let text = match tokio::time::timeout(timeout, ask).await {
+            Ok(Ok(text)) => text,
+            Ok(Err(e)) => {
+                why.push(format!("{}: {e}", info.addr()));
+                continue;
+            }
+            Err(_) => {
+                why.push(format!("{}: no answer within {timeout:?}", info.addr()));
+                continue;
+            }
+        };
+        let mut nodes = Vec::new();
+        for line in text.lines() {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            let (Some(addr), Some(flags)) = (f.get(1), f.get(2)) else {
+                continue;
+            };
+            if ["fail", "handshake", "noaddr"]
+                .iter()
+                .any(|x| flags.contains(x))
+            {
+                continue;
+            }
+            let hostport = addr.split('@').next().unwrap_or(addr);
+            let Some((host, port)) = hostport.rsplit_once(':') else {
+                continue;
+            };
+            let Ok(port) = port.parse::<u16>() else {
+                continue;
+            };
+            let node = info
+                .clone()
+                .set_addr(ConnectionAddr::Tcp(host.to_string(), port));
+            let client = Client::open(node).map_err(|e| {
+                busway::Error::new(
+                    busway::ErrorKind::Connection,
+                    format!("{shown}: {}", scrub_secrets(&e.to_string(), url)),
+                )
+            })?;
+            nodes.push(ServerNode {
+                role: if flags.contains("master") {
+                    "primary"
+                } else {
+                    "replica"
+                },
+                addr: hostport.to_string(),
+                client,
+            });
+        }
+        // Primaries first, then by address, whatever order the node listed them in.
+        nodes.sort_by(|a, b| (a.role != "primary", &a.addr).cmp(&(b.role != "primary", &b.addr)));
+        return Ok(nodes);
+    }
+    Err(busway::Error::new(
+        busway::ErrorKind::Connection,
+        format!(
+            "{shown}: no cluster node answered ({})",
+            scrub_secrets(&why.join("; "), url)
+        ),
+    ))
 }
 
 #[cfg(test)]

@@ -29,5 +29,6 @@ pub mod wire;
 
 pub use bus::{register, RedisBus, RedisFactory};
 pub use busway::transport::{Framing, OnDisconnect};
+pub use cluster::cluster_nodes;
 pub use config::{RedisConfig, RedisOptions};
-pub use sentinel::{sentinel_nodes, SentinelNode};
+pub use sentinel::{sentinel_nodes, ServerNode};

@@ -198,10 +198,10 @@ impl SentinelSet {
     }
 }
 
-/// One data node of a Sentinel-managed set, as the sentinels name it.
+/// One data node of a Sentinel set or a cluster, as the sentinels or the cluster name it.
 #[derive(Debug, Clone)]
 #[non_exhaustive]
-pub struct SentinelNode {
+pub struct ServerNode {
     /// `primary` or `replica`.
     pub role: &'static str,
     /// `host:port`.
@@ -217,7 +217,7 @@ pub struct SentinelNode {
 /// # Errors
 /// `InvalidConfig` for a URL that is not a valid `redis+sentinel://` URL; `Connection` when
 /// no sentinel names a reachable primary. Messages show the URL redacted.
-pub async fn sentinel_nodes(url: &str, timeout: Duration) -> busway::Result<Vec<SentinelNode>> {
+pub async fn sentinel_nodes(url: &str, timeout: Duration) -> busway::Result<Vec<ServerNode>> {
     use busway::transport::{redact_url, scrub_secrets};
     let shown = redact_url(url);
     let parsed = SentinelUrl::parse(url)
@@ -233,7 +233,7 @@ pub async fn sentinel_nodes(url: &str, timeout: Duration) -> busway::Result<Vec<
         .primary(false, timeout, "audit")
         .await
         .map_err(connection)?;
-    let mut nodes = vec![SentinelNode {
+    let mut nodes = vec![ServerNode {
         role: "primary",
         addr: primary.get_connection_info().addr().to_string(),
         client: primary,
@@ -246,7 +246,7 @@ pub async fn sentinel_nodes(url: &str, timeout: Duration) -> busway::Result<Vec<
                 .await
         };
         if let Ok(Ok(replicas)) = tokio::time::timeout(timeout, lookup).await {
-            nodes.extend(replicas.into_iter().map(|client| SentinelNode {
+            nodes.extend(replicas.into_iter().map(|client| ServerNode {
                 role: "replica",
                 addr: client.get_connection_info().addr().to_string(),
                 client,
