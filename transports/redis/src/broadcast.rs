@@ -177,6 +177,7 @@ impl Broadcast {
                     last_foreign_warn: None,
                     foreign_since_warn: 0,
                     via,
+                    moves_at_connect: shared.connector.primary_moves(),
                 };
                 tokio::spawn(task.run());
                 *started = true;
@@ -285,6 +286,9 @@ struct Task {
     foreign_since_warn: u64,
     /// The bus deliveries reply through (an internal handle: it does not keep the bus open).
     via: Arc<dyn Bus>,
+    /// [`Connector::primary_moves`](crate::connect::Connector::primary_moves) when the
+    /// connection opened.
+    moves_at_connect: u64,
 }
 
 fn args(key: &Key, subscribe: bool) -> (&'static str, &str) {
@@ -320,6 +324,12 @@ impl Task {
                     Some(p) => self.dispatch(p).await,
                     None => self.lost(CLOSED_BY_SERVER),
                 },
+                _ = self.shared.pubsub_moved.notified() => {
+                    // A notice from before this connection opened is stale.
+                    if self.shared.connector.primary_moves() != self.moves_at_connect {
+                        self.lost("the sentinels named another primary");
+                    }
+                }
             }
         }
         self.shared.pubsub_up.store(false, Relaxed);
@@ -395,7 +405,10 @@ impl Task {
             _ = self.shared.pubsub_retry.notified() => {}
         }
         let (conn, push_rx) = match open(&self.shared).await {
-            Ok(opened) => opened,
+            Ok(opened) => {
+                self.moves_at_connect = self.shared.connector.primary_moves();
+                opened
+            }
             Err(e) => {
                 self.attempt = self.attempt.saturating_add(1);
                 tracing::debug!(bus = %self.shared.config.bus, error = %e, "pub/sub reconnect failed");

@@ -436,6 +436,15 @@ impl Connector {
         )
     }
 
+    /// How many times the sentinels' primary changed under this bus (0 without Sentinel): a
+    /// connection opened before the last change may be on a frozen or demoted server.
+    pub(crate) fn primary_moves(&self) -> u64 {
+        match &self.target {
+            Target::Sentinel(set) => set.moves(),
+            _ => 0,
+        }
+    }
+
     /// The delay before reconnect attempt `attempt` (0-based): doubling from the minimum,
     /// capped, with the upper half jittered so many clients do not return in step.
     pub(crate) fn backoff(&self, attempt: u32) -> Duration {

@@ -489,8 +489,17 @@ impl Writer {
             }
         }
         let (events_tx, events) = mpsc::unbounded_channel();
+        let moves = self.shared.connector.primary_moves();
         match self.shared.connector.connect(None, Some(events_tx)).await {
             Ok(con) => {
+                if self.shared.connector.primary_moves() != moves
+                    && self.shared.pubsub_started.load(Relaxed)
+                {
+                    // The pub/sub connection may still be on the old primary (frozen, it
+                    // would never say so): it moves too, and the held publishes wait for it.
+                    self.shared.pubsub_up.store(false, Relaxed);
+                    self.shared.pubsub_moved.notify_one();
+                }
                 self.events = events;
                 self.attempt = 0;
                 Counters::incr(&self.shared.stats.reconnects);

@@ -132,6 +132,8 @@ pub(crate) struct SentinelSet {
     node_resp3: SentinelNodeConnectionInfo,
     /// The primary's `host:port` last connected to, to log a change once.
     last: parking_lot::Mutex<Option<String>>,
+    /// How many times a lookup found another primary than the one before.
+    moves: std::sync::atomic::AtomicU64,
 }
 
 impl SentinelSet {
@@ -155,6 +157,7 @@ impl SentinelSet {
             node,
             node_resp3,
             last: parking_lot::Mutex::new(None),
+            moves: std::sync::atomic::AtomicU64::new(0),
         })
     }
 
@@ -180,6 +183,8 @@ impl SentinelSet {
                     let mut last = self.last.lock();
                     if last.as_deref() != Some(primary.as_str()) {
                         if last.is_some() {
+                            self.moves
+                                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                             tracing::warn!(bus, master = %self.master, %primary, "sentinel: the primary moved");
                         }
                         *last = Some(primary);
@@ -195,6 +200,13 @@ impl SentinelSet {
             self.master,
             why.join("; ")
         ))
+    }
+}
+
+impl SentinelSet {
+    /// How many times a lookup found another primary than the one before.
+    pub(crate) fn moves(&self) -> u64 {
+        self.moves.load(std::sync::atomic::Ordering::Relaxed)
     }
 }
 

@@ -32,6 +32,9 @@ pub(crate) struct Shared {
     /// Wakes the pub/sub task's reconnect backoff: the command connection is back, so the
     /// server is, and both connections return on the same schedule.
     pub(crate) pubsub_retry: tokio::sync::Notify,
+    /// Tells the pub/sub task that the command connection found another primary (Sentinel):
+    /// its own connection may be on the old one, frozen, and would never hear of it.
+    pub(crate) pubsub_moved: tokio::sync::Notify,
     /// Set once when the bus closes or its last user handle goes; every task watches it.
     pub(crate) shutdown: watch::Sender<bool>,
     cmd: Mutex<Option<Con>>,
@@ -51,6 +54,7 @@ impl Shared {
             readers_down: AtomicUsize::new(0),
             queued: AtomicUsize::new(0),
             pubsub_retry: tokio::sync::Notify::new(),
+            pubsub_moved: tokio::sync::Notify::new(),
             shutdown: watch::channel(false).0,
             cmd: Mutex::new(Some(cmd)),
         }

@@ -440,3 +440,63 @@ async fn sentinel_urls_are_checked_without_connecting_and_never_print_the_passwo
     )
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_primary_is_failed_over_and_both_connections_follow() {
+    let Some(mut set) = SentinelSet::start("sentinel_frozen_primary") else {
+        return;
+    };
+    within("sentinel frozen primary", async {
+        let bus = bus(&set.url(), Mode::Broadcast, |c| {
+            c.publish_timeout = Duration::from_secs(2);
+        })
+        .await;
+        let t = topic("ha.frozen");
+        let mut sub = bus
+            .subscribe(pat("ha.frozen"), SubscribeOptions::new())
+            .await
+            .unwrap();
+        bus.publish(Message::new(t.clone(), "before")).await.unwrap();
+        assert_eq!(&common::next(&mut sub).await.message().payload[..], b"before");
+        let old = set.primary().unwrap();
+        // SIGSTOP: the connections stay open and nothing answers; only the command
+        // connection's ping times out, so the pub/sub connection must be told.
+        set.node(old).pause();
+        let frozen = Instant::now();
+        let took = tokio::task::block_in_place(|| set.wait_failover(old, Duration::from_secs(30)))
+            .unwrap_or_else(|e| panic!("{e}\n{}", set.logs()));
+        let mut n = 0;
+        let delivered = loop {
+            let probe = format!("probe-{n}");
+            n += 1;
+            let _ = bus.publish(Message::new(t.clone(), probe.clone())).await;
+            match sub.recv_timeout(Duration::from_millis(500)).await {
+                Ok(Some(d)) if d.message().payload == probe.as_bytes() => break frozen.elapsed(),
+                _ => assert!(
+                    frozen.elapsed() < Duration::from_secs(40),
+                    "delivery did not resume with the primary frozen: {}",
+                    bus.stats()
+                ),
+            }
+        };
+        println!(
+            "RESULT redis-sentinel-broadcast frozen primary: sentinel_failover_ms={} delivery_resumed_ms={} (publish_timeout 2 s) {}",
+            took.as_millis(),
+            delivered.as_millis(),
+            bus.stats()
+        );
+        // Thawed, the old primary is demoted by the sentinels; the bus stays on the new one.
+        set.node(old).resume();
+        tokio::task::block_in_place(|| set.wait_ready(Duration::from_secs(30)))
+            .unwrap_or_else(|e| panic!("the old primary did not rejoin: {e}\n{}", set.logs()));
+        bus.publish(Message::new(t.clone(), "after")).await.unwrap();
+        loop {
+            let d = common::next(&mut sub).await;
+            if &d.message().payload[..] == b"after" {
+                break;
+            }
+        }
+        assert_eq!(bus.stats().health, Health::Up);
+    })
+    .await;
+}
