@@ -211,9 +211,8 @@ impl SentinelSet {
     /// that node says (`ROLE`) it is one.
     pub fn primary(&self) -> Option<usize> {
         let port = self.sentinels.iter().find_map(|s| {
-            if s.pid().is_none() {
-                return None;
-            }
+            // A killed sentinel is skipped.
+            s.pid()?;
             let out = cli(s.port(), &["SENTINEL", "get-master-addr-by-name", MASTER]);
             out.lines().nth(1)?.trim().parse::<u16>().ok()
         })?;

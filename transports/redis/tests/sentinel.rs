@@ -144,11 +144,13 @@ async fn failover_under_load(
     if stream {
         let start = Instant::now();
         while start.elapsed() < Duration::from_secs(60) {
-            let s = seen.lock().unwrap();
-            if ok.iter().all(|(id, _)| s.counts.contains_key(id)) {
+            let all = {
+                let s = seen.lock().unwrap();
+                ok.iter().all(|(id, _)| s.counts.contains_key(id))
+            };
+            if all {
                 break;
             }
-            drop(s);
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     } else {
