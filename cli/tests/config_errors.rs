@@ -39,6 +39,7 @@ const CASES: &[(&str, &str, &str)] = &[
     ("redis: inconsistent keys", "[buses.a]\ntransport = \"redis\"\nurl = \"redis://127.0.0.1:1\"\nmax_deliveries = 3\n", "buses.a.max_deliveries"),
     ("redis: tls key without rediss://", "[buses.a]\ntransport = \"redis\"\nurl = \"redis://127.0.0.1:1\"\ntls_ca = \"ca.pem\"\n", "buses.a.tls_ca"),
     ("redis sentinel url without a master name", "[buses.a]\ntransport = \"redis\"\nurl = \"redis+sentinel://u:pw@127.0.0.1:26379,127.0.0.1:26380\"\n", "buses.a.url"),
+    ("redis: stream mode on a cluster", "[buses.a]\ntransport = \"redis\"\nurl = \"redis+cluster://u:pw@127.0.0.1:7000,127.0.0.1:7001\"\nmode = \"stream\"\n", "buses.a.mode"),
     ("redis: min_replicas in broadcast mode", "[buses.a]\ntransport = \"redis\"\nurl = \"redis://127.0.0.1:1\"\nmin_replicas = 1\n", "buses.a.min_replicas"),
     ("redis: min_replicas_timeout not below publish_timeout", "[buses.a]\ntransport = \"redis\"\nurl = \"redis://127.0.0.1:1\"\nmode = \"stream\"\nmin_replicas = 1\nmin_replicas_timeout = \"5s\"\n", "buses.a.min_replicas_timeout"),
     ("nats: user without password", "[buses.a]\ntransport = \"nats\"\nurl = \"nats://127.0.0.1:1\"\nuser = \"x\"\n", "buses.a.password"),
