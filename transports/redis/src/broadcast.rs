@@ -178,6 +178,7 @@ impl Broadcast {
                     foreign_since_warn: 0,
                     via,
                     moves_at_connect: shared.connector.primary_moves(),
+                    cluster_resubscribe: false,
                 };
                 tokio::spawn(task.run());
                 *started = true;
@@ -289,7 +290,15 @@ struct Task {
     /// [`Connector::primary_moves`](crate::connect::Connector::primary_moves) when the
     /// connection opened.
     moves_at_connect: u64,
+    /// A cluster node's connection was lost: its sharded subscriptions must be made again on
+    /// the primaries that serve their slots now.
+    cluster_resubscribe: bool,
 }
+
+/// How often a cluster bus retries `SSUBSCRIBE` of every channel after a node's connection
+/// was lost, until every one succeeds (the slots' new primary is known once the cluster has
+/// failed over and the cluster client has re-read the slot map).
+const CLUSTER_RESUBSCRIBE: std::time::Duration = std::time::Duration::from_millis(100);
 
 fn args(key: &Key, subscribe: bool) -> (&'static str, &str) {
     match (key, subscribe) {
@@ -320,10 +329,20 @@ impl Task {
                     None => break,
                 },
                 push = self.push_rx.recv() => match push {
+                    // On a cluster one node's connection went: the other shards'
+                    // subscriptions stay; the lost ones are made again where their slots
+                    // now live (see `resubscribe_cluster`).
+                    Some(p) if p.kind == PushKind::Disconnection && self.shared.config.is_cluster() => {
+                        tracing::warn!(bus = %self.shared.config.bus, "pub/sub: a cluster node's connection was lost; resubscribing on the slots' current primaries");
+                        self.cluster_resubscribe = true;
+                    }
                     Some(p) if p.kind == PushKind::Disconnection => self.lost(CLOSED_BY_SERVER),
                     Some(p) => self.dispatch(p).await,
                     None => self.lost(CLOSED_BY_SERVER),
                 },
+                _ = tokio::time::sleep(CLUSTER_RESUBSCRIBE), if self.cluster_resubscribe => {
+                    self.resubscribe_cluster().await;
+                }
                 _ = self.shared.pubsub_moved.notified() => {
                     // A notice from before this connection opened is stale.
                     if self.shared.connector.primary_moves() != self.moves_at_connect {
@@ -347,6 +366,7 @@ impl Task {
                 out = &mut fut => return out,
                 push = self.push_rx.recv() => match push {
                     Some(p) if p.kind != PushKind::Disconnection => self.dispatch(p).await,
+                    Some(_) if self.shared.config.is_cluster() => {}
                     // The connection is gone: the command fails with it.
                     _ => return fut.await,
                 },
@@ -453,6 +473,43 @@ impl Task {
         // Subscribe requests queued during the outage are covered by the resubscription.
         while let Ok(ctl) = self.ctl_rx.try_recv() {
             self.control(ctl).await;
+        }
+    }
+
+    /// `SSUBSCRIBE` of every channel again, each routed to the primary of its slot now; a
+    /// channel still subscribed on a live shard is unaffected (the server ignores a repeat).
+    /// Stays pending until every one succeeds.
+    async fn resubscribe_cluster(&mut self) {
+        let Some(conn) = &self.con else {
+            return;
+        };
+        let mut con = conn.con.clone();
+        let channels: Vec<String> = self
+            .broadcast
+            .table
+            .lock()
+            .keys()
+            .filter_map(|k| match k {
+                Key::Channel(c) => Some(c.clone()),
+                Key::Glob(_) => None,
+            })
+            .collect();
+        let c = &channels;
+        let again = async move {
+            for channel in c {
+                con.subscribe(&[channel]).await?;
+            }
+            Ok::<(), redis::RedisError>(())
+        };
+        match self.drive(again).await {
+            Ok(()) => {
+                self.cluster_resubscribe = false;
+                Counters::incr(&self.shared.stats.reconnects);
+                tracing::info!(bus = %self.shared.config.bus, channels = channels.len(), "pub/sub: resubscribed on the cluster's current primaries");
+            }
+            Err(e) => {
+                tracing::debug!(bus = %self.shared.config.bus, error = %self.shared.connector.error("SSUBSCRIBE", e), "pub/sub: cluster resubscribe failed; retrying");
+            }
         }
     }
 
