@@ -22,6 +22,9 @@ pub(crate) struct Broker {
     redis_info: Option<redis::aio::MultiplexedConnection>,
     /// A private 3-node NATS cluster this bench started (`--nats-cluster`).
     cluster: Option<busway_testkit::nats_cluster::NatsCluster>,
+    /// A private Sentinel set this bench started (`--redis-sentinel`) and its primary's
+    /// `redis://` URL, for the raw side.
+    sentinel: Option<(busway_testkit::redis_sentinel::SentinelSet, String)>,
 }
 
 /// Finds a broker binary on PATH or in the sbin directories (where distributions put them).
@@ -49,6 +52,7 @@ impl Broker {
                     monitor_port: None,
                     redis_info: None,
                     cluster: None,
+                    sentinel: None,
                 })
             }
             // Snapshots and the AOF off: they would charge disk work to the broker's CPU.
@@ -146,6 +150,7 @@ impl Broker {
             monitor_port,
             redis_info,
             cluster: None,
+            sentinel: None,
         })
     }
 
@@ -174,7 +179,44 @@ impl Broker {
             monitor_port: None,
             redis_info: None,
             cluster: Some(cluster),
+            sentinel: None,
         })
+    }
+
+    /// Starts a private Sentinel set (primary, one replica, 3 sentinels) on free loopback
+    /// ports: busway gets the `redis+sentinel://` URL, the raw client the primary's.
+    ///
+    /// # Errors
+    /// [`ErrorKind::Connection`] when redis-server is missing or the set does not form.
+    pub(crate) async fn open_redis_sentinel() -> Result<Broker> {
+        let set = tokio::task::spawn_blocking(|| {
+            busway_testkit::redis_sentinel::SentinelSet::start("busway-bench")
+        })
+        .await
+        .ok()
+        .flatten()
+        .ok_or_else(|| {
+            Error::new(
+                ErrorKind::Connection,
+                "could not start a private Sentinel set (is redis-server installed?)",
+            )
+        })?;
+        let primary = set
+            .primary()
+            .ok_or_else(|| Error::new(ErrorKind::Connection, "the Sentinel set has no primary"))?;
+        let raw = set.node_url(primary);
+        let mut broker = Broker::open(Transport::Redis, Some(&raw)).await?;
+        broker.url = Some(set.url());
+        broker.sentinel = Some((set, raw));
+        Ok(broker)
+    }
+
+    /// The URL the raw client connects to: the primary of a Sentinel set, else [`Self::url`].
+    pub(crate) fn raw_url(&self) -> Option<&str> {
+        match &self.sentinel {
+            Some((_, raw)) => Some(raw),
+            None => self.url(),
+        }
     }
 
     /// How many servers hold each JetStream stream: 3 on a private cluster, else 1.
@@ -195,6 +237,12 @@ impl Broker {
     pub(crate) fn describe(&self) -> String {
         if let Some(c) = &self.cluster {
             return format!("private 3-node nats cluster at {} (streams R3)", c.urls());
+        }
+        if let Some((set, raw)) = &self.sentinel {
+            return format!(
+                "private Sentinel set (primary + 1 replica + 3 sentinels): busway {}, raw {raw}",
+                set.url()
+            );
         }
         match (&self.url, &self.server) {
             (None, _) => "in-process (no broker)".to_string(),

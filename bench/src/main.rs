@@ -84,6 +84,15 @@ pub(crate) struct BenchArgs {
     /// streams replicated on all three (R3) on both sides.
     #[arg(long, conflicts_with = "url")]
     nats_cluster: bool,
+    /// With --transport redis: a private Sentinel set (primary, one replica, 3 sentinels);
+    /// busway connects through the sentinels (`redis+sentinel://`), the raw client to the
+    /// primary.
+    #[arg(long, conflicts_with_all = ["url", "nats_cluster"])]
+    redis_sentinel: bool,
+    /// With --transport redis --mode stream: busway's `min_replicas` (each pipeline of XADDs
+    /// ends with `WAIT N`); the raw side does not wait.
+    #[arg(long, default_value_t = 0)]
+    min_replicas: u32,
     /// Measure each shape this many times (busway first, then the raw client first, in
     /// turn) and end with the median ratio per shape: single runs on a shared machine swing
     /// by tens of percent.
@@ -186,6 +195,8 @@ pub(crate) struct Plan {
     pub(crate) raw_msg_id: bool,
     /// The busway side goes through a Router (`--router`).
     pub(crate) router: bool,
+    /// busway-redis `min_replicas` (stream mode).
+    pub(crate) min_replicas: u32,
     /// A token unique to this run, so topics, keys and streams never meet earlier runs'.
     pub(crate) run_id: String,
 }
@@ -288,6 +299,14 @@ pub(crate) async fn run(args: BenchArgs) -> Result<()> {
             ));
         }
         Broker::open_nats_cluster().await?
+    } else if args.redis_sentinel {
+        if args.transport != Transport::Redis {
+            return Err(Error::new(
+                ErrorKind::InvalidConfig,
+                "--redis-sentinel needs --transport redis",
+            ));
+        }
+        Broker::open_redis_sentinel().await?
     } else {
         Broker::open(args.transport, args.url.as_deref()).await?
     };
@@ -355,6 +374,7 @@ fn plan_for(args: &BenchArgs, mode: Mode, shape: Shape, run_id: &str) -> Plan {
         seconds: args.seconds.map(Duration::from_secs_f64),
         rate: latency.then_some(args.rate),
         publishers,
+        min_replicas: args.min_replicas,
         subscribers,
         inflight: args.inflight.unwrap_or(default_inflight),
         raw_msg_id: args.raw_msg_id,

@@ -27,7 +27,7 @@ const STREAM_MAXLEN: u64 = 100_000;
 /// The broker cannot be reached, or a command failed.
 pub(crate) async fn run(plan: &Plan, broker: &Broker) -> Result<SideResult> {
     let url = broker
-        .url()
+        .raw_url()
         .ok_or_else(|| Error::new(ErrorKind::Connection, "no Redis URL"))?;
     let client = redis::Client::open(url)
         .map_err(|e| client_err(&format!("redis URL {}", redact_url(url)), e))?;

@@ -28,6 +28,11 @@ pub(crate) async fn build_bus(plan: &Plan, broker: &Broker) -> Result<Arc<dyn Bu
             .options
             .insert("replicas".into(), (broker.replicas() as i64).into());
     }
+    if plan.min_replicas > 0 && plan.mode == Mode::Stream {
+        config
+            .options
+            .insert("min_replicas".into(), i64::from(plan.min_replicas).into());
+    }
     busway_cli::registry()
         .build_context(BuildContext {
             app: "bench",

@@ -10,6 +10,12 @@
 //!   URL): `/connz` (each connection's `name`), paged, and `/varz`'s `cpu` (the server's own
 //!   reading, % of one core). A plain HTTP/1.0 GET over a tokio `TcpStream`: no HTTP client
 //!   dependency for three GETs.
+//! - A Sentinel set (`redis+sentinel://s1,s2,s3/<master>`) or a Redis Cluster
+//!   (`redis+cluster://n1,n2,...`): the sentinels name the primary and its replicas (a
+//!   cluster: `CLUSTER NODES` of the first node that answers), each is read as a `redis://`
+//!   server, and the rows are summed over the nodes as for a NATS cluster (below). The
+//!   sentinels' own client lists are not read: busway's lookups hold one unnamed connection
+//!   per sentinel and bus there.
 //! - A NATS cluster: the monitoring URLs of its nodes, comma-separated
 //!   (`http://n1:8222,http://n2:8222,http://n3:8222`): each node is read as above (its
 //!   `/varz` `server_name` names it), every busway row sums the app's connections to the bus
@@ -121,6 +127,14 @@ pub async fn audit(url: &str, options: &AuditOptions) -> Result<AuditReport> {
     {
         return audit_redis(url, options.interval).await;
     }
+    if url.starts_with("redis+sentinel://") {
+        let nodes = busway_redis::sentinel_nodes(url, Duration::from_secs(5)).await?;
+        return audit_redis_nodes(url, nodes, options.interval).await;
+    }
+    if url.starts_with("redis+cluster://") {
+        let nodes = busway_redis::cluster_nodes(url, Duration::from_secs(5)).await?;
+        return audit_redis_nodes(url, nodes, options.interval).await;
+    }
     if url.starts_with("http://") {
         return audit_nats(url).await;
     }
@@ -134,7 +148,7 @@ pub async fn audit(url: &str, options: &AuditOptions) -> Result<AuditReport> {
         };
     }
     Err(Error::config(format!(
-        "{}: expected a redis:// URL or a NATS monitoring URL (http://HOST:8222)",
+        "{}: expected a redis://, redis+sentinel:// or redis+cluster:// URL or a NATS monitoring URL (http://HOST:8222)",
         redact_url(url)
     )))
 }
@@ -201,6 +215,43 @@ async fn audit_redis(url: &str, interval: Duration) -> Result<AuditReport> {
     let server = redact_url(url);
     let client = redis::Client::open(url)
         .map_err(|e| Error::config(format!("{server}: not a valid Redis URL: {e}")))?;
+    audit_redis_node(server, &client, interval)
+        .await
+        .map(|(report, _)| report)
+}
+
+/// Audits every data node of a Sentinel set or a cluster (`nodes`, as the sentinels or the
+/// cluster name them), one report summed over them with a row per node.
+async fn audit_redis_nodes(
+    url: &str,
+    nodes: Vec<busway_redis::ServerNode>,
+    interval: Duration,
+) -> Result<AuditReport> {
+    let mut parts = Vec::new();
+    for node in nodes {
+        let name = format!("{} {}", node.role, node.addr);
+        let server = format!("redis://{}", node.addr);
+        let (report, names) = audit_redis_node(server, &node.client, interval).await?;
+        parts.push((name, report, names));
+    }
+    Ok(merge_nodes(
+        redact_url(url),
+        "redis",
+        parts,
+        format!(
+            "INFO cpu used_cpu_sys+used_cpu_user over {} ms",
+            interval.as_millis()
+        ),
+    ))
+}
+
+/// One Redis server's report and the client name of each connection (the audit's own
+/// left out).
+async fn audit_redis_node(
+    server: String,
+    client: &redis::Client,
+    interval: Duration,
+) -> Result<(AuditReport, Vec<String>)> {
     let mut conn = tokio::time::timeout(
         Duration::from_secs(5),
         client.get_multiplexed_async_connection(),
@@ -267,7 +318,48 @@ async fn audit_redis(url: &str, interval: Duration) -> Result<AuditReport> {
         "INFO cpu used_cpu_sys+used_cpu_user over {} ms",
         interval.as_millis()
     );
-    Ok(report)
+    Ok((report, names))
+}
+
+/// One report for several nodes, each given as (its name, its own report, its client
+/// names): connections summed, each busway row saying how many are on which node, a row per
+/// node, CPU summed over the nodes that told.
+fn merge_nodes(
+    server: String,
+    kind: &'static str,
+    parts: Vec<(String, AuditReport, Vec<String>)>,
+    cpu_source: String,
+) -> AuditReport {
+    let mut names = Vec::new();
+    let mut nodes = Vec::new();
+    let mut per_node = Vec::new();
+    for (name, report, node_names) in parts {
+        nodes.push(NodeReport {
+            name: name.clone(),
+            monitor: report.server.clone(),
+            connections: report.total_connections,
+            cpu_percent: report.cpu_percent,
+        });
+        per_node.push((name, report.busway));
+        names.extend(node_names);
+    }
+    let mut report = group(server, kind, &names);
+    for row in &mut report.busway {
+        for (node, rows) in &per_node {
+            if let Some(r) = rows.iter().find(|r| r.app == row.app && r.bus == row.bus) {
+                *row.nodes.entry(node.clone()).or_default() += r.connections;
+            }
+        }
+    }
+    let cpus: Vec<f64> = nodes.iter().filter_map(|n| n.cpu_percent).collect();
+    report.cpu_percent = (!cpus.is_empty()).then(|| cpus.iter().sum());
+    report.cpu_source = format!(
+        "{cpu_source}, summed over {} of {} nodes",
+        cpus.len(),
+        nodes.len()
+    );
+    report.nodes = nodes;
+    report
 }
 
 /// `host:port` and the path prefix of an `http://` URL.
@@ -367,42 +459,22 @@ async fn audit_nats(monitor: &str) -> Result<AuditReport> {
             .await
             .map(|(report, _)| report);
     }
-    let mut names = Vec::new();
-    let mut nodes = Vec::new();
-    let mut per_node = Vec::new();
+    let mut parts = Vec::new();
     for url in &urls {
         let (report, node_names) = audit_nats_node(url).await?;
         let name = report
             .nodes
             .first()
             .map_or_else(|| report.server.clone(), |n| n.name.clone());
-        nodes.push(NodeReport {
-            name: name.clone(),
-            monitor: report.server.clone(),
-            connections: report.total_connections,
-            cpu_percent: report.cpu_percent,
-        });
-        per_node.push((name, report.busway));
-        names.extend(node_names);
+        parts.push((name, report, node_names));
     }
-    let servers: Vec<String> = nodes.iter().map(|n| n.monitor.clone()).collect();
-    let mut report = group(servers.join(","), "nats", &names);
-    for row in &mut report.busway {
-        for (node, rows) in &per_node {
-            if let Some(r) = rows.iter().find(|r| r.app == row.app && r.bus == row.bus) {
-                *row.nodes.entry(node.clone()).or_default() += r.connections;
-            }
-        }
-    }
-    let cpus: Vec<f64> = nodes.iter().filter_map(|n| n.cpu_percent).collect();
-    report.cpu_percent = (!cpus.is_empty()).then(|| cpus.iter().sum());
-    report.cpu_source = format!(
-        "/varz cpu summed over {} of {} nodes",
-        cpus.len(),
-        nodes.len()
-    );
-    report.nodes = nodes;
-    Ok(report)
+    let servers: Vec<String> = parts.iter().map(|(_, r, _)| r.server.clone()).collect();
+    Ok(merge_nodes(
+        servers.join(","),
+        "nats",
+        parts,
+        "/varz cpu".to_string(),
+    ))
 }
 
 /// One NATS server's report (its `server_name` as the only entry of `nodes`) and the

@@ -131,8 +131,9 @@ enum Command {
     },
     /// Connections to a broker per busway app and bus and per other client, and its CPU use.
     Audit {
-        /// redis://HOST:PORT, or a NATS monitoring URL http://HOST:8222 (a cluster: each
-        /// node's, comma-separated).
+        /// redis://HOST:PORT, redis+sentinel://S1:PORT,S2:PORT/MASTER (the primary and its
+        /// replicas), redis+cluster://N1:PORT,N2:PORT (every node), or a NATS monitoring URL http://HOST:8222 (a cluster: each node's,
+        /// comma-separated).
         url: String,
         /// Print one JSON object.
         #[arg(long)]

@@ -396,6 +396,129 @@ async fn audit_groups_redis_connections_by_app_bus_and_client_name() {
     portfolio.close().await.unwrap();
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn audit_of_a_sentinel_set_groups_connections_per_app_over_its_nodes() {
+    let test = "audit_of_a_sentinel_set_groups_connections_per_app_over_its_nodes";
+    let Some(set) = busway_testkit::redis_sentinel::SentinelSet::start(test) else {
+        return;
+    };
+    let url = set.url();
+    let app = |name: &str| {
+        config(&format!(
+            "[app]\nname = \"{name}\"\n[buses.main]\ntransport = \"redis\"\nurl = \"{url}\"\n[default]\nto = \"main\"\n"
+        ))
+    };
+    let registry = busway_cli::registry();
+    // portfolio: a subscription (command + pub/sub = 2); ml: publish-only (1).
+    let portfolio = Router::from_config(&app("portfolio"), &registry)
+        .await
+        .unwrap();
+    let _sub = portfolio
+        .bus("main")
+        .unwrap()
+        .subscribe(Pattern::new("x.>").unwrap(), SubscribeOptions::new())
+        .await
+        .unwrap();
+    let ml = Router::from_config(&app("ml"), &registry).await.unwrap();
+    for r in [&portfolio, &ml] {
+        r.publish(msg("x.y", "hi")).await.unwrap();
+        r.flush().await.unwrap();
+    }
+    let primary = set.primary().unwrap();
+    let primary_addr = format!("127.0.0.1:{}", set.nodes()[primary].port());
+    let replica_addr = format!("127.0.0.1:{}", set.nodes()[1 - primary].port());
+    let audit_url = url.clone();
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new(env!("CARGO_BIN_EXE_busway"))
+            .args(["audit", &audit_url, "--json", "--interval-ms", "50"])
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(json["kind"], "redis");
+    assert_eq!(json["apps"]["portfolio"]["main"], 2, "{json}");
+    assert_eq!(json["apps"]["ml"]["main"], 1, "{json}");
+    let nodes: Vec<&str> = json["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| n["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        nodes,
+        [
+            format!("primary {primary_addr}"),
+            format!("replica {replica_addr}")
+        ],
+        "{json}"
+    );
+    let row = json["busway"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["app"] == "portfolio")
+        .unwrap();
+    assert_eq!(row["nodes"][format!("primary {primary_addr}")], 2, "{json}");
+    portfolio.close().await.unwrap();
+    ml.close().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn audit_of_a_redis_cluster_groups_connections_per_app_over_its_nodes() {
+    let test = "audit_of_a_redis_cluster_groups_connections_per_app_over_its_nodes";
+    let Some(cluster) = busway_testkit::redis_cluster::RedisCluster::start(test) else {
+        return;
+    };
+    let url = cluster.url();
+    let config = config(&format!(
+        "[app]\nname = \"portfolio\"\n[buses.main]\ntransport = \"redis\"\nurl = \"{url}\"\n[default]\nto = \"main\"\n"
+    ));
+    let router = Router::from_config(&config, &busway_cli::registry())
+        .await
+        .unwrap();
+    let _sub = router
+        .bus("main")
+        .unwrap()
+        .subscribe(Pattern::new("x.y").unwrap(), SubscribeOptions::new())
+        .await
+        .unwrap();
+    router.publish(msg("x.y", "hi")).await.unwrap();
+    router.flush().await.unwrap();
+    let audit_url = url.clone();
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new(env!("CARGO_BIN_EXE_busway"))
+            .args(["audit", &audit_url, "--json", "--interval-ms", "50"])
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let nodes = json["nodes"].as_array().unwrap();
+    assert_eq!(nodes.len(), 6, "every node of the cluster: {json}");
+    let row = json["busway"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["app"] == "portfolio" && r["bus"] == "main")
+        .unwrap_or_else(|| panic!("portfolio/main: {json}"));
+    // The command connection and the pub/sub connection reach every primary.
+    for p in cluster.primaries() {
+        let name = format!("primary 127.0.0.1:{}", cluster.nodes()[p].port());
+        assert!(
+            row["nodes"][&name].as_u64().unwrap_or(0) >= 1,
+            "no connection of portfolio/main on {name}: {json}"
+        );
+    }
+    router.close().await.unwrap();
+}
+
 #[tokio::test]
 async fn audit_reads_nats_connections_from_the_monitoring_port() {
     let test = "audit_reads_nats_connections_from_the_monitoring_port";

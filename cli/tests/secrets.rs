@@ -94,6 +94,11 @@ fn check_and_pub_never_print_credentials() {
             "redis://svc:Url-pa55word@127.0.0.1:1/0",
             "redis://svc:Url-pa55word@127.0.0.1:notaport",
         ),
+        // A Sentinel URL without its master name.
+        GOOD.replace(
+            "redis://svc:Url-pa55word@127.0.0.1:1/0",
+            "redis+sentinel://svc:Url-pa55word@127.0.0.1:1,127.0.0.1:2",
+        ),
     ];
     for (i, bad) in bads.iter().enumerate() {
         let path = dir.path().join(format!("bad{i}.toml"));
@@ -128,6 +133,9 @@ fn secrets_in_any_url_form_never_print_from_any_command() {
         format!("redis://127.0.0.1:{port}/0?protocol=resp3&password={secret}"),
         format!("redis+unix://{}/r.sock?pass={secret}", dir.path().display()),
         format!("unix://{}/r.sock?password={secret}", dir.path().display()),
+        // Sentinel URLs: a "sentinel" that refuses the unauthenticated lookup, and none.
+        format!("redis+sentinel://default:{secret}@127.0.0.1:{port}/mymaster"),
+        format!("redis+sentinel://app:{secret}@127.0.0.1:1,127.0.0.1:2/mymaster?db=1"),
     ];
     for (i, url) in urls.iter().enumerate() {
         let cfg = dir.path().join(format!("c{i}.toml"));

@@ -10,6 +10,8 @@ pub mod nats;
 pub mod nats_cluster;
 pub mod python;
 pub mod redis;
+pub mod redis_cluster;
+pub mod redis_sentinel;
 mod server;
 pub mod tls;
 

@@ -134,7 +134,7 @@ impl RedisServer {
     }
 }
 
-fn redis_cli() -> PathBuf {
+pub(crate) fn redis_cli() -> PathBuf {
     let path = std::env::var_os("PATH").unwrap_or_default();
     std::env::split_paths(&path)
         .chain([PathBuf::from("/usr/bin"), PathBuf::from("/usr/local/bin")])

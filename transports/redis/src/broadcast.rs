@@ -26,7 +26,6 @@ use std::sync::{Arc, Weak};
 
 use bytes::Bytes;
 use parking_lot::Mutex;
-use redis::aio::MultiplexedConnection;
 use redis::{PushInfo, PushKind, Value};
 use tokio::sync::{mpsc, oneshot};
 
@@ -39,7 +38,7 @@ use busway::{
 };
 
 use crate::config::Unframed;
-use crate::connect::{is_connection_error, ConnCount};
+use crate::connect::{is_connection_error, Con, ConnCount};
 use crate::state::Shared;
 use crate::wire;
 
@@ -184,6 +183,8 @@ impl Broadcast {
                     last_foreign_warn: None,
                     foreign_since_warn: 0,
                     via,
+                    moves_at_connect: shared.connector.primary_moves(),
+                    cluster_resubscribe: false,
                 };
                 tokio::spawn(task.run());
                 *started = true;
@@ -225,7 +226,7 @@ const PUSH_BUFFER: usize = 128;
 
 /// An open pub/sub connection and the thread that reads it.
 struct Conn {
-    con: MultiplexedConnection,
+    con: Con,
     _count: ConnCount,
     /// Dropped with the connection: ends the thread that reads it (and so closes it).
     _stop: oneshot::Sender<()>,
@@ -292,7 +293,18 @@ struct Task {
     foreign_since_warn: u64,
     /// The bus deliveries reply through (an internal handle: it does not keep the bus open).
     via: Arc<dyn Bus>,
+    /// [`Connector::primary_moves`](crate::connect::Connector::primary_moves) when the
+    /// connection opened.
+    moves_at_connect: u64,
+    /// A cluster node's connection was lost: its sharded subscriptions must be made again on
+    /// the primaries that serve their slots now.
+    cluster_resubscribe: bool,
 }
+
+/// How often a cluster bus retries `SSUBSCRIBE` of every channel after a node's connection
+/// was lost, until every one succeeds (the slots' new primary is known once the cluster has
+/// failed over and the cluster client has re-read the slot map).
+const CLUSTER_RESUBSCRIBE: std::time::Duration = std::time::Duration::from_millis(100);
 
 fn args(key: &Key, subscribe: bool) -> (&'static str, &str) {
     match (key, subscribe) {
@@ -323,10 +335,26 @@ impl Task {
                     None => break,
                 },
                 push = self.push_rx.recv() => match push {
+                    // On a cluster one node's connection went: the other shards'
+                    // subscriptions stay; the lost ones are made again where their slots
+                    // now live (see `resubscribe_cluster`).
+                    Some(p) if p.kind == PushKind::Disconnection && self.shared.config.is_cluster() => {
+                        tracing::warn!(bus = %self.shared.config.bus, "pub/sub: a cluster node's connection was lost; resubscribing on the slots' current primaries");
+                        self.cluster_resubscribe = true;
+                    }
                     Some(p) if p.kind == PushKind::Disconnection => self.lost(CLOSED_BY_SERVER),
                     Some(p) => self.dispatch(p).await,
                     None => self.lost(CLOSED_BY_SERVER),
                 },
+                _ = tokio::time::sleep(CLUSTER_RESUBSCRIBE), if self.cluster_resubscribe => {
+                    self.resubscribe_cluster().await;
+                }
+                _ = self.shared.pubsub_moved.notified() => {
+                    // A notice from before this connection opened is stale.
+                    if self.shared.connector.primary_moves() != self.moves_at_connect {
+                        self.lost("the sentinels named another primary");
+                    }
+                }
             }
         }
         self.shared.pubsub_up.store(false, Relaxed);
@@ -344,6 +372,7 @@ impl Task {
                 out = &mut fut => return out,
                 push = self.push_rx.recv() => match push {
                     Some(p) if p.kind != PushKind::Disconnection => self.dispatch(p).await,
+                    Some(_) if self.shared.config.is_cluster() => {}
                     // The connection is gone: the command fails with it.
                     _ => return fut.await,
                 },
@@ -376,8 +405,8 @@ impl Task {
         let glob = matches!(key, Key::Glob(_));
         let command = async move {
             match (subscribe, glob) {
-                (true, false) => con.subscribe(arg).await,
-                (true, true) => con.psubscribe(arg).await,
+                (true, false) => con.subscribe(&[arg]).await,
+                (true, true) => con.psubscribe(&[arg]).await,
                 (false, false) => con.unsubscribe(arg).await,
                 (false, true) => con.punsubscribe(arg).await,
             }
@@ -402,7 +431,10 @@ impl Task {
             _ = self.shared.pubsub_retry.notified() => {}
         }
         let (conn, push_rx) = match open(&self.shared).await {
-            Ok(opened) => opened,
+            Ok(opened) => {
+                self.moves_at_connect = self.shared.connector.primary_moves();
+                opened
+            }
             Err(e) => {
                 self.attempt = self.attempt.saturating_add(1);
                 tracing::debug!(bus = %self.shared.config.bus, error = %e, "pub/sub reconnect failed");
@@ -450,12 +482,50 @@ impl Task {
         }
     }
 
+    /// `SSUBSCRIBE` of every channel again, each routed to the primary of its slot now; a
+    /// channel still subscribed on a live shard is unaffected (the server ignores a repeat).
+    /// Stays pending until every one succeeds.
+    async fn resubscribe_cluster(&mut self) {
+        let Some(conn) = &self.con else {
+            return;
+        };
+        let mut con = conn.con.clone();
+        let channels: Vec<String> = self
+            .broadcast
+            .table
+            .lock()
+            .keys()
+            .filter_map(|k| match k {
+                Key::Channel(c) => Some(c.clone()),
+                Key::Glob(_) => None,
+            })
+            .collect();
+        let c = &channels;
+        let again = async move {
+            for channel in c {
+                con.subscribe(&[channel]).await?;
+            }
+            Ok::<(), redis::RedisError>(())
+        };
+        match self.drive(again).await {
+            Ok(()) => {
+                self.cluster_resubscribe = false;
+                Counters::incr(&self.shared.stats.reconnects);
+                tracing::info!(bus = %self.shared.config.bus, channels = channels.len(), "pub/sub: resubscribed on the cluster's current primaries");
+            }
+            Err(e) => {
+                tracing::debug!(bus = %self.shared.config.bus, error = %self.shared.connector.error("SSUBSCRIBE", e), "pub/sub: cluster resubscribe failed; retrying");
+            }
+        }
+    }
+
     async fn dispatch(&mut self, push: PushInfo) {
         let mut data = push.data.into_iter();
         // The channel is the key's own string for a channel subscription (not copied), the
         // push's for a glob.
         let (key, glob_channel, payload) = match push.kind {
-            PushKind::Message => {
+            // SMessage: sharded pub/sub (a cluster).
+            PushKind::Message | PushKind::SMessage => {
                 let (Some(c), Some(p)) = (data.next(), data.next()) else {
                     return;
                 };

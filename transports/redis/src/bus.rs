@@ -123,6 +123,12 @@ impl Bus for RedisBus {
         if shared.closed.load(Relaxed) {
             return Err(shared.closed_error());
         }
+        if shared.config.is_cluster() && !pattern.is_literal() {
+            return Err(Error::unsupported(format!(
+                "bus {:?} is on a Redis Cluster, whose sharded pub/sub has no pattern subscriptions: subscribe to exact topics, not {pattern}",
+                shared.config.bus
+            )));
+        }
         shared
             .config
             .capabilities()

@@ -7,6 +7,10 @@
 //! [buses.engine]
 //! transport = "redis"
 //! url = "redis://user:password@127.0.0.1:6379/0"   # rediss:// with the `tls` feature
+//! # or a Sentinel-managed primary (sentinel port 26379 when left out):
+//! # url = "redis+sentinel://user:password@10.0.0.1:26379,10.0.0.2:26379,10.0.0.3:26379/mymaster?db=0"
+//! # or a Redis Cluster (broadcast mode, exact topics only):
+//! # url = "redis+cluster://user:password@10.0.0.1:7000,10.0.0.2:7000,10.0.0.3:7000"
 //! mode = "stream"
 //! framing = "busway"          # broadcast mode: busway (headers in a frame) | raw (payload alone)
 //! unframed = "skip"           # broadcast, busway framing: a foreign payload (not a frame) is
@@ -20,6 +24,8 @@
 //! claim_idle = "30s"          # reclaim entries pending longer than this (default: ack timeout)
 //! max_deliveries = 5          # after this many deliveries an entry goes to dead_letter
 //! dead_letter = "engine.dead" # topic (on this bus) for entries that failed max_deliveries
+//! min_replicas = 1           # stream mode: a publish is Ok once this many replicas hold it (WAIT)
+//! min_replicas_timeout = "1s" # how long that WAIT may take before the publish fails
 //! tls_ca = "/etc/busway/ca.pem"  # rediss:// only: trust this CA instead of the system's
 //! tls_cert = "client.pem"     # rediss:// only: client certificate (mutual TLS), with tls_key
 //! tls_key = "client.key"
@@ -94,6 +100,9 @@ fn d_read_count() -> usize {
     256
 }
 fn d_rescan_interval() -> ConfigDuration {
+    ConfigDuration(Duration::from_secs(1))
+}
+fn d_min_replicas_timeout() -> ConfigDuration {
     ConfigDuration(Duration::from_secs(1))
 }
 
@@ -182,6 +191,14 @@ pub struct RedisOptions {
     /// Stream mode: the topic that receives entries past `max_deliveries` (default: unset).
     #[serde(default)]
     pub dead_letter: Option<String>,
+    /// Stream mode: a publish returns Ok only once this many replicas acknowledged it
+    /// (`WAIT` after each pipeline of XADDs); 0 returns once the primary has it (default: 0).
+    #[serde(default)]
+    pub min_replicas: u32,
+    /// Stream mode: how long the `WAIT` of `min_replicas` may take; less than
+    /// `publish_timeout` (default: 1s).
+    #[serde(default = "d_min_replicas_timeout")]
+    pub min_replicas_timeout: ConfigDuration,
     /// `rediss://` only: a PEM file of the CA(s) that signed the server's certificate,
     /// instead of the system's trust store (default: unset).
     #[serde(default)]
@@ -230,8 +247,9 @@ impl Default for RedisOptions {
 pub struct RedisConfig {
     /// The bus's name.
     pub bus: String,
-    /// `redis://[user:password@]host[:port][/db]`, `rediss://...`, `redis+unix://` or
-    /// `unix://`.
+    /// `redis://[user:password@]host[:port][/db]`, `rediss://...`, `redis+unix://`,
+    /// `unix://`, `redis+sentinel://[user:password@]host:port,host:port/<master-name>` or
+    /// `redis+cluster://[user:password@]host:port,host:port`.
     pub url: String,
     /// Broadcast or stream.
     pub mode: Mode,
@@ -282,6 +300,10 @@ pub struct RedisConfig {
     pub max_deliveries: Option<u32>,
     /// Stream mode: the topic that receives entries past `max_deliveries`.
     pub dead_letter: Option<String>,
+    /// Stream mode: replicas that must hold a publish before it returns Ok (`WAIT`).
+    pub min_replicas: u32,
+    /// Stream mode: how long the `WAIT` of `min_replicas` may take.
+    pub min_replicas_timeout: Duration,
     /// `rediss://` only: a PEM file of the CA(s) to trust instead of the system's.
     pub tls_ca: Option<String>,
     /// `rediss://` only: a PEM client certificate (with `tls_key`).
@@ -324,6 +346,8 @@ impl fmt::Debug for RedisConfig {
             .field("claim_idle", &self.claim_idle)
             .field("max_deliveries", &self.max_deliveries)
             .field("dead_letter", &self.dead_letter)
+            .field("min_replicas", &self.min_replicas)
+            .field("min_replicas_timeout", &self.min_replicas_timeout)
             .field("tls_ca", &self.tls_ca)
             .field("tls_cert", &self.tls_cert)
             .field("tls_key", &self.tls_key)
@@ -368,6 +392,8 @@ impl RedisConfig {
             claim_idle: o.claim_idle.map(|d| d.0),
             max_deliveries: o.max_deliveries,
             dead_letter: o.dead_letter,
+            min_replicas: o.min_replicas,
+            min_replicas_timeout: o.min_replicas_timeout.0,
             tls_ca: o.tls_ca,
             tls_cert: o.tls_cert,
             tls_key: o.tls_key,
@@ -450,6 +476,12 @@ impl RedisConfig {
         if let Err(why) = check_url(&self.url) {
             return Some(("url", why));
         }
+        if self.mode == Mode::Stream && self.is_cluster() {
+            return Some((
+                "mode",
+                "stream mode is not supported on a Redis Cluster (redis+cluster://): a reader's blocking XREADGROUP over all of its keys would cross hash slots; use broadcast mode (sharded pub/sub) or a one-server / Sentinel URL".into(),
+            ));
+        }
         if self.mode == Mode::Stream && self.framing == Framing::Raw {
             return Some((
                 "framing",
@@ -528,6 +560,27 @@ impl RedisConfig {
                 ));
             }
         }
+        if self.min_replicas > 0 && self.mode != Mode::Stream {
+            return Some((
+                "min_replicas",
+                "applies to stream mode only (broadcast messages are not stored, so there is nothing for replicas to hold)".into(),
+            ));
+        }
+        if self.min_replicas > 0 && self.min_replicas_timeout.is_zero() {
+            return Some((
+                "min_replicas_timeout",
+                "must be more than 0 (WAIT 0 would wait forever)".into(),
+            ));
+        }
+        if self.min_replicas > 0 && self.min_replicas_timeout >= self.publish_timeout {
+            return Some((
+                "min_replicas_timeout",
+                format!(
+                    "must be less than publish_timeout ({:?}): a publish would time out before its WAIT answers",
+                    self.publish_timeout
+                ),
+            ));
+        }
         for (key, value) in [
             ("max_batch", self.max_batch),
             ("publish_queue", self.publish_queue),
@@ -572,6 +625,11 @@ impl RedisConfig {
         None
     }
 
+    /// Whether the URL names a Redis Cluster (`redis+cluster://`).
+    pub(crate) fn is_cluster(&self) -> bool {
+        crate::cluster::is_cluster_url(&self.url)
+    }
+
     /// What a bus with this config can do.
     pub(crate) fn capabilities(&self) -> Capabilities {
         let max = self.max_payload;
@@ -584,6 +642,8 @@ impl RedisConfig {
                 let framed = self.framing == Framing::Busway;
                 c.headers = framed;
                 c.request_reply = framed;
+                // Sharded pub/sub has no patterns.
+                c.wildcards = !self.is_cluster();
                 c
             }
             Mode::Stream => Capabilities::stream(max),
@@ -657,6 +717,16 @@ fn check_url(url: &str) -> std::result::Result<(), String> {
     let shown = redact_url(url);
     let scheme = url.split("://").next().unwrap_or("");
     match scheme {
+        "redis+sentinel" => {
+            return crate::sentinel::SentinelUrl::parse(url)
+                .map(drop)
+                .map_err(|why| format!("{shown:?}: {}", scrub_secrets(&why, url)));
+        }
+        "redis+cluster" => {
+            return crate::cluster::node_infos(url)
+                .map(drop)
+                .map_err(|why| format!("{shown:?}: {}", scrub_secrets(&why, url)));
+        }
         "redis" | "redis+unix" | "unix" => {}
         "rediss" if cfg!(feature = "tls") => {}
         "rediss" => {
@@ -666,7 +736,7 @@ fn check_url(url: &str) -> std::result::Result<(), String> {
         }
         _ => {
             return Err(format!(
-                "{shown:?} is not a redis URL; expected redis://[user:password@]host[:port][/db] or rediss://"
+                "{shown:?} is not a redis URL; expected redis://[user:password@]host[:port][/db], rediss://, redis+sentinel://host:port,host:port/<master-name> or redis+cluster://host:port,host:port"
             ))
         }
     }

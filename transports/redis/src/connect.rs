@@ -1,26 +1,150 @@
-//! Connection set-up: the bus's parsed clients (TLS included), named connections, redis
-//! errors mapped to busway's, and the reconnect backoff.
+//! Connection set-up: the bus's parsed clients (TLS included), its sentinels or its cluster
+//! nodes, named connections, redis errors mapped to busway's, and the reconnect backoff.
 
 use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
-use redis::aio::MultiplexedConnection;
-use redis::{AsyncConnectionConfig, Client, IntoConnectionInfo, ProtocolVersion};
+use redis::aio::{ConnectionLike, MultiplexedConnection};
+use redis::cluster::ClusterClientBuilder;
+use redis::cluster_async::ClusterConnection;
+use redis::{
+    AsyncConnectionConfig, Client, ConnectionInfo, IntoConnectionInfo, ProtocolVersion,
+    RedisFuture, Value,
+};
 
 use busway::transport::{redact_url, scrub_secrets, Counters};
 use busway::{Error, ErrorKind};
 
 use crate::config::RedisConfig;
+use crate::sentinel::{is_sentinel_url, SentinelSet, SentinelUrl};
 
 /// The least of every timeout and delay: a zero would mean "none" to the client.
 const MIN_TIMEOUT: Duration = Duration::from_millis(1);
 
-/// What every connection of one bus shares: the parsed client and names for messages.
+/// Where a bus's connections go.
+enum Target {
+    /// One server: its parsed clients (RESP2 for commands, RESP3 for push connections).
+    Direct { client: Client, resp3: Client },
+    /// The primary the sentinels name, looked up for every connection.
+    Sentinel(SentinelSet),
+    /// A Redis Cluster, reached through any of these nodes.
+    Cluster(Vec<ConnectionInfo>),
+}
+
+/// One connection of a bus: to one server (or the primary a Sentinel set names), or to a
+/// Redis Cluster (the `redis` crate's cluster connection: one connection per node, commands
+/// routed by key slot, `MOVED` / `ASK` and slot changes followed).
+#[derive(Clone)]
+pub(crate) enum Con {
+    One(MultiplexedConnection),
+    Cluster(ClusterConnection),
+}
+
+impl ConnectionLike for Con {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a redis::Cmd) -> RedisFuture<'a, Value> {
+        match self {
+            Con::One(c) => c.req_packed_command(cmd),
+            Con::Cluster(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a redis::Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        match self {
+            Con::One(c) => c.req_packed_commands(pipeline, offset, count),
+            // A cluster pipeline must stay within one slot, and busway's span topics: each
+            // command goes on its own, all at once (the cluster connection pipelines them
+            // per node), the answers in order.
+            Con::Cluster(c) => {
+                let c = c.clone();
+                Box::pin(async move {
+                    let calls = pipeline.cmd_iter().map(|cmd| {
+                        let mut c = c.clone();
+                        async move { c.req_packed_command(cmd).await }
+                    });
+                    let answers = futures::future::join_all(calls).await;
+                    let answers = answers
+                        .into_iter()
+                        .collect::<redis::RedisResult<Vec<_>>>()?;
+                    Ok(answers.into_iter().skip(offset).take(count).collect())
+                })
+            }
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Con::One(c) => c.get_db(),
+            Con::Cluster(c) => c.get_db(),
+        }
+    }
+}
+
+impl Con {
+    /// `SUBSCRIBE`, or on a cluster `SSUBSCRIBE` (sharded pub/sub: each channel on the shard
+    /// of its slot), one channel at a time there.
+    pub(crate) async fn subscribe<S: AsRef<str>>(
+        &mut self,
+        channels: &[S],
+    ) -> redis::RedisResult<()> {
+        let names: Vec<&str> = channels.iter().map(AsRef::as_ref).collect();
+        match self {
+            Con::One(c) => c.subscribe(&names).await,
+            Con::Cluster(c) => {
+                for name in names {
+                    c.ssubscribe(name).await?;
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// `UNSUBSCRIBE`, or `SUNSUBSCRIBE` on a cluster.
+    pub(crate) async fn unsubscribe(&mut self, channel: &str) -> redis::RedisResult<()> {
+        match self {
+            Con::One(c) => c.unsubscribe(channel).await,
+            Con::Cluster(c) => c.sunsubscribe(channel).await,
+        }
+    }
+
+    /// `PSUBSCRIBE`; a cluster has no sharded pattern subscriptions (the bus refuses
+    /// wildcards there before this is reached).
+    pub(crate) async fn psubscribe<S: AsRef<str>>(
+        &mut self,
+        globs: &[S],
+    ) -> redis::RedisResult<()> {
+        let globs: Vec<&str> = globs.iter().map(AsRef::as_ref).collect();
+        match self {
+            Con::One(c) => c.psubscribe(&globs).await,
+            Con::Cluster(_) => Err(no_cluster_patterns()),
+        }
+    }
+
+    /// `PUNSUBSCRIBE`.
+    pub(crate) async fn punsubscribe(&mut self, glob: &str) -> redis::RedisResult<()> {
+        match self {
+            Con::One(c) => c.punsubscribe(glob).await,
+            Con::Cluster(_) => Err(no_cluster_patterns()),
+        }
+    }
+}
+
+fn no_cluster_patterns() -> redis::RedisError {
+    redis::RedisError::from((
+        redis::ErrorKind::InvalidClientConfig,
+        "pattern subscriptions cannot be sharded on a Redis Cluster",
+    ))
+}
+
+/// What every connection of one bus shares: where to connect and names for messages.
 /// `Debug` shows the URL redacted.
 pub(crate) struct Connector {
-    client: Client,
-    resp3: Client,
+    target: Target,
     bus: String,
     url: String,
     redacted: String,
@@ -43,34 +167,27 @@ impl fmt::Debug for Connector {
 
 impl Connector {
     pub(crate) fn new(config: &RedisConfig) -> busway::Result<Connector> {
-        let parse = |resp3: bool| -> busway::Result<Client> {
-            let mut info = config.url.as_str().into_connection_info().map_err(|e| {
-                Error::config(format!(
-                    "bus {:?}: url {:?}: {}",
-                    config.bus,
-                    config.redacted_url(),
-                    scrub_secrets(&e.to_string(), &config.url)
-                ))
-            })?;
-            if resp3 {
-                let redis = info
-                    .redis_settings()
-                    .clone()
-                    .set_protocol(ProtocolVersion::RESP3);
-                info = info.set_redis_settings(redis);
+        let config_error = |e: String| {
+            Error::config(format!(
+                "bus {:?}: url {:?}: {}",
+                config.bus,
+                config.redacted_url(),
+                scrub_secrets(&e, &config.url)
+            ))
+        };
+        let target = if is_sentinel_url(&config.url) {
+            let url = SentinelUrl::parse(&config.url).map_err(config_error)?;
+            Target::Sentinel(SentinelSet::new(&url).map_err(|e| config_error(e.to_string()))?)
+        } else if crate::cluster::is_cluster_url(&config.url) {
+            Target::Cluster(crate::cluster::node_infos(&config.url).map_err(config_error)?)
+        } else {
+            Target::Direct {
+                client: Self::parse(config, false)?,
+                resp3: Self::parse(config, true)?,
             }
-            open_client(config, info).map_err(|e| {
-                Error::config(format!(
-                    "bus {:?}: url {:?}: {}",
-                    config.bus,
-                    config.redacted_url(),
-                    scrub_secrets(&e.to_string(), &config.url)
-                ))
-            })
         };
         Ok(Connector {
-            client: parse(false)?,
-            resp3: parse(true)?,
+            target,
             bus: config.bus.clone(),
             url: config.url.clone(),
             redacted: config.redacted_url(),
@@ -85,6 +202,38 @@ impl Connector {
         })
     }
 
+    /// The client of a one-server URL, RESP3 when `resp3`.
+    fn parse(config: &RedisConfig, resp3: bool) -> busway::Result<Client> {
+        {
+            let parse = |resp3: bool| -> busway::Result<Client> {
+                let mut info = config.url.as_str().into_connection_info().map_err(|e| {
+                    Error::config(format!(
+                        "bus {:?}: url {:?}: {}",
+                        config.bus,
+                        config.redacted_url(),
+                        scrub_secrets(&e.to_string(), &config.url)
+                    ))
+                })?;
+                if resp3 {
+                    let redis = info
+                        .redis_settings()
+                        .clone()
+                        .set_protocol(ProtocolVersion::RESP3);
+                    info = info.set_redis_settings(redis);
+                }
+                open_client(config, info).map_err(|e| {
+                    Error::config(format!(
+                        "bus {:?}: url {:?}: {}",
+                        config.bus,
+                        config.redacted_url(),
+                        scrub_secrets(&e.to_string(), &config.url)
+                    ))
+                })
+            };
+            parse(resp3)
+        }
+    }
+
     /// A multiplexed connection named `busway:<app>:<bus>`. `response_timeout` overrides the
     /// bus's (blocking readers need longer than their BLOCK); `push` makes it a RESP3
     /// connection whose pub/sub messages go to the sender.
@@ -92,11 +241,14 @@ impl Connector {
         &self,
         response_timeout: Option<Duration>,
         push: Option<tokio::sync::mpsc::UnboundedSender<redis::PushInfo>>,
-    ) -> busway::Result<MultiplexedConnection> {
+    ) -> busway::Result<Con> {
+        if let Target::Cluster(nodes) = &self.target {
+            return self.open_cluster(nodes, response_timeout, push).await;
+        }
         let cfg = self.config(response_timeout);
         match push {
-            Some(tx) => self.open(&self.resp3, cfg.set_push_sender(tx)).await,
-            None => self.open(&self.client, cfg).await,
+            Some(tx) => self.open(true, cfg.set_push_sender(tx)).await,
+            None => self.open(false, cfg).await,
         }
     }
 
@@ -106,9 +258,12 @@ impl Connector {
     pub(crate) async fn connect_with_push(
         &self,
         push: impl redis::aio::AsyncPushSender,
-    ) -> busway::Result<MultiplexedConnection> {
+    ) -> busway::Result<Con> {
+        if let Target::Cluster(nodes) = &self.target {
+            return self.open_cluster(nodes, None, Some(push)).await;
+        }
         let cfg = self.config(None).set_push_sender(push);
-        self.open(&self.resp3, cfg).await
+        self.open(true, cfg).await
     }
 
     fn config(&self, response_timeout: Option<Duration>) -> AsyncConnectionConfig {
@@ -117,15 +272,79 @@ impl Connector {
             .set_response_timeout(Some(response_timeout.unwrap_or(self.response_timeout)))
     }
 
-    async fn open(
-        &self,
-        client: &Client,
-        cfg: AsyncConnectionConfig,
-    ) -> busway::Result<MultiplexedConnection> {
-        let mut con = client
+    /// The client to connect with: the URL's, or the one of the primary the sentinels name
+    /// now.
+    async fn client(&self, resp3: bool) -> busway::Result<Client> {
+        match &self.target {
+            Target::Direct { client, resp3: r3 } => Ok(if resp3 { r3 } else { client }.clone()),
+            Target::Cluster(_) => unreachable!("cluster connections open in open_cluster"),
+            Target::Sentinel(set) => set
+                .primary(resp3, self.connect_timeout, &self.bus)
+                .await
+                .map_err(|why| {
+                    Error::new(
+                        ErrorKind::Connection,
+                        format!(
+                            "bus {:?} ({}): connect: {}",
+                            self.bus,
+                            self.redacted,
+                            scrub_secrets(&why, &self.url)
+                        ),
+                    )
+                }),
+        }
+    }
+
+    async fn open(&self, resp3: bool, cfg: AsyncConnectionConfig) -> busway::Result<Con> {
+        let client = self.client(resp3).await?;
+        let con = client
             .get_multiplexed_async_connection_with_config(&cfg)
             .await
             .map_err(|e| self.connect_error(e))?;
+        self.name(Con::One(con)).await
+    }
+
+    /// A cluster connection (RESP3 with `push`), named on every node.
+    async fn open_cluster(
+        &self,
+        nodes: &[ConnectionInfo],
+        response_timeout: Option<Duration>,
+        push: Option<impl redis::aio::AsyncPushSender>,
+    ) -> busway::Result<Con> {
+        let mut builder = ClusterClientBuilder::new(nodes.to_vec())
+            .connection_timeout(self.connect_timeout)
+            .response_timeout(response_timeout.unwrap_or(self.response_timeout));
+        if let Some(push) = push {
+            builder = builder
+                .use_protocol(ProtocolVersion::RESP3)
+                .push_sender(push);
+        }
+        let client = builder
+            .build()
+            .map_err(|e| self.error("cluster client", e))?;
+        let con = tokio::time::timeout(
+            self.connect_timeout.saturating_mul(2),
+            client.get_async_connection(),
+        )
+        .await
+        .map_err(|_| {
+            Error::new(
+                ErrorKind::Timeout,
+                format!(
+                    "bus {:?} ({}): connect: no cluster node answered within {:?}",
+                    self.bus,
+                    self.redacted,
+                    self.connect_timeout.saturating_mul(2)
+                ),
+            )
+        })?
+        .map_err(|e| self.connect_error(e))?;
+        // `CLIENT SETNAME` goes to every node. A node connection the cluster client reopens
+        // on its own (after a node restart) is unnamed until the bus reconnects.
+        self.name(Con::Cluster(con)).await
+    }
+
+    async fn name(&self, mut con: Con) -> busway::Result<Con> {
         redis::cmd("CLIENT")
             .arg("SETNAME")
             .arg(&self.client_name)
@@ -217,6 +436,15 @@ impl Connector {
         )
     }
 
+    /// How many times the sentinels' primary changed under this bus (0 without Sentinel): a
+    /// connection opened before the last change may be on a frozen or demoted server.
+    pub(crate) fn primary_moves(&self) -> u64 {
+        match &self.target {
+            Target::Sentinel(set) => set.moves(),
+            _ => 0,
+        }
+    }
+
     /// The delay before reconnect attempt `attempt` (0-based): doubling from the minimum,
     /// capped, with the upper half jittered so many clients do not return in step.
     pub(crate) fn backoff(&self, attempt: u32) -> Duration {
@@ -271,9 +499,11 @@ fn open_client(config: &RedisConfig, info: redis::ConnectionInfo) -> redis::Redi
 }
 
 /// Whether a redis error means the connection is unusable (reconnect), as opposed to a
-/// command the server refused.
+/// command the server refused. `READONLY` counts: the server was a primary and is now a
+/// replica (a Sentinel failover), so the next connection must find the new primary.
 pub(crate) fn is_connection_error(e: &redis::RedisError) -> bool {
-    e.is_io_error()
+    e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::ReadOnly)
+        || e.is_io_error()
         || e.is_connection_dropped()
         || e.is_connection_refusal()
         || e.is_unrecoverable_error()

@@ -18,15 +18,19 @@
 
 mod broadcast;
 mod bus;
+mod cluster;
 mod config;
 mod connect;
 pub mod layout;
 mod publish;
+mod sentinel;
 mod state;
 mod stream;
 pub mod wire;
 
 pub use bus::{register, RedisBus, RedisFactory};
 pub use busway::transport::{Framing, OnDisconnect};
+pub use cluster::cluster_nodes;
 pub use config::{RedisConfig, RedisOptions, Unframed};
 pub use layout::{LayoutOptions, StreamMapping, TimestampUnit};
+pub use sentinel::{sentinel_nodes, ServerNode};

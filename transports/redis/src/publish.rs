@@ -8,7 +8,9 @@
 //! filled and sent (items leave the queue in order, each when its pipeline is answered).
 //! Broadcast publishes return once queued; stream publishes (XADD) carry a one-shot that the
 //! task completes with the server's answer. `flush` queues a marker completed when
-//! everything before it is answered.
+//! everything before it is answered. With `min_replicas = N` a pipeline holding XADDs ends
+//! with `WAIT N min_replicas_timeout`, and its stream publishes return Ok only when WAIT
+//! counted N replicas.
 //!
 //! The task also owns reconnection of the command connection: on a connection error it
 //! marks the bus down, reconnects with capped jittered backoff, and then resends the batch
@@ -25,14 +27,13 @@ use std::time::Duration;
 
 use futures::stream::FuturesOrdered;
 use futures::StreamExt;
-use redis::aio::MultiplexedConnection;
 use redis::Value;
 use tokio::sync::{mpsc, oneshot};
 
 use busway::transport::{is_inbox, Counters, Framing, OnDisconnect};
 use busway::{Error, ErrorKind, Message, Mode, Result, Topic};
 
-use crate::connect::{is_connection_error, ConnCount};
+use crate::connect::{is_connection_error, Con, ConnCount};
 use crate::state::Shared;
 use crate::stream::{self, Field, StreamState};
 use crate::wire;
@@ -50,7 +51,7 @@ impl Publisher {
     pub(crate) fn new(
         shared: Arc<Shared>,
         streams: Arc<StreamState>,
-        con: MultiplexedConnection,
+        con: Con,
         events: mpsc::UnboundedReceiver<redis::PushInfo>,
     ) -> (Publisher, Writer) {
         let (tx, rx) = mpsc::channel(shared.config.publish_queue);
@@ -290,7 +291,7 @@ pub(crate) struct Writer {
     streams: Arc<StreamState>,
     rx: mpsc::Receiver<Item>,
     pending: VecDeque<Item>,
-    con: Option<(MultiplexedConnection, ConnCount)>,
+    con: Option<(Con, ConnCount)>,
     /// The command connection is RESP3 with a push channel only so that its loss is
     /// announced at once (`Disconnection`), not found by the next publish or ping.
     events: mpsc::UnboundedReceiver<redis::PushInfo>,
@@ -316,17 +317,19 @@ const MAX_INFLIGHT: usize = 2;
 
 type Replies = redis::RedisResult<Vec<Value>>;
 
-/// One pipeline on its way: how many items of `pending` it carries, and how many replies
-/// each of them has.
+/// One pipeline on its way: how many items of `pending` it carries, how many replies
+/// each of them has, and whether it ends with a `WAIT` (`min_replicas`).
 struct InFlight {
     n: usize,
     replies_per_item: Vec<usize>,
+    wait: bool,
 }
 
 /// A pipeline built from `pending`, not yet sent.
 struct Batch {
     n: usize,
     replies_per_item: Vec<usize>,
+    wait: bool,
     pipe: redis::Pipeline,
 }
 
@@ -335,7 +338,7 @@ impl Writer {
         shared: Arc<Shared>,
         streams: Arc<StreamState>,
         rx: mpsc::Receiver<Item>,
-        con: MultiplexedConnection,
+        con: Con,
         events: mpsc::UnboundedReceiver<redis::PushInfo>,
     ) -> Writer {
         let count = ConnCount::new(&shared.stats);
@@ -508,8 +511,17 @@ impl Writer {
             }
         }
         let (events_tx, events) = mpsc::unbounded_channel();
+        let moves = self.shared.connector.primary_moves();
         match self.shared.connector.connect(None, Some(events_tx)).await {
             Ok(con) => {
+                if self.shared.connector.primary_moves() != moves
+                    && self.shared.pubsub_started.load(Relaxed)
+                {
+                    // The pub/sub connection may still be on the old primary (frozen, it
+                    // would never say so): it moves too, and the held publishes wait for it.
+                    self.shared.pubsub_up.store(false, Relaxed);
+                    self.shared.pubsub_moved.notify_one();
+                }
                 self.events = events;
                 self.attempt = 0;
                 Counters::incr(&self.shared.stats.reconnects);
@@ -568,6 +580,7 @@ impl Writer {
         pipe.ignore_errors();
         let mut n = 0;
         let mut replies_per_item = Vec::new();
+        let mut xadds = false;
         let opts = &self.shared.config;
         for item in self.pending.iter().skip(from) {
             if n >= max_batch {
@@ -579,9 +592,14 @@ impl Writer {
                     replies_per_item.push(0);
                 }
                 Item::Publish { channel, data } => {
-                    pipe.cmd("PUBLISH")
-                        .arg(channel.as_str())
-                        .arg(data.as_slice());
+                    // Sharded pub/sub on a cluster: the message stays in its channel's shard.
+                    pipe.cmd(if opts.is_cluster() {
+                        "SPUBLISH"
+                    } else {
+                        "PUBLISH"
+                    })
+                    .arg(channel.as_str())
+                    .arg(data.as_slice());
                     replies_per_item.push(1);
                 }
                 Item::Xadd {
@@ -607,13 +625,22 @@ impl Writer {
                         cmd.arg(&**k).arg(&v[..]);
                     }
                     replies_per_item.push(1 + extra);
+                    xadds = true;
                 }
             }
             n += 1;
         }
+        // One WAIT covers every XADD before it on this connection.
+        let wait = xadds && opts.min_replicas > 0;
+        if wait {
+            pipe.cmd("WAIT")
+                .arg(opts.min_replicas)
+                .arg(opts.min_replicas_timeout.as_millis().max(1) as u64);
+        }
         (n > 0).then_some(Batch {
             n,
             replies_per_item,
+            wait,
             pipe,
         })
     }
@@ -627,6 +654,7 @@ impl Writer {
         let Batch {
             n,
             replies_per_item,
+            wait,
             pipe,
         } = batch;
         let answer: Pin<Box<dyn Future<Output = Replies> + Send>> = if pipe.is_empty() {
@@ -638,6 +666,7 @@ impl Writer {
         self.inflight.push_back(InFlight {
             n,
             replies_per_item,
+            wait,
         });
         self.answers.push_back(answer);
     }
@@ -656,13 +685,13 @@ impl Writer {
         let Some(InFlight {
             n,
             replies_per_item,
-            ..
+            wait,
         }) = self.inflight.pop_front()
         else {
             return Ok(());
         };
         self.sent -= n;
-        self.settle(n, replies_per_item, replies)
+        self.settle(n, replies_per_item, wait, replies)
     }
 
     /// Sends the front of `pending` as one pipeline and settles it (nothing else in flight).
@@ -677,9 +706,16 @@ impl Writer {
         self.settle_front().await
     }
 
-    /// Settles the front `n` items of `pending` with the answer to their pipeline.
-    fn settle(&mut self, n: usize, replies_per_item: Vec<usize>, replies: Replies) -> Result<()> {
-        let replies: Vec<Value> = match replies {
+    /// Settles the front `n` items of `pending` with the answer to their pipeline (whose
+    /// last reply is `WAIT`'s when `wait`).
+    fn settle(
+        &mut self,
+        n: usize,
+        replies_per_item: Vec<usize>,
+        wait: bool,
+        replies: Replies,
+    ) -> Result<()> {
+        let mut replies: Vec<Value> = match replies {
             Ok(r) => r,
             Err(e) if is_connection_error(&e) => {
                 return Err(self.shared.connector.error("pipeline", e))
@@ -714,6 +750,26 @@ impl Writer {
                 ),
             ));
         }
+        // READONLY: the server was demoted to a replica (a Sentinel failover). An outage too:
+        // the batch is resent on the next connection, which goes to the new primary.
+        let read_only = replies.iter().any(|v| {
+            matches!(v, Value::ServerError(e) if e.kind() == Some(redis::ServerErrorKind::ReadOnly))
+        });
+        if read_only {
+            return Err(Error::new(
+                busway::ErrorKind::Connection,
+                format!(
+                    "bus {:?}: {} is a read-only replica now (failover)",
+                    self.shared.config.bus,
+                    self.shared.config.redacted_url()
+                ),
+            ));
+        }
+        let short = if wait {
+            self.replicas_short(replies.pop())
+        } else {
+            None
+        };
         let mut replies = replies.into_iter();
         for (item, count) in self.pending.drain(..n).zip(replies_per_item) {
             self.shared.queued.fetch_sub(1, Relaxed);
@@ -724,9 +780,22 @@ impl Writer {
                 }
             }
             match (item, result) {
-                (Item::Xadd { done, .. }, Ok(())) => {
-                    let _ = done.send(Ok(()));
-                }
+                (Item::Xadd { topic, done, .. }, Ok(())) => match &short {
+                    None => {
+                        let _ = done.send(Ok(()));
+                    }
+                    Some(why) => {
+                        Counters::incr(&self.shared.stats.errors);
+                        let _ = done.send(Err(Error::new(
+                            ErrorKind::Timeout,
+                            format!(
+                                "bus {:?}: publish on {:?}: {why}",
+                                self.shared.config.bus,
+                                topic.as_str()
+                            ),
+                        )));
+                    }
+                },
                 (item, Err(e)) => {
                     let e = self.shared.connector.error("publish", e.into());
                     item.fail(&self.shared, &e);
@@ -735,5 +804,21 @@ impl Writer {
             }
         }
         Ok(())
+    }
+
+    /// Why `WAIT`'s answer `reply` falls short of `min_replicas`, or `None` when enough
+    /// replicas hold the pipeline's entries.
+    fn replicas_short(&self, reply: Option<Value>) -> Option<String> {
+        let config = &self.shared.config;
+        let (want, within) = (config.min_replicas, config.min_replicas_timeout);
+        let got = match reply {
+            Some(Value::Int(k)) if k >= i64::from(want) => return None,
+            Some(Value::Int(k)) => format!("{k}"),
+            Some(Value::ServerError(e)) => return Some(format!("WAIT refused: {e:?}")),
+            other => return Some(format!("WAIT answered {other:?}")),
+        };
+        Some(format!(
+            "{got} of {want} replicas acknowledged it within {within:?} (min_replicas = {want}, min_replicas_timeout); the entry is on the primary and may be lost in a failover"
+        ))
     }
 }

@@ -6,14 +6,13 @@ use std::sync::atomic::{AtomicBool, AtomicUsize};
 use std::sync::Arc;
 
 use parking_lot::Mutex;
-use redis::aio::MultiplexedConnection;
 use tokio::sync::watch;
 
 use busway::transport::Counters;
 use busway::{Error, Health, Result};
 
 use crate::config::RedisConfig;
-use crate::connect::Connector;
+use crate::connect::{Con, Connector};
 use crate::layout::Layout;
 
 /// The state shared by a bus's handles and its background tasks.
@@ -36,18 +35,17 @@ pub(crate) struct Shared {
     /// Wakes the pub/sub task's reconnect backoff: the command connection is back, so the
     /// server is, and both connections return on the same schedule.
     pub(crate) pubsub_retry: tokio::sync::Notify,
+    /// Tells the pub/sub task that the command connection found another primary (Sentinel):
+    /// its own connection may be on the old one, frozen, and would never hear of it.
+    pub(crate) pubsub_moved: tokio::sync::Notify,
     /// Set once when the bus closes or its last user handle goes; every task watches it.
     pub(crate) shutdown: watch::Sender<bool>,
-    cmd: Mutex<Option<MultiplexedConnection>>,
+    cmd: Mutex<Option<Con>>,
 }
 
 impl Shared {
     /// The state of a bus whose command connection `cmd` is open.
-    pub(crate) fn new(
-        config: RedisConfig,
-        connector: Connector,
-        cmd: MultiplexedConnection,
-    ) -> Shared {
+    pub(crate) fn new(config: RedisConfig, connector: Connector, cmd: Con) -> Shared {
         // `connect` validated the config, so a layout given is a good one.
         let layout = config.layout.as_ref().and_then(|l| Layout::new(l).ok());
         Shared {
@@ -62,12 +60,13 @@ impl Shared {
             readers_down: AtomicUsize::new(0),
             queued: AtomicUsize::new(0),
             pubsub_retry: tokio::sync::Notify::new(),
+            pubsub_moved: tokio::sync::Notify::new(),
             shutdown: watch::channel(false).0,
             cmd: Mutex::new(Some(cmd)),
         }
     }
 
-    pub(crate) fn set_cmd_connection(&self, con: Option<MultiplexedConnection>) {
+    pub(crate) fn set_cmd_connection(&self, con: Option<Con>) {
         *self.cmd.lock() = con;
     }
 
@@ -75,7 +74,7 @@ impl Shared {
     ///
     /// # Errors
     /// `Connection` while it is down.
-    pub(crate) fn cmd_connection(&self) -> Result<MultiplexedConnection> {
+    pub(crate) fn cmd_connection(&self) -> Result<Con> {
         self.cmd
             .lock()
             .clone()

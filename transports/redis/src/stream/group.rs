@@ -9,7 +9,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use redis::aio::MultiplexedConnection;
 use redis::Value;
 
 use busway::transport::{ack_each, Acker, QueueSender, TransportDelivery, TrySend};
@@ -18,6 +17,7 @@ use busway::{Delivery, Pattern, Result};
 use super::ack;
 use super::context::Ctx;
 use super::entry::entries;
+use crate::connect::Con;
 
 /// Acks and nacks an entry of a consumer group.
 pub(super) struct GroupAcker {
@@ -50,11 +50,7 @@ const HANDED_BACK_IDLE_MS: u64 = 30 * 24 * 3600 * 1000;
 /// abandoned, and sets their delivery count back to what it was before this consumer read
 /// them, so the handler that gets them next sees the attempt number this consumer's
 /// handler would have seen (it never saw them).
-pub(super) async fn hand_back(
-    shared: &crate::state::Shared,
-    cmd: &mut MultiplexedConnection,
-    held: &[Held],
-) {
+pub(super) async fn hand_back(shared: &crate::state::Shared, cmd: &mut Con, held: &[Held]) {
     let mut pipe = redis::pipe();
     pipe.ignore_errors();
     for h in held {
@@ -208,7 +204,7 @@ async fn nack_group(
 /// dead-letter topic and acks it. Returns the entry to deliver again, with its attempt.
 pub(super) async fn claim(
     ctx: &Ctx,
-    cmd: &mut MultiplexedConnection,
+    cmd: &mut Con,
     key: &str,
     group: &str,
     id: &str,
@@ -361,7 +357,7 @@ pub(super) async fn deliver_group<'a>(
 /// Creates `group` on `key` at `start` (`$` or `0`), creating the stream too; an existing
 /// group is left as it is.
 pub(super) async fn create_group(
-    con: &mut MultiplexedConnection,
+    con: &mut Con,
     key: &str,
     group: &str,
     start: &str,
@@ -381,12 +377,7 @@ pub(super) async fn create_group(
 }
 
 /// How many times entry `id` of `key` was delivered in `group`.
-async fn pending_count(
-    cmd: &mut MultiplexedConnection,
-    key: &str,
-    group: &str,
-    id: &str,
-) -> Option<u32> {
+async fn pending_count(cmd: &mut Con, key: &str, group: &str, id: &str) -> Option<u32> {
     let v: Value = redis::cmd("XPENDING")
         .arg(key)
         .arg(group)

@@ -10,7 +10,6 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use parking_lot::Mutex;
-use redis::aio::MultiplexedConnection;
 use redis::Value;
 
 use busway::transport::{ack_each, Acker, Counters, QueueSender, TransportDelivery};
@@ -19,6 +18,7 @@ use busway::{Delivery, Message, Result, StartFrom};
 use super::context::Ctx;
 use super::entry::entries;
 use super::ids::StreamId;
+use crate::connect::Con;
 use crate::state::Shared;
 
 /// An entry handed to a group-less subscription and not yet acked. Only its id is kept (a
@@ -240,7 +240,7 @@ pub(super) async fn redeliver_local(
 /// entry (`StartFrom::New`), or nothing (`StartFrom::Beginning`, and keys without entries).
 pub(super) async fn start_ids(
     shared: &Shared,
-    cmd: &mut MultiplexedConnection,
+    cmd: &mut Con,
     keys: &[Arc<str>],
     start: StartFrom,
 ) -> Result<Vec<StreamId>> {

@@ -8,7 +8,6 @@ use std::sync::atomic::Ordering::{Relaxed, SeqCst};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use redis::aio::MultiplexedConnection;
 use redis::Value;
 
 use busway::transport::Counters;
@@ -20,7 +19,7 @@ use super::group::{claim, create_group, deliver_group};
 use super::groupless::{deliver_local, redeliver_local, Target};
 use super::ids::StreamId;
 use super::registry::{Join, NewMember, ReaderHandle};
-use crate::connect::{is_connection_error, ConnCount};
+use crate::connect::{is_connection_error, Con, ConnCount};
 use crate::state::Shared;
 
 /// How often a group reader whose queues are full looks for room again.
@@ -28,7 +27,7 @@ const ROOM_POLL: Duration = Duration::from_millis(20);
 
 /// A reader connection (its read blocks up to `read_block`, so its response timeout is
 /// longer) and its `CLIENT ID`.
-pub(super) async fn connect(shared: &Shared) -> Result<(MultiplexedConnection, u64)> {
+pub(super) async fn connect(shared: &Shared) -> Result<(Con, u64)> {
     let read_timeout = shared.config.read_block + shared.config.response_timeout();
     let mut con = shared.connector.connect(Some(read_timeout), None).await?;
     let id: u64 = redis::cmd("CLIENT")
@@ -60,18 +59,14 @@ pub(super) struct Task {
     turn: usize,
     /// Keys found to hold something other than a stream: never read.
     refused: HashSet<Arc<str>>,
-    con: Option<(MultiplexedConnection, ConnCount)>,
+    con: Option<(Con, ConnCount)>,
     attempt: u32,
     down: bool,
 }
 
 impl Task {
     /// The task of a reader started with its connection `con`.
-    pub(super) fn new(
-        ctx: Arc<Ctx>,
-        handle: Arc<ReaderHandle>,
-        con: MultiplexedConnection,
-    ) -> Task {
+    pub(super) fn new(ctx: Arc<Ctx>, handle: Arc<ReaderHandle>, con: Con) -> Task {
         let count = ConnCount::new(&ctx.shared.stats);
         Task {
             ctx,
