@@ -4,22 +4,14 @@
 //! the same everywhere. The producer side is a [`QueueSender`]; the consumer side lives inside
 //! a [`Subscription`](crate::Subscription).
 //!
-//! Two stores, chosen by the policy:
-//! - `block` and `drop_newest` never touch a queued delivery, so they use a lock-free queue
-//!   (crossbeam's `SegQueue`, one allocation per 31 deliveries) bounded by a counter: a
-//!   producer counts its delivery in (only below the capacity) before pushing it, the
-//!   consumer counts each delivery out as it takes it. A push is a few atomic operations and
-//!   no lock, so seven publishers into one subscription do not queue on a mutex.
-//! - `drop_oldest` and `latest` take or replace a queued delivery, so they keep a `VecDeque`
-//!   under a mutex; the consumer takes the whole backlog in one lock (swapping buffers), so a
-//!   busy queue costs one lock per batch on the consumer side, not one per message.
+//! The consumer takes the whole backlog in one lock (swapping buffers), so a busy queue costs
+//! one lock per batch on the consumer side, not one per message.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use crossbeam_queue::SegQueue;
 use futures::task::AtomicWaker;
 use parking_lot::Mutex;
 use tokio::sync::Notify;
@@ -42,7 +34,6 @@ pub enum TrySend {
     Closed(Delivery),
 }
 
-/// The locked store of `drop_oldest` and `latest`.
 struct State {
     items: VecDeque<Delivery>,
     /// For `latest`: topic -> sequence number of its queued item. Sequence `head_seq` is at
@@ -52,23 +43,8 @@ struct State {
     closed: bool,
 }
 
-/// The lock-free store of `block` and `drop_newest`.
-struct Free {
-    items: SegQueue<Delivery>,
-    /// Deliveries counted in by producers and not yet counted out by the consumer: those in
-    /// `items` plus those a producer is about to push (or, finding the queue closed, to take
-    /// back). Never more than `capacity`.
-    len: AtomicUsize,
-    closed: AtomicBool,
-}
-
-enum Store {
-    Locked(Mutex<State>),
-    Free(Free),
-}
-
 struct Shared {
-    store: Store,
+    state: Mutex<State>,
     capacity: usize,
     overflow: Overflow,
     rx_waker: AtomicWaker,
@@ -80,30 +56,6 @@ struct Shared {
     rx_gone: AtomicBool,
     sub_stats: Arc<Counters>,
     bus_stats: Arc<Counters>,
-}
-
-impl Shared {
-    /// Deliveries in the shared store.
-    fn len(&self) -> usize {
-        match &self.store {
-            Store::Locked(state) => state.lock().items.len(),
-            Store::Free(free) => free.len.load(Ordering::SeqCst),
-        }
-    }
-
-    fn is_closed(&self) -> bool {
-        match &self.store {
-            Store::Locked(state) => state.lock().closed,
-            Store::Free(free) => free.closed.load(Ordering::SeqCst),
-        }
-    }
-
-    /// Wakes producers waiting for room under `block`, if there are any.
-    fn make_room(&self) {
-        if self.overflow == Overflow::Block && self.waiting.load(Ordering::Acquire) > 0 {
-            self.room.notify_waiters();
-        }
-    }
 }
 
 /// The producer side of a subscription queue. Cheap to clone.
@@ -130,7 +82,9 @@ pub(crate) struct QueueDepth(std::sync::Weak<Shared>);
 impl QueueDepth {
     /// Messages waiting now; `None` once the queue is gone.
     pub(crate) fn get(&self) -> Option<usize> {
-        Some(self.0.upgrade()?.len())
+        let shared = self.0.upgrade()?;
+        let n = shared.state.lock().items.len();
+        Some(n)
     }
 }
 
@@ -149,21 +103,13 @@ pub(crate) fn queue(
     sub_stats: Arc<Counters>,
     bus_stats: Arc<Counters>,
 ) -> (QueueSender, QueueReceiver) {
-    let store = match overflow {
-        Overflow::Block | Overflow::DropNewest => Store::Free(Free {
-            items: SegQueue::new(),
-            len: AtomicUsize::new(0),
-            closed: AtomicBool::new(false),
-        }),
-        Overflow::DropOldest | Overflow::Latest => Store::Locked(Mutex::new(State {
+    let shared = Arc::new(Shared {
+        state: Mutex::new(State {
             items: VecDeque::with_capacity(capacity.min(4096)),
             latest: HashMap::default(),
             head_seq: 0,
             closed: false,
-        })),
-    };
-    let shared = Arc::new(Shared {
-        store,
+        }),
         capacity: capacity.max(1),
         overflow,
         rx_waker: AtomicWaker::new(),
@@ -192,108 +138,36 @@ impl QueueSender {
 
     /// Offers a delivery without waiting; see [`TrySend`].
     pub fn try_send(&self, delivery: Delivery) -> TrySend {
-        match &self.shared.store {
-            Store::Free(free) => {
-                let (outcome, wake) = self.offer_free(free, delivery);
-                if wake {
-                    self.shared.rx_waker.wake();
-                }
-                outcome
-            }
-            Store::Locked(state) => {
-                let mut st = state.lock();
-                let was_empty = st.items.is_empty();
-                let outcome = self.offer(&mut st, delivery);
-                self.release(st, was_empty);
-                outcome
-            }
-        }
-    }
-
-    /// Offers each delivery of `deliveries` in turn, as [`try_send`](Self::try_send) would,
-    /// with at most one wake-up of the consumer (and, for `drop_oldest` and `latest`, under
-    /// one lock): the way to hand on a batch read from the broker at once. Stops at the first
-    /// delivery handed back ([`TrySend::Full`] under `block`, or [`TrySend::Closed`]),
-    /// leaving the rest in the iterator; otherwise returns the outcome of the last one
-    /// ([`TrySend::Queued`] for none).
-    pub fn try_send_many(&self, deliveries: &mut impl Iterator<Item = Delivery>) -> TrySend {
-        let mut outcome = TrySend::Queued;
-        match &self.shared.store {
-            Store::Free(free) => {
-                let mut wake = false;
-                for delivery in deliveries.by_ref() {
-                    let woke;
-                    (outcome, woke) = self.offer_free(free, delivery);
-                    wake |= woke;
-                    if matches!(outcome, TrySend::Full(_) | TrySend::Closed(_)) {
-                        break;
-                    }
-                }
-                if wake {
-                    self.shared.rx_waker.wake();
-                }
-            }
-            Store::Locked(state) => {
-                let mut st = state.lock();
-                let was_empty = st.items.is_empty();
-                for delivery in deliveries.by_ref() {
-                    outcome = self.offer(&mut st, delivery);
-                    if matches!(outcome, TrySend::Full(_) | TrySend::Closed(_)) {
-                        break;
-                    }
-                }
-                self.release(st, was_empty);
-            }
-        }
+        let mut st = self.shared.state.lock();
+        let was_empty = st.items.is_empty();
+        let outcome = self.offer(&mut st, delivery);
+        self.release(st, was_empty);
         outcome
     }
 
-    /// Applies `block` or `drop_newest` to one delivery in the lock-free store. Also returns
-    /// whether the consumer must be woken: only the push that finds the count at zero wakes
-    /// it. The consumer registers its waker before its last look at the queue and, when it
-    /// finds the queue empty but the count not, polls again instead of sleeping (a push is
-    /// under way), so a queue with something in it always has a wake-up on the way.
-    /// Inlined: a call costs the single-delivery `try_send` (every MemoryBus publish, per
-    /// subscriber) a good part of what the push itself does.
-    #[inline(always)]
-    fn offer_free(&self, free: &Free, delivery: Delivery) -> (TrySend, bool) {
-        let shared = &*self.shared;
-        if shared.rx_gone.load(Ordering::Relaxed) {
-            return (TrySend::Closed(delivery), false);
-        }
-        // Counted in only below the capacity (never past it and back), so a full queue is
-        // full for real: whoever holds the last count pushes, the consumer takes it and
-        // announces room to the producers waiting under `block`.
-        let counted = free
-            .len
-            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
-                (n < shared.capacity).then_some(n + 1)
-            });
-        // `closed` is read after counting in: a consumer that saw `closed` and then a zero
-        // count has ended, and every producer counting in after that sees `closed`.
-        if free.closed.load(Ordering::SeqCst) {
-            if counted.is_ok() {
-                free.len.fetch_sub(1, Ordering::SeqCst);
+    /// Offers each delivery of `deliveries` in turn, as [`try_send`](Self::try_send) would,
+    /// under one lock and with at most one wake-up of the consumer: the way to hand on a
+    /// batch read from the broker at once. Stops at the first delivery handed back
+    /// ([`TrySend::Full`] under `block`, or [`TrySend::Closed`]), leaving the rest in the
+    /// iterator; otherwise returns the outcome of the last one ([`TrySend::Queued`] for none).
+    pub fn try_send_many(&self, deliveries: &mut impl Iterator<Item = Delivery>) -> TrySend {
+        let mut st = self.shared.state.lock();
+        let was_empty = st.items.is_empty();
+        let mut outcome = TrySend::Queued;
+        for delivery in deliveries.by_ref() {
+            outcome = self.offer(&mut st, delivery);
+            if matches!(outcome, TrySend::Full(_) | TrySend::Closed(_)) {
+                break;
             }
-            return (TrySend::Closed(delivery), true);
         }
-        match counted {
-            Ok(before) => {
-                free.items.push(delivery);
-                (TrySend::Queued, before == 0)
-            }
-            Err(_) if shared.overflow == Overflow::DropNewest => {
-                self.dropped();
-                (TrySend::Dropped, false)
-            }
-            Err(_) => (TrySend::Full(delivery), false),
-        }
+        self.release(st, was_empty);
+        outcome
     }
 
-    /// Unlocks the locked store and wakes the consumer if it was empty and no longer is. Only
-    /// the push that makes the queue non-empty wakes the consumer: it registers its waker
-    /// before its last look at the queue, so a non-empty queue always had a wake issued after
-    /// it became non-empty. Skipping the rest saves a contended atomic and, more, a needless
+    /// Unlocks the queue and wakes the consumer if it was empty and no longer is. Only the
+    /// push that makes the queue non-empty wakes the consumer: it registers its waker before
+    /// its last look at the queue, so a non-empty queue always had a wake issued after it
+    /// became non-empty. Skipping the rest saves a contended atomic and, more, a needless
     /// task wake-up per message.
     #[inline(always)]
     fn release(&self, st: parking_lot::MutexGuard<'_, State>, was_empty: bool) {
@@ -304,7 +178,9 @@ impl QueueSender {
         }
     }
 
-    /// Applies `drop_oldest` or `latest` to one delivery, under the lock.
+    /// Applies the policy to one delivery, under the lock. Inlined: a call costs the
+    /// single-delivery `try_send` (every MemoryBus publish, per subscriber) a good part of
+    /// what the policy itself does.
     #[inline(always)]
     fn offer(&self, st: &mut State, delivery: Delivery) -> TrySend {
         let shared = &*self.shared;
@@ -358,7 +234,7 @@ impl QueueSender {
             TrySend::Full(d) => d,
         };
         // Counted before the waiter registers and before each look at the queue, so a
-        // refill that makes room after that look sees it.
+        // refill that makes room after that look (under the queue's lock) sees it.
         self.shared.waiting.fetch_add(1, Ordering::AcqRel);
         let _waiting = Waiting(&self.shared.waiting);
         loop {
@@ -376,9 +252,9 @@ impl QueueSender {
         }
     }
 
-    /// Queues every delivery of `deliveries` in order, as [`send`](Self::send) would, waking
-    /// the consumer once per run that fits. Returns `false` when the subscription is gone
-    /// (the rest are dropped, uncounted).
+    /// Queues every delivery of `deliveries` in order, as [`send`](Self::send) would, taking
+    /// the lock once per run that fits. Returns `false` when the subscription is gone (the
+    /// rest are dropped, uncounted).
     pub async fn send_many(&self, deliveries: impl IntoIterator<Item = Delivery>) -> bool {
         let mut rest = deliveries.into_iter();
         loop {
@@ -396,22 +272,19 @@ impl QueueSender {
 
     /// Whether the subscription was dropped or the queue closed.
     pub fn is_closed(&self) -> bool {
-        self.shared.rx_gone.load(Ordering::Relaxed) || self.shared.is_closed()
+        self.shared.rx_gone.load(Ordering::Relaxed) || self.shared.state.lock().closed
     }
 
     /// Ends the subscription once the consumer has drained what is queued.
     pub fn close(&self) {
-        match &self.shared.store {
-            Store::Locked(state) => state.lock().closed = true,
-            Store::Free(free) => free.closed.store(true, Ordering::SeqCst),
-        }
+        self.shared.state.lock().closed = true;
         self.shared.rx_waker.wake();
         self.shared.room.notify_waiters();
     }
 
     /// Messages waiting in the queue.
     pub fn len(&self) -> usize {
-        self.shared.len()
+        self.shared.state.lock().items.len()
     }
 
     /// Whether nothing is waiting in the queue.
@@ -446,35 +319,16 @@ impl QueueReceiver {
         if self.refill() {
             return Poll::Ready(self.take_local());
         }
-        match &self.shared.store {
-            Store::Free(free) => {
-                // `closed` before the count: see `offer_free`.
-                let closed = free.closed.load(Ordering::SeqCst);
-                if free.len.load(Ordering::SeqCst) > 0 {
-                    // A producer counted in and has not pushed yet (or is taking its count
-                    // back): it may not be the one that wakes this consumer, so look again
-                    // after the runtime has run others.
-                    cx.waker().wake_by_ref();
-                    return Poll::Pending;
-                }
-                if closed {
-                    return Poll::Ready(None);
-                }
-            }
-            Store::Locked(state) => {
-                // Emptiness and `closed` are read under one lock: a delivery queued just
-                // before `close` (after the refill above) must still be handed out before
-                // the end.
-                let st = state.lock();
-                if !st.items.is_empty() {
-                    drop(st);
-                    self.refill();
-                    return Poll::Ready(self.take_local());
-                }
-                if st.closed {
-                    return Poll::Ready(None);
-                }
-            }
+        // Emptiness and `closed` are read under one lock: a delivery queued just before
+        // `close` (after the refill above) must still be handed out before the end.
+        let st = self.shared.state.lock();
+        if !st.items.is_empty() {
+            drop(st);
+            self.refill();
+            return Poll::Ready(self.take_local());
+        }
+        if st.closed {
+            return Poll::Ready(None);
         }
         Poll::Pending
     }
@@ -488,36 +342,23 @@ impl QueueReceiver {
 
     /// Moves the shared backlog into the local buffer; true when something came.
     fn refill(&mut self) -> bool {
-        match &self.shared.store {
-            Store::Free(free) => {
-                // At most a queue's worth, so producers that keep pushing cannot keep the
-                // consumer here.
-                while self.local.len() < self.shared.capacity {
-                    let Some(d) = free.items.pop() else { break };
-                    // Counted out one by one, at once: the count stays what the queue holds,
-                    // so a producer never finds it full for what the consumer already took.
-                    free.len.fetch_sub(1, Ordering::SeqCst);
-                    self.local.push_back(d);
-                }
-                if self.local.is_empty() {
-                    return false;
-                }
-            }
-            Store::Locked(state) => {
-                let mut st = state.lock();
-                if st.items.is_empty() {
-                    return false;
-                }
-                std::mem::swap(&mut st.items, &mut self.local);
-                st.head_seq += self.local.len() as u64;
-                st.latest.clear();
-            }
+        let mut st = self.shared.state.lock();
+        if st.items.is_empty() {
+            return false;
         }
+        std::mem::swap(&mut st.items, &mut self.local);
+        st.head_seq += self.local.len() as u64;
+        st.latest.clear();
+        drop(st);
         self.shared
             .bus_stats
             .delivered
             .fetch_add(self.local.len() as u64, Ordering::Relaxed);
-        self.shared.make_room();
+        if self.shared.overflow == Overflow::Block
+            && self.shared.waiting.load(Ordering::Acquire) > 0
+        {
+            self.shared.room.notify_waiters();
+        }
         true
     }
 
@@ -528,7 +369,7 @@ impl QueueReceiver {
 
     /// Messages waiting (shared backlog plus the local buffer).
     pub(crate) fn len(&self) -> usize {
-        self.local.len() + self.shared.len()
+        self.local.len() + self.shared.state.lock().items.len()
     }
 }
 
