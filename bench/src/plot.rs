@@ -284,7 +284,8 @@ fn latency_chart(path: &Path, runs: &[&ShapeResult]) -> Result<()> {
         .configure_mesh()
         .x_desc("percentile")
         .y_desc("delay, µs")
-        .x_labels(8)
+        // Whole positions only: p90, p99, p99.9, p99.99.
+        .x_labels(4)
         .x_label_formatter(&|x| percentile_label(*x))
         .y_label_formatter(&|y| {
             if *y >= 1.0 {
