@@ -171,7 +171,7 @@ pub trait Bus: Send + Sync + fmt::Debug + 'static {
     /// # For implementors
     /// Written out rather than `async fn`, so an implementation can decide before boxing
     /// anything: the memory bus does the whole publish synchronously and returns a
-    /// zero-sized ready future (whose box allocates nothing), the router returns the chosen
+    /// zero-sized future (whose box allocates nothing), the router returns the chosen
     /// bus's own future.
     fn publish(&self, message: Message) -> BoxFuture<'_, Result<()>>;
 

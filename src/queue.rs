@@ -566,4 +566,126 @@ mod tests {
         assert!(!sent, "send reports the subscription gone");
         assert!(tx.is_closed());
     }
+
+    /// Seven producers into a queue of 4 under `block`, on a runtime with two workers: every
+    /// delivery arrives once, each producer's in its order, and nothing is counted dropped.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn block_many_producers_lose_nothing_and_keep_each_ones_order() {
+        let (tx, mut rx, bus) = setup(4, Overflow::Block);
+        let producers: Vec<_> = (0..7)
+            .map(|p| {
+                let tx = tx.clone();
+                tokio::spawn(async move {
+                    for i in 0..2000 {
+                        assert!(tx.send(d(&format!("p{p}"), &i.to_string())).await);
+                    }
+                })
+            })
+            .collect();
+        let mut next = [0u32; 7];
+        for _ in 0..7 * 2000 {
+            let got = tokio::time::timeout(
+                Duration::from_secs(10),
+                futures::future::poll_fn(|cx| rx.poll_recv(cx)),
+            )
+            .await
+            .expect("deliveries keep coming")
+            .expect("the queue is open");
+            let p: usize = got.message().topic.as_str()[1..].parse().unwrap();
+            let i: u32 = String::from_utf8_lossy(&got.message().payload)
+                .parse()
+                .unwrap();
+            assert_eq!(i, next[p], "producer {p} out of order");
+            next[p] += 1;
+            assert!(tx.len() <= 4, "never more than the capacity queued");
+        }
+        for p in producers {
+            p.await.unwrap();
+        }
+        assert_eq!(rx.len(), 0);
+        assert_eq!(bus.snapshot().dropped, 0);
+        assert_eq!(bus.snapshot().delivered, 7 * 2000);
+    }
+
+    /// Producers racing a slow consumer under `drop_newest`: what arrived plus what was
+    /// counted dropped is exactly what was offered.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn drop_newest_under_contention_counts_every_drop() {
+        let (tx, mut rx, bus) = setup(8, Overflow::DropNewest);
+        let producers: Vec<_> = (0..4)
+            .map(|_| {
+                let tx = tx.clone();
+                tokio::spawn(async move {
+                    let mut dropped = 0u64;
+                    for i in 0..5000 {
+                        match tx.try_send(d("t", &i.to_string())) {
+                            TrySend::Queued => {}
+                            TrySend::Dropped => dropped += 1,
+                            other => panic!("unexpected {other:?}"),
+                        }
+                        if i % 64 == 0 {
+                            tokio::task::yield_now().await;
+                        }
+                    }
+                    dropped
+                })
+            })
+            .collect();
+        let mut received = 0u64;
+        while !producers.iter().all(|p| p.is_finished()) {
+            received += drain(&mut rx).await.len() as u64;
+            tokio::task::yield_now().await;
+        }
+        let mut dropped = 0;
+        for p in producers {
+            dropped += p.await.unwrap();
+        }
+        received += drain(&mut rx).await.len() as u64;
+        assert_eq!(received + dropped, 4 * 5000);
+        assert_eq!(bus.snapshot().dropped, dropped);
+        assert_eq!(bus.snapshot().delivered, received);
+    }
+
+    /// `close` racing producers: every delivery was either handed out before the end or
+    /// handed back as closed, never lost in between.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn close_racing_producers_loses_nothing_silently() {
+        for _ in 0..20 {
+            let (tx, mut rx, _) = setup(1 << 16, Overflow::Block);
+            let producers: Vec<_> = (0..3)
+                .map(|_| {
+                    let tx = tx.clone();
+                    tokio::spawn(async move {
+                        let mut accepted = 0u64;
+                        for i in 0..2000 {
+                            match tx.try_send(d("t", &i.to_string())) {
+                                TrySend::Queued => accepted += 1,
+                                TrySend::Closed(_) => break,
+                                other => panic!("unexpected {other:?}"),
+                            }
+                        }
+                        accepted
+                    })
+                })
+                .collect();
+            tokio::task::yield_now().await;
+            tx.close();
+            let mut received = 0u64;
+            while tokio::time::timeout(
+                Duration::from_secs(10),
+                futures::future::poll_fn(|cx| rx.poll_recv(cx)),
+            )
+            .await
+            .expect("the end comes")
+            .is_some()
+            {
+                received += 1;
+            }
+            let mut accepted = 0;
+            for p in producers {
+                accepted += p.await.unwrap();
+            }
+            assert_eq!(received, accepted);
+        }
+    }
 }

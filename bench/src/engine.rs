@@ -128,6 +128,9 @@ pub(crate) struct SideResult {
     /// the client's cost, steadier than a rate when other work shares the machine.
     pub(crate) client_cpu_s: Option<f64>,
     pub(crate) latency: Option<Latency>,
+    /// Timed runs: (axis position, delay in µs) at [`plot::curve_quantiles`](super::plot::curve_quantiles),
+    /// for the latency chart of `--plot`.
+    pub(crate) percentiles: Vec<(f64, f64)>,
     /// Drops the bus itself counted (`stats().dropped`; busway side only): a loss the bus
     /// did not count is a silent loss.
     pub(crate) bus_dropped: Option<u64>,
@@ -295,7 +298,13 @@ impl Run {
                 }
             }
         }
-        let latency = hist.filter(|h| !h.is_empty()).map(|h| Latency {
+        let hist = hist.filter(|h| !h.is_empty());
+        let percentiles = hist.as_ref().map_or_else(Vec::new, |h| {
+            super::plot::curve_quantiles()
+                .map(|(x, q)| (x, h.value_at_quantile(q) as f64 / 1e3))
+                .collect()
+        });
+        let latency = hist.map(|h| Latency {
             p50_us: h.value_at_quantile(0.50) as f64 / 1e3,
             p99_us: h.value_at_quantile(0.99) as f64 / 1e3,
             p999_us: h.value_at_quantile(0.999) as f64 / 1e3,
@@ -313,6 +322,7 @@ impl Run {
             broker_cpu_s: None,
             client_cpu_s: self.start_cpu_s.zip(own_cpu_seconds()).map(|(a, b)| b - a),
             latency,
+            percentiles,
             bus_dropped: None,
         }
     }

@@ -8,6 +8,8 @@
 
 mod broker;
 mod engine;
+mod plot;
+mod progress;
 mod raw_memory;
 mod raw_nats;
 mod raw_redis;
@@ -15,6 +17,7 @@ mod report;
 mod scenario;
 mod side_busway;
 
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -23,6 +26,7 @@ use clap::{Parser, ValueEnum};
 
 use broker::Broker;
 use engine::SideResult;
+use progress::Progress;
 use report::{Format, Report, ShapeResult};
 
 /// Measure a transport beside its raw client on the same broker, in the same run; or
@@ -101,6 +105,10 @@ pub(crate) struct BenchArgs {
     /// One JSON object per line instead of a table.
     #[arg(long)]
     json: bool,
+    /// Also write SVG charts into this directory: throughput per shape and side (median,
+    /// range and each run) and the latency shape's percentile curves.
+    #[arg(long, value_name = "DIR")]
+    plot: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, clap::Subcommand)]
@@ -318,22 +326,40 @@ pub(crate) async fn run(args: BenchArgs) -> Result<()> {
     let mut report = Report::new(format, &broker);
     let run_id = busway::transport::new_message_id()[..8].to_string();
     let mut results = Vec::new();
+    let progress = Progress::new((shapes.len() * args.repeat) as u64, args.json);
     for shape in shapes {
         for k in 0..args.repeat {
+            progress.step(format!(
+                "{} {} {}, run {} of {}",
+                args.transport.as_str(),
+                mode,
+                shape.as_str(),
+                k + 1,
+                args.repeat
+            ));
             // Each repetition on topics, keys and streams of its own.
             let plan = plan_for(&args, mode, shape, &format!("{run_id}r{k}"));
             // Odd repetitions run the raw side first: whichever side runs second finds the
             // process's heap already grown (and a backlog-heavy shape such as fan-in grows it
             // by ~100 MB), so alternating keeps that from favouring one side in the medians.
             let result = measure(&plan, &broker, k % 2 == 1).await?;
-            report.print(&result);
+            progress.print(|| report.print(&result));
+            progress.done(1);
             results.push(result);
         }
     }
+    progress.finish();
     if args.repeat > 1 {
         report.medians(&results);
     }
     report.finish();
+    if let Some(dir) = &args.plot {
+        for path in plot::bench_charts(dir, &results)? {
+            if !args.json {
+                println!("chart: {}", path.display());
+            }
+        }
+    }
     let lost = report.lossy();
     if !lost.is_empty() {
         return Err(Error::new(
@@ -399,18 +425,32 @@ async fn measure(plan: &Plan, broker: &Broker, raw_first: bool) -> Result<ShapeR
         };
         raw_side(&warm, broker).await?;
     }
-    let (busway, raw) = if raw_first {
+    let (busway, raw, others) = if raw_first {
         let raw = raw_side(plan, broker).await?;
-        (side_busway::run(plan, broker).await?, raw)
+        let others = other_sides(plan).await?;
+        (side_busway::run(plan, broker).await?, raw, others)
     } else {
         let busway = side_busway::run(plan, broker).await?;
-        (busway, raw_side(plan, broker).await?)
+        (
+            busway,
+            raw_side(plan, broker).await?,
+            other_sides(plan).await?,
+        )
     };
     Ok(ShapeResult {
         plan: plan.clone(),
         busway,
         raw,
+        others,
     })
+}
+
+/// The further baselines of `plan` (in memory, into one subscriber: the in-runtime channels).
+async fn other_sides(plan: &Plan) -> Result<Vec<(String, SideResult)>> {
+    match plan.transport {
+        Transport::Memory => raw_memory::in_runtime(plan).await,
+        Transport::Redis | Transport::Nats => Ok(Vec::new()),
+    }
 }
 
 /// The raw client doing `plan`'s work.

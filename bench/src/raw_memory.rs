@@ -2,6 +2,11 @@
 //! subscriber), `tokio::sync::broadcast` (fan-out, publishing with nobody listening, and paced
 //! latency to several subscribers) and a tokio `mpsc` channel for paced latency to one
 //! (paced by the same tokio timer as busway).
+//!
+//! Into one subscriber (1 -> 1, 7 -> 1) the fair baselines are channels between tokio tasks
+//! on the same runtime as busway's side, publishing through the same loop: tokio `mpsc` and
+//! `flume`, both bounded(1024) (see [`in_runtime`]); crossbeam's spinning OS threads stay the
+//! `raw` side for comparison with earlier figures.
 
 use busway::{Error, ErrorKind, Result};
 use bytes::Bytes;
@@ -25,6 +30,55 @@ pub(crate) async fn run(plan: &Plan) -> Result<SideResult> {
 
 fn join_err(e: impl std::fmt::Display) -> Error {
     Error::new(ErrorKind::Other, format!("a bench thread failed: {e}"))
+}
+
+/// The in-runtime baselines of a shape into one subscriber (none for other shapes), each
+/// labelled for the report: tokio `mpsc(1024)` and `flume::bounded(1024)`, publisher tasks
+/// into a receiver task, publishing through [`publish_loop`] as busway's side does.
+///
+/// # Errors
+/// A task of the bench failed.
+pub(crate) async fn in_runtime(plan: &Plan) -> Result<Vec<(String, SideResult)>> {
+    if !matches!(plan.shape, Shape::Pubsub | Shape::Fanin) {
+        return Ok(Vec::new());
+    }
+    Ok(vec![
+        ("tokio mpsc".to_string(), mpsc(plan).await?),
+        ("flume".to_string(), flume_tasks(plan).await?),
+    ])
+}
+
+/// Publisher tasks -> one receiver task over `flume::bounded(1024)`, async on both ends.
+async fn flume_tasks(plan: &Plan) -> Result<SideResult> {
+    let mut run = Run::new(plan);
+    let (tx, rx) = flume::bounded::<Bytes>(1024);
+    let tally = run.tally(0);
+    let reader = tokio::spawn(async move {
+        while let Ok(b) = rx.recv_async().await {
+            tally.record(&b);
+        }
+    });
+    let published = publish_all(&mut run, |share, deadline| {
+        let tx = tx.clone();
+        let plan = plan.clone();
+        async move {
+            let tx = &tx;
+            publish_loop(&plan, share, deadline, |payload| async move {
+                tx.send_async(payload)
+                    .await
+                    .map_err(|_| Error::closed("the raw flume receiver"))
+            })
+            .await
+        }
+    })
+    .await?;
+    let what = format!(
+        "flume::bounded(1024), {} publisher task(s) -> 1 receiver task",
+        plan.publishers
+    );
+    let result = run.finish(what, published).await;
+    reader.abort();
+    Ok(result)
 }
 
 /// Producer threads and one consumer thread on a crossbeam `bounded(1024)` channel.
@@ -130,7 +184,8 @@ async fn broadcast(plan: &Plan) -> Result<SideResult> {
     Ok(result)
 }
 
-/// A tokio mpsc channel (1024) between a paced publisher task and a receiver task.
+/// A tokio mpsc channel (1024) between publisher tasks (paced in the latency shape) and a
+/// receiver task.
 async fn mpsc(plan: &Plan) -> Result<SideResult> {
     let mut run = Run::new(plan);
     let (tx, mut rx) = tokio::sync::mpsc::channel::<Bytes>(1024);
@@ -154,12 +209,12 @@ async fn mpsc(plan: &Plan) -> Result<SideResult> {
         }
     })
     .await?;
-    let result = run
-        .finish(
-            "tokio::sync::mpsc(1024), paced publisher task -> receiver task".to_string(),
-            published,
-        )
-        .await;
+    let what = format!(
+        "tokio::sync::mpsc(1024), {} {}publisher task(s) -> 1 receiver task",
+        plan.publishers,
+        if plan.rate.is_some() { "paced " } else { "" }
+    );
+    let result = run.finish(what, published).await;
     reader.abort();
     Ok(result)
 }

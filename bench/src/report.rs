@@ -4,7 +4,7 @@ use serde_json::{json, Value};
 
 use super::broker::Broker;
 use super::engine::SideResult;
-use super::{Plan, Shape};
+use super::{Plan, Shape, Transport};
 
 /// Both sides of one shape.
 #[derive(Debug, Clone)]
@@ -12,6 +12,9 @@ pub(crate) struct ShapeResult {
     pub(crate) plan: Plan,
     pub(crate) busway: SideResult,
     pub(crate) raw: SideResult,
+    /// Further baselines measured in the same run, by name (in memory: the in-runtime
+    /// channels into one subscriber).
+    pub(crate) others: Vec<(String, SideResult)>,
 }
 
 impl ShapeResult {
@@ -19,6 +22,30 @@ impl ShapeResult {
     /// side lost messages.
     pub(crate) fn ratio(&self) -> Option<f64> {
         Some(self.busway.rate()? / self.raw.rate()?)
+    }
+
+    /// busway msgs/s over the best of the further baselines' (in memory: the fastest
+    /// in-runtime channel); `None` without them or when a side lost messages.
+    pub(crate) fn in_runtime_ratio(&self) -> Option<f64> {
+        let best = self
+            .others
+            .iter()
+            .map(|(_, s)| s.rate())
+            .collect::<Option<Vec<f64>>>()?
+            .into_iter()
+            .reduce(f64::max)?;
+        Some(self.busway.rate()? / best)
+    }
+
+    /// A short name of the raw side, for charts.
+    pub(crate) fn raw_label(&self) -> &'static str {
+        match (self.plan.transport, self.plan.shape) {
+            (Transport::Memory, Shape::Pubsub | Shape::Fanin) => "crossbeam threads",
+            (Transport::Memory, Shape::Latency) if self.plan.subscribers == 1 => "tokio mpsc",
+            (Transport::Memory, _) => "tokio broadcast",
+            (Transport::Redis, _) => "redis-rs",
+            (Transport::Nats, _) => "async-nats",
+        }
     }
 
     /// The ratio the shape is judged by: p99 for `latency`, throughput for the others.
@@ -49,7 +76,13 @@ impl ShapeResult {
             "rate": p.rate,
             "busway": side_json(&self.busway),
             "raw": side_json(&self.raw),
+            "baselines": self.others.iter().map(|(name, s)| {
+                let mut v = side_json(s);
+                v["name"] = json!(name);
+                v
+            }).collect::<Vec<_>>(),
             "ratio": self.ratio(),
+            "in_runtime_ratio": self.in_runtime_ratio(),
             "p99_ratio": self.p99_ratio(),
         })
     }
@@ -109,7 +142,10 @@ impl Report {
     }
 
     pub(crate) fn print(&mut self, r: &ShapeResult) {
-        for (side, s) in [("busway", &r.busway), ("raw", &r.raw)] {
+        let sides = [("busway", &r.busway), ("raw", &r.raw)]
+            .into_iter()
+            .chain(r.others.iter().map(|(name, s)| (name.as_str(), s)));
+        for (side, s) in sides {
             if s.lost > 0 || s.errors > 0 {
                 let counted = match s.bus_dropped {
                     Some(d) => format!(", {d} counted as dropped by the bus"),
@@ -143,7 +179,7 @@ impl Report {
                 self.broker
             );
             println!(
-                "{:<8} {:<6} {:>5} {:>12} {:>12} {:>21} {:>9} {:>9} {:>9} {:>9} {:>9} {:>7}",
+                "{:<8} {:<10} {:>5} {:>12} {:>12} {:>21} {:>9} {:>9} {:>9} {:>9} {:>9} {:>7}",
                 "shape",
                 "side",
                 "p/s",
@@ -158,11 +194,20 @@ impl Report {
                 "ratio"
             );
         }
-        for (side, s) in [("busway", &r.busway), ("raw", &r.raw)] {
+        let sides = [("busway", &r.busway), ("raw", &r.raw)]
+            .into_iter()
+            .chain(r.others.iter().map(|(name, s)| (name.as_str(), s)));
+        for (i, (side, s)) in sides.enumerate() {
             let suffix = if p.shape == Shape::Latency { "p99" } else { "" };
-            let ratio = match side {
-                "busway" => r.headline_ratio().map(|x| format!("{x:.2}{suffix}")),
-                _ => Some(String::new()),
+            let ratio = match i {
+                0 => r.headline_ratio().map(|x| format!("{x:.2}{suffix}")),
+                1 => Some(String::new()),
+                // A further baseline's row: busway against it.
+                _ => r
+                    .busway
+                    .rate()
+                    .zip(s.rate())
+                    .map(|(b, o)| format!("{:.2}", b / o)),
             };
             let num = |v: Option<f64>, prec: usize| match v {
                 Some(v) => format!("{v:.prec$}"),
@@ -174,7 +219,7 @@ impl Report {
                 None => "n/a".to_string(),
             };
             println!(
-                "{:<8} {:<6} {:>5} {:>12} {:>12} {:>21} {:>9} {:>9} {:>9} {:>9} {:>9} {:>7}",
+                "{:<8} {:<10} {:>5} {:>12} {:>12} {:>21} {:>9} {:>9} {:>9} {:>9} {:>9} {:>7}",
                 p.shape.as_str(),
                 side,
                 format!("{}/{}", p.publishers, p.subscribers),
@@ -206,8 +251,13 @@ impl Report {
         if self.format == Format::Table {
             println!();
             println!(
-                "{:<8} {:>5} {:>14} {:>16} {:>22}",
-                "shape", "runs", "median ratio", "min - max", "median cli us/m b / r"
+                "{:<8} {:>5} {:>14} {:>16} {:>22} {:>24}",
+                "shape",
+                "runs",
+                "median ratio",
+                "min - max",
+                "median cli us/m b / r",
+                "vs in-runtime: median"
             );
         }
         for shape in shapes {
@@ -224,6 +274,8 @@ impl Report {
             let (busway_cli, raw_cli) = (cli(|r| &r.busway), cli(|r| &r.raw));
             let spread = median_range(ratios.clone());
             let med = spread.map(|(m, _, _)| m);
+            let fair: Vec<f64> = runs.iter().filter_map(|r| r.in_runtime_ratio()).collect();
+            let fair_spread = median_range(fair.clone());
             match self.format {
                 Format::Json => println!(
                     "{}",
@@ -233,13 +285,15 @@ impl Report {
                         "ratios": ratios,
                         "median_ratio": med,
                         "median_client_cpu_us_per_msg": { "busway": busway_cli, "raw": raw_cli },
+                        "in_runtime_ratios": fair,
+                        "median_in_runtime_ratio": fair_spread.map(|(m, _, _)| m),
                     })
                 ),
                 Format::Table => {
                     let num = |v: Option<f64>| v.map_or("n/a".to_string(), |v| format!("{v:.2}"));
                     let suffix = if shape == Shape::Latency { "p99" } else { "" };
                     println!(
-                        "{:<8} {:>5} {:>14} {:>16} {:>22}",
+                        "{:<8} {:>5} {:>14} {:>16} {:>22} {:>24}",
                         shape.as_str(),
                         runs.len(),
                         format!("{}{suffix}", num(med)),
@@ -247,6 +301,9 @@ impl Report {
                             format!("{lo:.2} - {hi:.2}")
                         }),
                         format!("{} / {}", num(busway_cli), num(raw_cli)),
+                        fair_spread.map_or(String::new(), |(m, lo, hi)| {
+                            format!("{m:.2} ({lo:.2} - {hi:.2})")
+                        }),
                     );
                 }
             }
@@ -257,7 +314,7 @@ impl Report {
     pub(crate) fn finish(&mut self) {
         if self.format == Format::Table && !self.legend.is_empty() {
             println!();
-            println!("ratio = busway msgs/s / raw msgs/s (latency: busway p99 / raw p99); cpu s/M = broker CPU seconds per million published messages; cli us/m = this process's CPU microseconds per published message (client cost, both sides' own)");
+            println!("ratio = busway msgs/s / raw msgs/s (latency: busway p99 / raw p99; on a further baseline's row: busway msgs/s / that baseline's; vs in-runtime = busway / the fastest of them); cpu s/M = broker CPU seconds per million published messages; cli us/m = this process's CPU microseconds per published message (client cost, both sides' own)");
             for l in self.legend.drain(..) {
                 println!("  {l}");
             }

@@ -30,6 +30,8 @@ use serde_json::json;
 
 use super::broker::Broker;
 use super::engine::{client_err, now_ns, sent_ns};
+use super::plot::SetupFigures;
+use super::progress::Progress;
 use super::report::median_range;
 use super::Transport;
 
@@ -96,6 +98,10 @@ pub(crate) struct ScenarioArgs {
     /// One JSON object per line instead of tables.
     #[arg(long)]
     json: bool,
+    /// Also write `scenario.svg` into this directory: broker CPU per million messages and
+    /// p99 per set-up (medians, range and each run, log scales).
+    #[arg(long, value_name = "DIR")]
+    plot: Option<std::path::PathBuf>,
 }
 
 /// One set-up of the scenario.
@@ -329,27 +335,59 @@ pub(crate) async fn run(args: ScenarioArgs) -> Result<()> {
         );
     }
     let mut compared: Vec<Compared> = Vec::new();
-    for _ in 0..args.repeat {
+    let mut figures: Vec<SetupFigures> = args
+        .setups
+        .iter()
+        .map(|s| SetupFigures {
+            setup: s.as_str().to_string(),
+            cpu_per_million: Vec::new(),
+            p99_us: Vec::new(),
+        })
+        .collect();
+    let progress = Progress::new((args.repeat * args.setups.len()) as u64, args.json);
+    for k in 0..args.repeat {
         let mut outcomes = Vec::new();
-        for setup in &args.setups {
+        for (i, setup) in args.setups.iter().enumerate() {
+            progress.step(format!(
+                "scenario {}, run {} of {}",
+                setup.as_str(),
+                k + 1,
+                args.repeat
+            ));
             let outcome = match setup {
                 Setup::Before => before(&traffic).await?,
                 Setup::DualBus => via_busway(&traffic, *setup, Transport::Redis).await?,
                 Setup::OffRedis => via_busway(&traffic, *setup, Transport::Nats).await?,
             };
-            if args.json {
-                println!("{}", outcome.to_json());
-            } else {
-                print_outcome(&outcome);
-            }
+            progress.print(|| {
+                if args.json {
+                    println!("{}", outcome.to_json());
+                } else {
+                    print_outcome(&outcome);
+                }
+            });
+            progress.done(1);
+            figures[i].cpu_per_million.extend(outcome.cpu_per_million());
+            figures[i].p99_us.extend(outcome.delays.p99_us);
             outcomes.push(outcome);
         }
         if let Some(base) = outcomes.iter().find(|o| o.setup == Setup::Before).cloned() {
-            compared.extend(compare(&base, &outcomes, args.json));
+            compared.extend(progress.print(|| compare(&base, &outcomes, args.json)));
         }
     }
+    progress.finish();
     if args.repeat > 1 {
         print_medians(&args.setups, &compared, args.repeat, args.json);
+    }
+    if let Some(dir) = &args.plot {
+        let title = format!(
+            "busway-bench scenario: {} md/s in ticks of {}, {} logic/s per engine ({} runs)",
+            args.md_rate, args.md_burst, args.logic_rate, args.repeat
+        );
+        let path = super::plot::scenario_chart(dir, &title, &figures)?;
+        if !args.json {
+            println!("chart: {}", path.display());
+        }
     }
     Ok(())
 }

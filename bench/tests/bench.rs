@@ -256,6 +256,153 @@ fn repeat_measures_each_shape_again_and_ends_with_the_median_ratio() {
     assert!(stderr.contains("--repeat"), "{stderr}");
 }
 
+/// The SVG file `name` in `dir`, parsed: its elements' tag names and its text.
+fn svg(dir: &std::path::Path, name: &str) -> (Vec<String>, String) {
+    let path = dir.join(name);
+    let text = std::fs::read_to_string(&path)
+        .unwrap_or_else(|e| panic!("{} was not written: {e}", path.display()));
+    let doc = roxmltree::Document::parse(&text)
+        .unwrap_or_else(|e| panic!("{} is not valid XML: {e}", path.display()));
+    assert_eq!(doc.root_element().tag_name().name(), "svg", "{name}");
+    let tags = doc
+        .descendants()
+        .filter(|n| n.is_element())
+        .map(|n| n.tag_name().name().to_string())
+        .collect();
+    let words = doc
+        .descendants()
+        .filter_map(|n| n.text())
+        .collect::<Vec<_>>()
+        .join("|");
+    (tags, words)
+}
+
+fn count(tags: &[String], tag: &str) -> usize {
+    tags.iter().filter(|t| *t == tag).count()
+}
+
+/// How many `polyline`s of the SVG file `name` in `dir` go through at least `points` points
+/// (a curve, not an axis tick or a legend line).
+fn curves(dir: &std::path::Path, name: &str, points: usize) -> usize {
+    let text = std::fs::read_to_string(dir.join(name)).expect("the chart");
+    let doc = roxmltree::Document::parse(&text).expect("valid XML");
+    doc.descendants()
+        .filter(|n| n.has_tag_name("polyline"))
+        .filter(|n| {
+            n.attribute("points")
+                .unwrap_or("")
+                .split_whitespace()
+                .count()
+                >= points
+        })
+        .count()
+}
+
+/// `--plot DIR` on a short memory run of every shape, twice: a throughput chart with a bar,
+/// a range and a dot per run for each side of each shape, and the latency shape's percentile
+/// curves, one per side and run; nothing but the JSON lines on stdout and nothing on stderr
+/// (no progress bar when piped).
+#[test]
+fn plot_writes_svg_charts_and_memory_reports_in_runtime_baselines() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let plot = dir.path().join("charts");
+    let args = [
+        "--json",
+        "--transport",
+        "memory",
+        "--count",
+        "3000",
+        "--rate",
+        "3000",
+        "--repeat",
+        "2",
+        "--plot",
+        plot.to_str().expect("utf-8 path"),
+    ];
+    let (ok, stdout, stderr) = busway_bench(&args, Duration::from_secs(300));
+    assert!(ok, "{stdout}\n{stderr}");
+    assert!(
+        stderr.is_empty(),
+        "nothing on stderr when piped: {stderr:?}"
+    );
+    let lines: Vec<Value> = stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l:?}")))
+        .collect();
+    // Five shapes twice, then five medians.
+    assert_eq!(lines.len(), 15, "{stdout}");
+
+    // Into one subscriber, the in-runtime channels are measured beside crossbeam.
+    for line in lines[..10]
+        .iter()
+        .filter(|l| l["shape"] == "pubsub" || l["shape"] == "fanin")
+    {
+        let baselines = line["baselines"].as_array().expect("baselines");
+        let names: Vec<&str> = baselines
+            .iter()
+            .filter_map(|b| b["name"].as_str())
+            .collect();
+        assert_eq!(names, ["tokio mpsc", "flume"], "{line}");
+        for b in baselines {
+            assert_eq!(b["lost"], 0, "{line}");
+            assert_eq!(b["delivered"], b["expected_deliveries"], "{line}");
+            assert!(number(b, &["msgs_per_s"]) > 0.0, "{line}");
+        }
+        let best = baselines
+            .iter()
+            .map(|b| number(b, &["msgs_per_s"]))
+            .fold(0.0, f64::max);
+        let fair = number(line, &["in_runtime_ratio"]);
+        let expected = number(line, &["busway", "msgs_per_s"]) / best;
+        assert!((fair - expected).abs() <= 1e-9 * expected, "{line}");
+    }
+    let fanout = lines
+        .iter()
+        .find(|l| l["shape"] == "fanout")
+        .expect("fanout");
+    assert_eq!(fanout["baselines"].as_array().map(Vec::len), Some(0));
+    assert!(fanout["in_runtime_ratio"].is_null(), "{fanout}");
+
+    let (tags, words) = svg(&plot, "memory-broadcast-throughput.svg");
+    // Bars: publish and fanout 2 sides each, pubsub and fanin 4; a dot per run of each bar.
+    let bars = 2 + 4 + 2 + 4;
+    assert_eq!(count(&tags, "circle"), 2 * bars, "{words}");
+    assert!(count(&tags, "rect") > bars, "{tags:?}");
+    for word in [
+        "busway",
+        "crossbeam threads",
+        "tokio broadcast",
+        "tokio mpsc",
+        "flume",
+        "publish (1->0)",
+        "pubsub (1->1)",
+        "fanout (1->7)",
+        "fanin (7->1)",
+        "M msgs/s",
+    ] {
+        assert!(words.contains(word), "{word:?} missing: {words}");
+    }
+    assert!(!words.contains("latency"), "{words}");
+
+    let (_, words) = svg(&plot, "memory-broadcast-latency.svg");
+    // A curve through the 38 percentiles per side and run.
+    assert_eq!(
+        curves(&plot, "memory-broadcast-latency.svg", 38),
+        2 * 2,
+        "{words}"
+    );
+    for word in [
+        "busway",
+        "tokio mpsc",
+        "p99",
+        "percentile",
+        "delay, µs",
+        "3000 msgs/s",
+    ] {
+        assert!(words.contains(word), "{word:?} missing: {words}");
+    }
+}
+
 #[test]
 fn bad_options_are_refused_with_a_reason() {
     let (ok, _, stderr) = busway_bench(
@@ -386,6 +533,8 @@ fn scenario_repeat_ends_with_the_median_of_each_comparison() {
     if !broker_present("redis-server", name) {
         return;
     }
+    let dir = tempfile::tempdir().expect("temp dir");
+    let plot = dir.path().to_str().expect("utf-8 path");
     let lines = small_scenario(&[
         "--setups",
         "before,dual-bus",
@@ -393,6 +542,8 @@ fn scenario_repeat_ends_with_the_median_of_each_comparison() {
         "2",
         "--seconds",
         "1",
+        "--plot",
+        plot,
     ]);
     // Per run: the two set-ups and the comparison; then the medians.
     assert_eq!(lines.len(), 7, "{lines:?}");
@@ -415,6 +566,12 @@ fn scenario_repeat_ends_with_the_median_of_each_comparison() {
         );
         assert!(close(number(m, &["min"]), a.min(b)), "{key}: {medians}");
         assert!(close(number(m, &["max"]), a.max(b)), "{key}: {medians}");
+    }
+    // `--plot`: broker CPU and p99 per set-up, a dot per run.
+    let (tags, words) = svg(dir.path(), "scenario.svg");
+    assert_eq!(count(&tags, "circle"), 2 * 2 * 2, "{tags:?}");
+    for word in ["before", "dual_bus", "CPU s / M msgs", "p99", "2 runs"] {
+        assert!(words.contains(word), "{word:?} missing: {words}");
     }
 }
 

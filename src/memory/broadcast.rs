@@ -63,9 +63,37 @@ impl MemoryBus {
     /// without waiting. Returns the deliveries that found their `block` queue full, for the
     /// publisher to wait on; empty (no allocation) in the common case.
     pub(super) fn deliver_broadcast(&self, message: Message) -> Vec<(Arc<Sub>, Delivery)> {
-        let targets = self.inner.targets(&message.topic);
+        // A cached topic is served under the cache's read lock, without taking a reference
+        // to its targets: publishers on one topic then share one contended cache line (the
+        // lock's), not two (the lock's and the targets' reference count).
+        let cache = self.inner.cache.read();
+        let (blocked, gone) = match cache.get(message.topic.as_str()) {
+            Some(targets) => self.deliver_to(targets, message),
+            None => {
+                drop(cache);
+                let targets = self.inner.targets(&message.topic);
+                self.deliver_to(&targets, message)
+            }
+        };
+        // Removing takes the table's and the cache's write locks: after the read lock is gone.
+        for sub in gone {
+            self.inner.remove_sub(sub.id, &sub.pattern);
+        }
+        blocked
+    }
+
+    /// [`deliver_broadcast`](Self::deliver_broadcast) to `targets`; also returns the
+    /// subscriptions found gone, for the caller to remove.
+    #[allow(clippy::type_complexity)]
+    fn deliver_to(
+        &self,
+        targets: &Targets,
+        message: Message,
+    ) -> (Vec<(Arc<Sub>, Delivery)>, Vec<Arc<Sub>>) {
+        let mut blocked: Vec<(Arc<Sub>, Delivery)> = Vec::new();
+        let mut gone: Vec<Arc<Sub>> = Vec::new();
         if targets.is_empty() {
-            return Vec::new();
+            return (blocked, gone);
         }
         let reply = self.reply_handle(&message);
         let message = Arc::new(message);
@@ -73,15 +101,26 @@ impl MemoryBus {
             Some(bus) => Delivery::shared(m).with_reply_via(bus.clone()),
             None => Delivery::shared(m),
         };
-        let mut blocked: Vec<(Arc<Sub>, Delivery)> = Vec::new();
-        let mut gone: Vec<&Arc<Sub>> = Vec::new();
-        for sub in &targets.solo {
-            match sub.tx.try_send(make(message.clone())) {
+        // The last solo subscriber takes the message's own reference: one reference-count
+        // increment fewer per publish (the only one, with a single subscriber).
+        let mut message = Some(message);
+        let n = targets.solo.len();
+        for (i, sub) in targets.solo.iter().enumerate() {
+            let m = if i + 1 == n && targets.groups.is_empty() {
+                message.take()
+            } else {
+                message.clone()
+            };
+            let Some(m) = m else { break };
+            match sub.tx.try_send(make(m)) {
                 TrySend::Queued | TrySend::Dropped => {}
                 TrySend::Full(d) => blocked.push((sub.clone(), d)),
-                TrySend::Closed(_) => gone.push(sub),
+                TrySend::Closed(_) => gone.push(sub.clone()),
             }
         }
+        let Some(message) = message else {
+            return (blocked, gone);
+        };
         for group in &targets.groups {
             let n = group.members.len();
             let start = group.next.fetch_add(1, Ordering::Relaxed);
@@ -97,7 +136,7 @@ impl MemoryBus {
                         delivery = Some(d);
                     }
                     TrySend::Closed(d) => {
-                        gone.push(member);
+                        gone.push(member.clone());
                         delivery = Some(d);
                     }
                 }
@@ -107,10 +146,7 @@ impl MemoryBus {
                 blocked.push((member.clone(), d));
             }
         }
-        for sub in gone {
-            self.inner.remove_sub(sub.id, &sub.pattern);
-        }
-        blocked
+        (blocked, gone)
     }
 
     /// Waits for room in the full `block` queues, after every other subscriber was served:
