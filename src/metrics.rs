@@ -53,6 +53,10 @@ pub const REDELIVERED: &str = "busway_redelivered_total";
 pub const ERRORS: &str = "busway_errors_total";
 /// Incoming frames that did not decode (counter).
 pub const DECODE_ERRORS: &str = "busway_decode_errors_total";
+/// Deliveries acked, stream mode (counter).
+pub const ACKED: &str = "busway_acked_total";
+/// Deliveries nacked, stream mode (counter).
+pub const NACKED: &str = "busway_nacked_total";
 /// Foreign payloads (not busway frames) delivered as header-less messages (counter).
 pub const UNFRAMED: &str = "busway_unframed_total";
 /// Reconnections after a failure (counter).
@@ -392,6 +396,8 @@ pub(crate) fn export_bus(labels: &BusLabels, s: &StatsSnapshot) {
     counter!(ERRORS, l.clone()).absolute(s.errors);
     counter!(DECODE_ERRORS, l.clone()).absolute(s.decode_errors);
     counter!(UNFRAMED, l.clone()).absolute(s.unframed);
+    counter!(ACKED, l.clone()).absolute(s.acked);
+    counter!(NACKED, l.clone()).absolute(s.nacked);
     counter!(RECONNECTS, l.clone()).absolute(s.reconnects);
     counter!(DEAD_LETTERED, l.clone()).absolute(s.dead_lettered);
     counter!(DUPLICATES, l.clone()).absolute(s.duplicates);

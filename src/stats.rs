@@ -43,6 +43,11 @@ pub struct Counters {
     pub decode_errors: AtomicU64,
     /// Foreign payloads (not a busway frame) delivered as header-less messages.
     pub unframed: AtomicU64,
+    /// Deliveries acked (stream mode): counted by the transport's acker once the ack is
+    /// taken.
+    pub acked: AtomicU64,
+    /// Deliveries nacked (stream mode).
+    pub nacked: AtomicU64,
     /// Connections to the broker currently open.
     pub connections: AtomicI64,
     /// Times a connection was re-established after a failure.
@@ -89,6 +94,8 @@ impl Counters {
             errors: self.errors.load(Relaxed),
             decode_errors: self.decode_errors.load(Relaxed),
             unframed: self.unframed.load(Relaxed),
+            acked: self.acked.load(Relaxed),
+            nacked: self.nacked.load(Relaxed),
             connections: self.connections.load(Relaxed).max(0) as u64,
             reconnects: self.reconnects.load(Relaxed),
             dead_lettered: self.dead_lettered.load(Relaxed),
@@ -117,6 +124,10 @@ pub struct StatsSnapshot {
     /// Foreign payloads that were not busway frames, delivered as header-less messages
     /// (a Redis broadcast bus with `unframed = "deliver"`).
     pub unframed: u64,
+    /// Deliveries acked (stream mode).
+    pub acked: u64,
+    /// Deliveries nacked (stream mode).
+    pub nacked: u64,
     /// Connections to the broker currently open.
     pub connections: u64,
     /// Reconnections after failures.
@@ -147,6 +158,8 @@ impl StatsSnapshot {
         self.errors += other.errors;
         self.decode_errors += other.decode_errors;
         self.unframed += other.unframed;
+        self.acked += other.acked;
+        self.nacked += other.nacked;
         self.connections += other.connections;
         self.reconnects += other.reconnects;
         self.dead_lettered += other.dead_lettered;
@@ -162,7 +175,7 @@ impl fmt::Display for StatsSnapshot {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "health={} published={} delivered={} dropped={} redelivered={} errors={} decode_errors={} unframed={} connections={} reconnects={} dead_lettered={} duplicates={} dedup_evictions={}",
+            "health={} published={} delivered={} dropped={} redelivered={} errors={} decode_errors={} unframed={} acked={} nacked={} connections={} reconnects={} dead_lettered={} duplicates={} dedup_evictions={}",
             self.health,
             self.published,
             self.delivered,
@@ -171,6 +184,8 @@ impl fmt::Display for StatsSnapshot {
             self.errors,
             self.decode_errors,
             self.unframed,
+            self.acked,
+            self.nacked,
             self.connections,
             self.reconnects,
             self.dead_lettered,

@@ -90,7 +90,9 @@ impl Acker for MemAcker {
                 .get_mut(&self.group)
                 .and_then(|g| g.cursors.get_mut(&self.topic))
             {
-                c.pending.remove(&self.seq);
+                if c.pending.remove(&self.seq).is_some() {
+                    Counters::incr(&inner.stats.acked);
+                }
             }
         }
         Ok(())
@@ -113,6 +115,7 @@ impl Acker for MemAcker {
         if p.attempt != self.attempt {
             return Ok(());
         }
+        Counters::incr(&inner.stats.nacked);
         p.due = Instant::now() + delay.unwrap_or_default();
         match delay {
             None => {

@@ -681,6 +681,11 @@ pub async fn nack_redelivers_until_ack(f: &Fixture) {
         last_attempt >= 3,
         "{case}: third delivery has attempt {last_attempt}"
     );
+    let stats = f.bus.stats();
+    assert!(
+        stats.nacked >= 2 && stats.acked >= 1,
+        "{case}: stats count the nacks and the ack: {stats:?}"
+    );
     assert_quiet(&mut s, case).await;
     let redelivered = f.bus.stats().redelivered - before;
     assert!(
@@ -730,9 +735,15 @@ pub async fn ack_all_settles_exactly_the_batch(f: &Fixture) {
     }
     // Ack the first 15 in one call; leave 5 unacked.
     let (acked, left) = batch.split_at(15);
+    let acked_before = f.bus.stats().acked;
     Delivery::ack_all(acked)
         .await
         .unwrap_or_else(|e| panic!("{case}: ack_all: {e}"));
+    assert_eq!(
+        f.bus.stats().acked - acked_before,
+        15,
+        "{case}: stats().acked counts the batch"
+    );
     let mut want: BTreeSet<String> = left.iter().map(|d| text(d.message())).collect();
     let mut again = Vec::new();
     while !want.is_empty() {
@@ -756,6 +767,11 @@ pub async fn ack_all_settles_exactly_the_batch(f: &Fixture) {
     Delivery::ack_all(&again)
         .await
         .unwrap_or_else(|e| panic!("{case}: ack_all of the redeliveries: {e}"));
+    assert_eq!(
+        f.bus.stats().acked - acked_before,
+        20,
+        "{case}: stats().acked counts every delivery acked"
+    );
     drop(batch);
     // Past another ack timeout nothing comes back: every delivery is settled.
     if let Ok(Some(d)) = s.recv_timeout(timeout * 2 + QUIET).await {

@@ -78,10 +78,13 @@ impl Acker for JsAcker {
     async fn ack(&self) -> Result<()> {
         self.send(AckKind::Ack, "ack").await?;
         returns::forget(&self.consumer, self.seq);
+        Counters::incr(&self.inner.counters.acked);
         Ok(())
     }
 
     async fn nack(&self, delay: Option<Duration>) -> Result<()> {
-        self.send(AckKind::Nak(delay), "nack").await
+        self.send(AckKind::Nak(delay), "nack").await?;
+        Counters::incr(&self.inner.counters.nacked);
+        Ok(())
     }
 }

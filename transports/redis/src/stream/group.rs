@@ -11,7 +11,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use redis::Value;
 
-use busway::transport::{ack_each, Acker, QueueSender, TransportDelivery, TrySend};
+use busway::transport::{ack_each, Acker, Counters, QueueSender, TransportDelivery, TrySend};
 use busway::{Delivery, Pattern, Result};
 
 use super::ack;
@@ -124,7 +124,9 @@ impl fmt::Debug for GroupAcker {
 impl Acker for GroupAcker {
     async fn ack(&self) -> Result<()> {
         self.unhold();
-        ack::ack(&self.ctx.streams.acks, &self.key, &self.group, &self.id).await
+        ack::ack(&self.ctx.streams.acks, &self.key, &self.group, &self.id).await?;
+        Counters::incr(&self.ctx.shared.stats.acked);
+        Ok(())
     }
 
     /// The group entries of this bus go out in one pipeline (one `XACK` per key and
@@ -145,15 +147,20 @@ impl Acker for GroupAcker {
                 None => rest.push(a),
             }
         }
+        let n = entries.len() as u64;
         let (mine, theirs) = futures::join!(
             ack::ack_batch(&self.ctx.streams.acks, entries),
             ack_each(&rest)
         );
+        if mine.is_ok() {
+            self.ctx.shared.stats.acked.fetch_add(n, Relaxed);
+        }
         mine.and(theirs)
     }
 
     async fn nack(&self, delay: Option<Duration>) -> Result<()> {
         self.unhold();
+        Counters::incr(&self.ctx.shared.stats.nacked);
         let (ctx, key, group, id, tx) = (
             self.ctx.clone(),
             self.key.clone(),

@@ -96,6 +96,7 @@ impl Acker for LocalAcker {
             // The ack-timeout sweep leaves it to the nack.
             u.due = Instant::now() + delay + self.target.idle;
         }
+        Counters::incr(&self.ctx.shared.stats.nacked);
         let (ctx, target, key, id) = (
             self.ctx.clone(),
             self.target.clone(),
@@ -113,10 +114,14 @@ impl Acker for LocalAcker {
 impl LocalAcker {
     /// Forgets the entry: it is acked (in process; nothing to tell the server).
     fn settle(&self) {
-        self.target
+        let removed = self
+            .target
             .unacked
             .lock()
             .remove(&(self.key.clone(), self.id));
+        if removed.is_some() {
+            Counters::incr(&self.ctx.shared.stats.acked);
+        }
     }
 }
 
