@@ -134,6 +134,17 @@ impl Script {
         }
     }
 
+    /// Waits (on a blocking thread, not the async runtime's) until the script prints
+    /// `ready`: the line the scripts print once they have subscribed.
+    pub async fn ready(mut self) -> Script {
+        tokio::task::spawn_blocking(move || {
+            self.wait_for_line("ready", Duration::from_secs(30));
+            self
+        })
+        .await
+        .expect("the wait for \"ready\" ran")
+    }
+
     /// Waits for the script to end (killing it after `limit`) and returns its output (stdout
     /// without the lines [`wait_for_line`](Self::wait_for_line) waited for).
     pub fn wait(mut self, limit: Duration) -> Output {

@@ -140,16 +140,6 @@ async fn busway_messages_reach_a_nats_py_durable_consumer_with_their_headers() {
     d.ack().await.unwrap();
 }
 
-/// Runs until `script` prints `ready` (it subscribed), without blocking the runtime.
-async fn ready(mut script: busway_testkit::python::Script) -> busway_testkit::python::Script {
-    tokio::task::spawn_blocking(move || {
-        script.wait_for_line("ready", Duration::from_secs(30));
-        script
-    })
-    .await
-    .unwrap()
-}
-
 #[tokio::test]
 async fn nats_py_and_busway_request_each_other_on_core_nats_with_headers() {
     let Some(python) = Python::find("foreign_nats_rpc") else {
@@ -193,19 +183,21 @@ async fn nats_py_and_busway_request_each_other_on_core_nats_with_headers() {
     assert_eq!(json(&lines[0])["data"], "pong", "{lines:?}");
 
     // A busway requester, a Python responder (which sends the request's headers back).
-    let responder = ready(python.spawn(
-        "nats_core.py",
-        &[
-            "reply",
-            "--url",
-            &url,
-            "--subject",
-            "svc.py",
-            "--count",
-            "1",
-        ],
-    ))
-    .await;
+    let responder = python
+        .spawn(
+            "nats_core.py",
+            &[
+                "reply",
+                "--url",
+                &url,
+                "--subject",
+                "svc.py",
+                "--count",
+                "1",
+            ],
+        )
+        .ready()
+        .await;
     let answer = bus
         .request(
             Message::new(topic("svc.py"), &b"hello"[..]).with_header("priority", "low"),

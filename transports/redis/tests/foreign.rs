@@ -415,16 +415,6 @@ async fn an_engine_moves_from_python_to_busway_under_traffic_without_loss_or_dup
     portfolio.close().await.unwrap();
 }
 
-/// Runs until `script` prints `ready` (it subscribed), without blocking the runtime.
-async fn ready(mut script: busway_testkit::python::Script) -> busway_testkit::python::Script {
-    tokio::task::spawn_blocking(move || {
-        script.wait_for_line("ready", Duration::from_secs(30));
-        script
-    })
-    .await
-    .unwrap()
-}
-
 /// Request/reply both ways on a busway-framed pub/sub bus, the Python side speaking the
 /// frame and protocol of docs/WIRE.md (`testkit/python/busway_frame.py`, written from it).
 #[tokio::test]
@@ -469,19 +459,21 @@ async fn redis_py_and_busway_request_each_other_on_pub_sub_with_headers() {
     assert_eq!(json(&lines[0])["payload"], "pong", "{lines:?}");
 
     // A busway requester, a Python responder.
-    let responder = ready(python.spawn(
-        "redis_pubsub.py",
-        &[
-            "reply",
-            "--port",
-            &port,
-            "--channel",
-            "svc.py",
-            "--count",
-            "1",
-        ],
-    ))
-    .await;
+    let responder = python
+        .spawn(
+            "redis_pubsub.py",
+            &[
+                "reply",
+                "--port",
+                &port,
+                "--channel",
+                "svc.py",
+                "--count",
+                "1",
+            ],
+        )
+        .ready()
+        .await;
     let answer = bus
         .request(
             Message::new(topic("svc.py"), &b"hello"[..]).with_header("desk", "eq"),
