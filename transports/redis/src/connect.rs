@@ -277,7 +277,14 @@ impl Connector {
     async fn client(&self, resp3: bool) -> busway::Result<Client> {
         match &self.target {
             Target::Direct { client, resp3: r3 } => Ok(if resp3 { r3 } else { client }.clone()),
-            Target::Cluster(_) => unreachable!("cluster connections open in open_cluster"),
+            // Cluster connections are opened per node by `open_cluster`, never here.
+            Target::Cluster(_) => Err(Error::new(
+                ErrorKind::Other,
+                format!(
+                    "bus {:?}: a cluster has no single server to connect to",
+                    self.bus
+                ),
+            )),
             Target::Sentinel(set) => set
                 .primary(resp3, self.connect_timeout, &self.bus)
                 .await
