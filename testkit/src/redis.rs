@@ -10,6 +10,29 @@ use std::process::Command;
 
 use crate::server::{broker_binary, free_port, ServerProcess};
 
+/// The arguments of a private `redis-server` on `127.0.0.1:port` that keeps nothing on disk
+/// (no RDB snapshots, no AOF) and whose files go to its own directory, followed by `extra`
+/// (a later `--appendonly yes` overrides the default, as in a config file).
+pub fn server_args(port: u16, extra: &[&str]) -> Vec<String> {
+    let port = port.to_string();
+    [
+        "--port",
+        &port,
+        "--bind",
+        "127.0.0.1",
+        "--save",
+        "",
+        "--appendonly",
+        "no",
+        "--dir",
+        "{dir}",
+    ]
+    .iter()
+    .chain(extra)
+    .map(|s| s.to_string())
+    .collect()
+}
+
 /// A running `redis-server` owned by a test; killed on drop.
 #[derive(Debug)]
 pub struct RedisServer {
@@ -39,24 +62,12 @@ impl RedisServer {
     fn start_with(test: &str, aof: bool, password: Option<String>) -> Option<RedisServer> {
         let binary = broker_binary("redis-server", test)?;
         let port = free_port();
-        let mut args: Vec<String> = [
-            "--port",
-            &port.to_string(),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--dir",
-            "{dir}",
-            "--appendonly",
-            if aof { "yes" } else { "no" },
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
-        if aof {
-            args.extend(["--appendfsync".to_string(), "always".to_string()]);
-        }
+        let aof_args: &[&str] = if aof {
+            &["--appendonly", "yes", "--appendfsync", "always"]
+        } else {
+            &[]
+        };
+        let mut args = server_args(port, aof_args);
         if let Some(p) = &password {
             args.extend(["--requirepass".to_string(), p.clone()]);
         }

@@ -16,7 +16,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use crate::redis::redis_cli;
+use crate::redis::{redis_cli, server_args};
 use crate::redis_sentinel::cli;
 use crate::server::{broker_binary, free_ports, ServerProcess};
 
@@ -59,36 +59,26 @@ impl RedisCluster {
         let ports: [u16; 2 * NODES] = free_ports();
         let nodes: Vec<ServerProcess> = (0..NODES)
             .map(|i| {
-                let args: Vec<String> = [
-                    "--port",
-                    &ports[i].to_string(),
-                    "--cluster-port",
-                    &ports[NODES + i].to_string(),
-                    "--bind",
-                    "127.0.0.1",
-                    "--cluster-enabled",
-                    "yes",
-                    "--cluster-config-file",
-                    "{dir}/nodes.conf",
-                    "--cluster-node-timeout",
-                    &NODE_TIMEOUT.as_millis().to_string(),
-                    // Replicas sync at once (not after the default 5 s diskless delay), and
-                    // a replica may always take over (a test kills primaries soon after the
-                    // start).
-                    "--repl-diskless-sync-delay",
-                    "0",
-                    "--cluster-replica-validity-factor",
-                    "0",
-                    "--save",
-                    "",
-                    "--appendonly",
-                    "no",
-                    "--dir",
-                    "{dir}",
-                ]
-                .iter()
-                .map(|s| s.to_string())
-                .collect();
+                let args = server_args(
+                    ports[i],
+                    &[
+                        "--cluster-port",
+                        &ports[NODES + i].to_string(),
+                        "--cluster-enabled",
+                        "yes",
+                        "--cluster-config-file",
+                        "{dir}/nodes.conf",
+                        "--cluster-node-timeout",
+                        &NODE_TIMEOUT.as_millis().to_string(),
+                        // Replicas sync at once (not after the default 5 s diskless delay), and
+                        // a replica may always take over (a test kills primaries soon after the
+                        // start).
+                        "--repl-diskless-sync-delay",
+                        "0",
+                        "--cluster-replica-validity-factor",
+                        "0",
+                    ],
+                );
                 ServerProcess::start(binary, args, ports[i])
             })
             .collect();

@@ -16,7 +16,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use crate::redis::redis_cli;
+use crate::redis::{redis_cli, server_args};
 use crate::server::{broker_binary, free_ports, ServerProcess};
 
 /// The name the sentinels monitor the primary under.
@@ -57,26 +57,9 @@ impl SentinelSet {
 
     fn start_binary(binary: &Path) -> SentinelSet {
         let ports: [u16; NODES + SENTINELS] = free_ports();
-        let node_args = |port: u16, replica_of: Option<u16>| {
-            let mut args: Vec<String> = [
-                "--port",
-                &port.to_string(),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--dir",
-                "{dir}",
-            ]
-            .iter()
-            .map(|s| s.to_string())
-            .collect();
-            if let Some(p) = replica_of {
-                args.extend(["--replicaof".into(), "127.0.0.1".into(), p.to_string()]);
-            }
-            args
+        let node_args = |port: u16, replica_of: Option<u16>| match replica_of {
+            Some(p) => server_args(port, &["--replicaof", "127.0.0.1", &p.to_string()]),
+            None => server_args(port, &[]),
         };
         let nodes = vec![
             ServerProcess::start(binary, node_args(ports[0], None), ports[0]),

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use busway::{Bus, Mode, Overflow, SubscribeOptions};
 use busway_redis::Framing;
+use busway_testkit::redis::server_args;
 use busway_testkit::{broker_binary, free_port, ServerProcess};
 use common::{connect, pat, topic, wait_for, WAIT};
 
@@ -37,23 +38,7 @@ fn server(test: &str) -> Option<(ServerProcess, String)> {
 fn server_with(test: &str, output_limit: &str) -> Option<(ServerProcess, String)> {
     let binary = broker_binary("redis-server", test)?;
     let port = free_port();
-    let args = [
-        "--port",
-        &port.to_string(),
-        "--bind",
-        "127.0.0.1",
-        "--save",
-        "",
-        "--appendonly",
-        "no",
-        "--dir",
-        "{dir}",
-        "--client-output-buffer-limit",
-        output_limit,
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
+    let args = server_args(port, &["--client-output-buffer-limit", output_limit]);
     let process = ServerProcess::start(&binary, args, port);
     Some((process, format!("redis://127.0.0.1:{port}")))
 }
